@@ -1,0 +1,292 @@
+"""Signed off-chain objects: receipts, spend vouchers, payout vouchers, epoch commits.
+
+Each object is one cell that starts with a 32-bit domain tag and names the contract it
+is for, so a signature made for one purpose or contract is useless for another. The
+signature is ed25519 over the cell's representation hash: exactly what the Tolk
+contracts check with ``isSignatureValid(cell.hash(), signature, key)``.
+
+TL-B (the contracts parse the same layouts, see ``contracts/common/signed.tolk``)::
+
+    receipt#52435054 escrow:MsgAddressInt job_id:uint256 time:uint32
+        body:^[model:uint256 prompt_tokens:uint32 completion_tokens:uint32
+               price_prompt:Coins price_completion:Coins amount:Coins]
+        digests:^[request_hash:uint256 response_hash:uint256] = Receipt;
+    spend#5350454e escrow:MsgAddressInt vault:MsgAddressInt cumulative:Coins = SpendVoucher;
+    payout#5041594f vault:MsgAddressInt provider:MsgAddressInt epoch:uint64
+        cumulative:Coins = PayoutVoucher;
+    epoch#45504f43 vault:MsgAddressInt epoch:uint64 root:uint256 charged:Coins
+        paid:Coins fees:Coins leaves:uint32 = EpochCommit;
+
+Prices are nanoTON per million tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from pytoniq_core import Address, Builder, Cell, Slice, begin_cell
+
+__all__ = [
+    "EpochCommit",
+    "PayoutVoucher",
+    "Receipt",
+    "SignedObjectError",
+    "SpendVoucher",
+    "cost_nanoton",
+    "model_hash",
+]
+
+TAG_RECEIPT = 0x52435054  # "RCPT"
+TAG_SPEND = 0x5350454E  # "SPEN"
+TAG_PAYOUT = 0x5041594F  # "PAYO"
+TAG_EPOCH = 0x45504F43  # "EPOC"
+
+TOKENS_PER_PRICE_UNIT = 1_000_000
+
+
+class SignedObjectError(ValueError):
+    """A cell that does not parse as the expected signed object."""
+
+
+def model_hash(model_id: str) -> int:
+    """The 256-bit on-chain id of a model name (sha256 of its UTF-8 name)."""
+    return int.from_bytes(hashlib.sha256(model_id.encode()).digest(), "big")
+
+
+def cost_nanoton(
+    prompt_tokens: int, completion_tokens: int, price_prompt: int, price_completion: int
+) -> int:
+    """Cost of a job in nanoTON, rounded up so that a node is never paid less than owed."""
+    numerator = prompt_tokens * price_prompt + completion_tokens * price_completion
+    return -(-numerator // TOKENS_PER_PRICE_UNIT)
+
+
+class _Signed:
+    TAG: ClassVar[int]
+
+    def to_cell(self) -> Cell:
+        return self._store(begin_cell().store_uint(self.TAG, 32)).end_cell()
+
+    def _store(self, b: Builder) -> Builder:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def _load(cls, s: Slice) -> Self:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_cell(cls, cell: Cell) -> Self:
+        try:
+            s = cell.begin_parse()
+            tag = s.load_uint(32)
+            if tag != cls.TAG:
+                raise SignedObjectError(f"{cls.__name__}: wrong domain tag {tag:#010x}")
+            obj = cls._load(s)
+        except SignedObjectError:
+            raise
+        except Exception as e:  # pytoniq raises bare errors on short slices
+            raise SignedObjectError(f"{cls.__name__}: malformed cell: {e}") from e
+        if s.remaining_bits or s.remaining_refs:
+            raise SignedObjectError(f"{cls.__name__}: trailing data")
+        return obj
+
+    def to_boc(self) -> bytes:
+        return self.to_cell().to_boc()
+
+    @classmethod
+    def from_boc(cls, boc: bytes) -> Self:
+        try:
+            cell = Cell.one_from_boc(boc)
+        except Exception as e:
+            raise SignedObjectError(f"{cls.__name__}: not a BOC: {e}") from e
+        return cls.from_cell(cell)
+
+    @property
+    def hash(self) -> bytes:
+        return self.to_cell().hash
+
+    def sign(self, key: Ed25519PrivateKey) -> bytes:
+        return key.sign(self.hash)
+
+    def verify(self, signature: bytes, public_key: bytes) -> bool:
+        if len(signature) != 64 or len(public_key) != 32:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, self.hash)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt(_Signed):
+    """Node → client, one per job, signed by the node key."""
+
+    TAG: ClassVar[int] = TAG_RECEIPT
+
+    escrow: Address
+    job_id: int
+    time: int
+    model: int
+    prompt_tokens: int
+    completion_tokens: int
+    price_prompt: int
+    price_completion: int
+    amount: int
+    request_hash: bytes
+    response_hash: bytes
+
+    def _store(self, b: Builder) -> Builder:
+        body = (
+            begin_cell()
+            .store_uint(self.model, 256)
+            .store_uint(self.prompt_tokens, 32)
+            .store_uint(self.completion_tokens, 32)
+            .store_coins(self.price_prompt)
+            .store_coins(self.price_completion)
+            .store_coins(self.amount)
+            .end_cell()
+        )
+        digests = (
+            begin_cell()
+            .store_bytes(_digest(self.request_hash))
+            .store_bytes(_digest(self.response_hash))
+            .end_cell()
+        )
+        return (
+            b.store_address(self.escrow)
+            .store_uint(self.job_id, 256)
+            .store_uint(self.time, 32)
+            .store_ref(body)
+            .store_ref(digests)
+        )
+
+    @classmethod
+    def _load(cls, s: Slice) -> Receipt:
+        escrow = s.load_address()
+        job_id = s.load_uint(256)
+        time = s.load_uint(32)
+        body = s.load_ref().begin_parse()
+        digests = s.load_ref().begin_parse()
+        return cls(
+            escrow=escrow,
+            job_id=job_id,
+            time=time,
+            model=body.load_uint(256),
+            prompt_tokens=body.load_uint(32),
+            completion_tokens=body.load_uint(32),
+            price_prompt=body.load_coins(),
+            price_completion=body.load_coins(),
+            amount=body.load_coins(),
+            request_hash=digests.load_bytes(32),
+            response_hash=digests.load_bytes(32),
+        )
+
+    @property
+    def priced_amount(self) -> int:
+        """What the amount must be given the token counts and unit prices."""
+        return cost_nanoton(
+            self.prompt_tokens, self.completion_tokens, self.price_prompt, self.price_completion
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SpendVoucher(_Signed):
+    """Client → matcher: lets the vault charge the escrow up to ``cumulative`` in total."""
+
+    TAG: ClassVar[int] = TAG_SPEND
+
+    escrow: Address
+    vault: Address
+    cumulative: int
+
+    def _store(self, b: Builder) -> Builder:
+        return b.store_address(self.escrow).store_address(self.vault).store_coins(self.cumulative)
+
+    @classmethod
+    def _load(cls, s: Slice) -> SpendVoucher:
+        return cls(escrow=s.load_address(), vault=s.load_address(), cumulative=s.load_coins())
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutVoucher(_Signed):
+    """Matcher → node: the vault pays ``provider`` up to ``cumulative`` in total.
+
+    ``epoch`` is the epoch the voucher was issued in; the Vault refuses a voucher whose
+    epoch it has not seen committed, which enforces invariant 6 on-chain.
+    """
+
+    TAG: ClassVar[int] = TAG_PAYOUT
+
+    vault: Address
+    provider: Address
+    epoch: int
+    cumulative: int
+
+    def _store(self, b: Builder) -> Builder:
+        return (
+            b.store_address(self.vault)
+            .store_address(self.provider)
+            .store_uint(self.epoch, 64)
+            .store_coins(self.cumulative)
+        )
+
+    @classmethod
+    def _load(cls, s: Slice) -> PayoutVoucher:
+        return cls(
+            vault=s.load_address(),
+            provider=s.load_address(),
+            epoch=s.load_uint(64),
+            cumulative=s.load_coins(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EpochCommit(_Signed):
+    """Matcher → Vault: the Merkle root and totals of one settlement epoch."""
+
+    TAG: ClassVar[int] = TAG_EPOCH
+
+    vault: Address
+    epoch: int
+    root: bytes
+    charged: int
+    paid: int
+    fees: int
+    leaves: int
+
+    def _store(self, b: Builder) -> Builder:
+        return (
+            b.store_address(self.vault)
+            .store_uint(self.epoch, 64)
+            .store_bytes(_digest(self.root))
+            .store_coins(self.charged)
+            .store_coins(self.paid)
+            .store_coins(self.fees)
+            .store_uint(self.leaves, 32)
+        )
+
+    @classmethod
+    def _load(cls, s: Slice) -> EpochCommit:
+        return cls(
+            vault=s.load_address(),
+            epoch=s.load_uint(64),
+            root=s.load_bytes(32),
+            charged=s.load_coins(),
+            paid=s.load_coins(),
+            fees=s.load_coins(),
+            leaves=s.load_uint(32),
+        )
+
+
+def _digest(value: bytes) -> bytes:
+    if len(value) != 32:
+        raise SignedObjectError(f"a digest is 32 bytes, got {len(value)}")
+    return value
