@@ -15,7 +15,8 @@ COMMAND_MODULES = (
     "contracts.cli_roles",  # registry, provider, escrow, vault
     "marketplace.cli",  # matcher
     "node.cli",  # node
-    "client.commands",  # client, chat, up, down
+    "client.commands",  # client serve, chat
+    "client.stack",  # up, down: the whole system on loopback
 )
 
 

@@ -1,0 +1,161 @@
+"""Typed JSON bodies exchanged between client, matcher and node (see docs/protocol.md).
+
+Binary values travel as lowercase hex (keys, ids, hashes) or base64 (BOCs, quotes,
+sealed blobs). Prices are nanoTON per million tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AttestationDoc",
+    "EndFrame",
+    "ErrorBody",
+    "ErrorResponse",
+    "ModelOffer",
+    "NodeIdentity",
+    "NodeRegistration",
+    "NodeStatus",
+    "RelayRequest",
+    "RouteCandidate",
+    "RouteRequest",
+    "RouteResponse",
+    "SealedRequest",
+    "StreamUsage",
+    "VoucherSubmission",
+]
+
+Hex32 = str  # 64 hex chars
+Hex64 = str  # 128 hex chars
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AttestationDoc(_Model):
+    """Evidence that ``ed25519_public`` and ``x25519_public`` live in an attested TEE.
+
+    ``report_data`` of the evidence is SHA-512(b"imago-attest/v1" || ed25519_public ||
+    x25519_public || nonce); see contracts.protocol.attestation.
+    """
+
+    kind: Literal["tdx", "dev"]
+    ed25519_public: Hex32
+    x25519_public: Hex32
+    nonce: Hex32
+    evidence: str  # base64: a TDX quote, or the dev statement
+    collateral: dict | None = None  # DCAP collateral (public), so clients verify offline
+    issued_at: int
+
+
+class ModelOffer(_Model):
+    id: str
+    price_prompt: int = Field(ge=0)
+    price_completion: int = Field(ge=0)
+    max_model_len: int | None = None
+
+
+class NodeIdentity(_Model):
+    ed25519_public: Hex32
+    x25519_public: Hex32
+    attestation_kind: Literal["tdx", "dev"]
+    provider: str | None = None  # the Provider contract address, if registered
+
+
+class NodeStatus(_Model):
+    models: list[ModelOffer]
+    hardware: str
+    max_concurrent: int
+    active_jobs: int
+    healthy: bool
+    engine: str
+
+
+class NodeRegistration(_Model):
+    """Node → matcher: ``POST /v1/nodes``. The matcher then attests the node itself."""
+
+    url: str
+    ed25519_public: Hex32
+
+
+class RouteRequest(_Model):
+    model: str
+    max_price_prompt: int = Field(ge=0)
+    max_price_completion: int = Field(ge=0)
+
+
+class RouteCandidate(_Model):
+    node_id: str  # hex of the node's ed25519 key
+    attestation: AttestationDoc
+    offer: ModelOffer
+
+
+class RouteResponse(_Model):
+    candidates: list[RouteCandidate]
+    ttl_seconds: float  # how long a client may reuse this ranking
+
+
+class RelayRequest(_Model):
+    """Client → matcher: ``POST /v1/relay``; sealed copies for one or more candidates.
+
+    The matcher tries them in its current preferred order and fails over to the next
+    one if a node fails before its first byte.
+    """
+
+    job_id: Hex32
+    model: str
+    escrow: str
+    sealed: dict[str, str]  # node_id → base64 sealed request
+
+
+class SealedRequest(_Model):
+    """The plaintext inside the HPKE envelope (only the node reads it)."""
+
+    endpoint: Literal["chat/completions", "completions"]
+    body: dict
+    response_key: Hex32
+    escrow: str
+    max_price_prompt: int
+    max_price_completion: int
+
+
+class StreamUsage(_Model):
+    """Running token counts the node attaches to every sealed DATA frame."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EndFrame(_Model):
+    """Clear END frame: what the matcher meters and the client checks."""
+
+    receipt: str | None  # base64 BOC of the Receipt cell; None when nothing was served
+    signature: Hex64 | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class VoucherSubmission(_Model):
+    """Client → matcher: ``POST /v1/vouchers`` after checking a receipt."""
+
+    voucher: str  # base64 BOC of the SpendVoucher cell
+    signature: Hex64
+    spend_public: Hex32
+    job_ids: list[Hex32]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error JSON, used by every party's HTTP API."""
+
+    error: ErrorBody
