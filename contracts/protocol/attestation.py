@@ -14,13 +14,17 @@ Two kinds of evidence:
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from contracts.protocol.api import AttestationDoc
 
 REPORT_DATA_DOMAIN = b"imago-attest/v1"
 DEV_EVIDENCE_MAGIC = b"IMAGO-DEV/v1"
@@ -55,3 +59,42 @@ def verify_dev_evidence(
         Ed25519PublicKey.from_public_bytes(ed25519_public).verify(signature, statement)
     except InvalidSignature as e:
         raise AttestationError("dev evidence: bad signature") from e
+
+
+@dataclass(frozen=True)
+class AttestationPolicy:
+    """What a verifier accepts. ``allow_dev`` is true only on the devnet."""
+
+    allow_dev: bool = False
+    allowed_measurements: frozenset[bytes] = frozenset()  # TDX mr_td values
+    accepted_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
+    now: int | None = None  # pin the verification time (tests); None = wall clock
+
+
+@dataclass(frozen=True)
+class VerifiedAttestation:
+    kind: str
+    measurement: bytes
+    tcb_status: str
+    ed25519_public: bytes
+    x25519_public: bytes
+
+
+def verify_attestation(
+    doc: AttestationDoc, policy: AttestationPolicy, expected_nonce: bytes | None = None
+) -> VerifiedAttestation:
+    """Check that ``doc`` binds its keys (and ``expected_nonce``, if given) to a TEE
+    the policy accepts. Raises AttestationError naming the failed check."""
+    ed_public = bytes.fromhex(doc.ed25519_public)
+    x_public = bytes.fromhex(doc.x25519_public)
+    nonce = bytes.fromhex(doc.nonce)
+    if expected_nonce is not None and nonce != expected_nonce:
+        raise AttestationError("attestation nonce is not the verifier's")
+    expected = report_data(ed_public, x_public, nonce)
+    evidence = base64.b64decode(doc.evidence)
+    if doc.kind == "dev":
+        if not policy.allow_dev:
+            raise AttestationError("dev attestation is accepted only on the devnet")
+        verify_dev_evidence(evidence, ed_public, expected)
+        return VerifiedAttestation("dev", DEV_MEASUREMENT, "Dev", ed_public, x_public)
+    raise AttestationError(f"unsupported attestation kind {doc.kind!r}")
