@@ -9,6 +9,7 @@ waits for each to answer, records what runs in ``$IMAGO_HOME/stack.json`` (which
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -268,10 +269,8 @@ def down_services(home: Path, quiet: bool = False) -> list[str]:
 
 
 def reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def down(args: argparse.Namespace) -> int:
