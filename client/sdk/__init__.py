@@ -1,0 +1,40 @@
+"""The Imago client SDK: confidential, attested, receipt-checked inference."""
+
+from client.sdk.client import (
+    Completion,
+    CompletionStream,
+    Endpoint,
+    ImagoClient,
+    PriceCaps,
+    VerifiedReceipt,
+)
+from client.sdk.errors import (
+    AttestationRejected,
+    ImagoError,
+    InvalidRequest,
+    MatcherError,
+    ReceiptRejected,
+    RelayFailed,
+    ResponseTampered,
+    UpstreamError,
+)
+from client.sdk.ledger import LedgerError, SpendLedger
+
+__all__ = [
+    "AttestationRejected",
+    "Completion",
+    "CompletionStream",
+    "Endpoint",
+    "ImagoClient",
+    "ImagoError",
+    "InvalidRequest",
+    "LedgerError",
+    "MatcherError",
+    "PriceCaps",
+    "ReceiptRejected",
+    "RelayFailed",
+    "ResponseTampered",
+    "SpendLedger",
+    "UpstreamError",
+    "VerifiedReceipt",
+]
