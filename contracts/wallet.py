@@ -1,0 +1,519 @@
+"""Wallets (v5r1) over the toncenter adapter, and their keystore files.
+
+* :class:`ToncenterProvider` is the provider shim that lets pytoniq's wallet
+  classes (``WalletV5R1`` and friends) run over :class:`ToncenterClient`: they need
+  only ``raw_get_account_state``, ``get_account_state``, ``run_get_method`` and
+  ``raw_send_message``.
+* :class:`Wallet` is what Imago code uses: deploy, send internal messages, wait for
+  the whole resulting chain of transactions, read the balance.
+* Keystore files (JSON, mode 0600) hold the mnemonic, encrypted at rest with
+  scrypt + ChaCha20-Poly1305 when a passphrase is given.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from nacl.signing import SigningKey
+from pytoniq.contract.contract import Contract
+from pytoniq.contract.wallets.wallet_v5 import WALLET_V5_R1_CODE, WalletV5R1, WalletV5WalletID
+from pytoniq.liteclient.client import RunGetMethodError
+from pytoniq_core import Address, Cell
+from pytoniq_core.crypto.keys import mnemonic_is_valid, mnemonic_new, mnemonic_to_private_key
+from pytoniq_core.tlb.account import (
+    Account,
+    AccountState,
+    AccountStorage,
+    ShardAccount,
+    SimpleAccount,
+    StateInit,
+    StorageExtraInfo,
+    StorageInfo,
+    StorageUsed,
+)
+from pytoniq_core.tlb.block import CurrencyCollection
+from pytoniq_core.tlb.custom.wallet import WalletMessage
+
+from .toncenter import SentMessage, ToncenterClient, ToncenterError, Trace
+
+__all__ = [
+    "MAINNET_GLOBAL_ID",
+    "TESTNET_GLOBAL_ID",
+    "KeystoreError",
+    "OutMessage",
+    "ToncenterProvider",
+    "Wallet",
+    "WalletError",
+    "WalletKeys",
+    "WrongPassphrase",
+    "create_keystore",
+    "load_keystore",
+    "network_global_id",
+]
+
+TESTNET_GLOBAL_ID = -3  # devnet wallets use the testnet id: addresses match testnet ones
+MAINNET_GLOBAL_ID = -239
+KEYSTORE_FORMAT = "imago-keystore-1"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
+
+
+class WalletError(Exception):
+    """A wallet operation failed (not deployed, no funds, rejected message...)."""
+
+
+class KeystoreError(WalletError):
+    """A keystore file is missing, malformed or would be overwritten."""
+
+
+class WrongPassphrase(KeystoreError):
+    """The passphrase does not decrypt the keystore (or one is needed)."""
+
+
+def network_global_id(network: str) -> int:
+    return MAINNET_GLOBAL_ID if network == "mainnet" else TESTNET_GLOBAL_ID
+
+
+# ----------------------------------------------------------------- pytoniq provider shim
+
+
+class ToncenterProvider:
+    """The part of pytoniq's LiteClient interface that its wallet classes use."""
+
+    def __init__(self, client: ToncenterClient):
+        self.client = client
+        self.last_sent: SentMessage | None = None
+
+    async def raw_get_account_state(
+        self, address: Address | str, block: Any = None
+    ) -> tuple[Account | None, ShardAccount | None]:
+        addr = address if isinstance(address, Address) else Address(address)
+        info = await self.client.get_address_information(addr)
+        if info.state == "uninitialized" and info.balance == 0 and info.last_transaction_lt == 0:
+            return None, None  # account_none
+        if info.state == "active":
+            state = AccountState("account_active", state_init=StateInit(code=info.code, data=info.data))
+        elif info.state == "frozen":
+            state = AccountState("account_frozen", state_hash=(info.frozen_hash or bytes(32)).hex())
+        else:
+            state = AccountState("account_uninit")
+        account = Account(
+            addr=addr,
+            storage_stat=StorageInfo(
+                used=StorageUsed(0, 0),
+                storage_extra=StorageExtraInfo("storage_extra_none"),
+                last_paid=info.sync_utime,
+                due_payment=None,
+            ),
+            storage=AccountStorage(
+                last_trans_lt=info.last_transaction_lt,
+                balance=CurrencyCollection(grams=info.balance, other=None),
+                state=state,
+            ),
+        )
+        shard = ShardAccount(
+            account=account,
+            last_trans_hash=info.last_transaction_hash,
+            last_trans_lt=info.last_transaction_lt,
+        )
+        return account, shard
+
+    async def get_account_state(self, address: Address | str) -> SimpleAccount:
+        addr = address if isinstance(address, Address) else Address(address)
+        return SimpleAccount.from_raw((await self.raw_get_account_state(addr))[0], addr)
+
+    async def run_get_method(
+        self, address: Address | str, method: str | int, stack: list[Any], block: Any = None
+    ) -> list[Any]:
+        res = await self.client.run_get_method(address, method, stack)
+        if res.exit_code not in (0, 1):
+            raise RunGetMethodError(address=address, method=method, exit_code=res.exit_code)
+        return res.stack
+
+    async def raw_send_message(self, message: bytes) -> int:
+        self.last_sent = await self.client.send_boc_return_hash(message)
+        return 1
+
+
+# ----------------------------------------------------------------- keys and keystore
+
+
+@dataclass(frozen=True)
+class WalletKeys:
+    """An ed25519 key pair; ``private_key`` is NaCl's 64-byte secret key (seed + public)."""
+
+    private_key: bytes
+    public_key: bytes
+    mnemonic: tuple[str, ...] | None = None
+
+    @classmethod
+    def generate(cls, *, mnemonic: bool = True) -> WalletKeys:
+        """New keys; from a fresh 24-word mnemonic (slow, ~0.1-1 s) or a random seed."""
+        if mnemonic:
+            return cls.from_mnemonic(mnemonic_new(24))
+        return cls.from_seed(secrets.token_bytes(32))
+
+    @classmethod
+    def from_mnemonic(cls, words: Sequence[str] | str) -> WalletKeys:
+        ws = words.split() if isinstance(words, str) else list(words)
+        if not mnemonic_is_valid(ws):
+            raise WalletError("invalid TON mnemonic (expected 24 valid words)")
+        public, private = mnemonic_to_private_key(ws)
+        return cls(private_key=bytes(private), public_key=bytes(public), mnemonic=tuple(ws))
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> WalletKeys:
+        if len(seed) == 64:
+            seed = seed[:32]
+        if len(seed) != 32:
+            raise WalletError("a private key is 32 bytes (seed) or 64 bytes (NaCl secret key)")
+        sk = SigningKey(seed)
+        public = bytes(sk.verify_key)
+        return cls(private_key=seed + public, public_key=public)
+
+    def secret_payload(self) -> dict[str, Any]:
+        if self.mnemonic is not None:
+            return {"mnemonic": list(self.mnemonic)}
+        return {"private_key": self.private_key[:32].hex()}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> WalletKeys:
+        if "mnemonic" in payload:
+            return cls.from_mnemonic(payload["mnemonic"])
+        if "private_key" in payload:
+            return cls.from_seed(bytes.fromhex(payload["private_key"]))
+        raise KeystoreError("keystore holds neither a mnemonic nor a private key")
+
+
+def wallet_address(public_key: bytes, *, network: str = "devnet", workchain: int = 0) -> Address:
+    """Address of the v5r1 wallet of a public key (subwallet 0)."""
+    data = WalletV5R1.create_data_cell(
+        public_key, wc=workchain, network_global_id=network_global_id(network)
+    )
+    return Address((workchain, StateInit(code=WALLET_V5_R1_CODE, data=data).serialize().hash))
+
+
+def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+
+
+def create_keystore(
+    path: str | Path,
+    keys: WalletKeys | None = None,
+    *,
+    passphrase: str | None = None,
+    network: str = "devnet",
+    name: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a keystore file (mode 0600, never group/world readable). Returns its header."""
+    p = Path(path)
+    keys = keys or WalletKeys.generate()
+    address = wallet_address(keys.public_key, network=network)
+    header: dict[str, Any] = {
+        "format": KEYSTORE_FORMAT,
+        "name": name or p.stem,
+        "version": "v5r1",
+        "network": network,
+        "workchain": 0,
+        "address": address.to_str(is_user_friendly=False),
+        "public_key": keys.public_key.hex(),
+        "created_at": int(time.time()),
+    }
+    secret = json.dumps(keys.secret_payload()).encode()
+    if passphrase:
+        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+        key = _kdf(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+        aad = _aad(header)
+        ct = ChaCha20Poly1305(key).encrypt(nonce, secret, aad)
+        header["crypto"] = {
+            "kdf": "scrypt",
+            "n": _SCRYPT_N,
+            "r": _SCRYPT_R,
+            "p": _SCRYPT_P,
+            "salt": base64.b64encode(salt).decode(),
+            "cipher": "chacha20-poly1305",
+            "nonce": base64.b64encode(nonce).decode(),
+            "ciphertext": base64.b64encode(ct).decode(),
+        }
+    else:
+        header["secret"] = json.loads(secret)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(p, flags, 0o600)
+    except FileExistsError:
+        raise KeystoreError(f"{p} already exists; refusing to overwrite a key") from None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump(header, f, indent=2)
+        f.write("\n")
+    return {k: v for k, v in header.items() if k not in ("secret", "crypto")} | {
+        "encrypted": passphrase is not None and passphrase != ""
+    }
+
+
+def _aad(header: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: header[k] for k in ("format", "address", "public_key", "network")}, sort_keys=True
+    ).encode()
+
+
+def read_keystore_header(path: str | Path) -> dict[str, Any]:
+    """The public part of a keystore (no secret), plus ``encrypted``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KeystoreError(f"no keystore at {path}") from None
+    except ValueError as e:
+        raise KeystoreError(f"{path} is not a keystore: {e}") from None
+    if data.get("format") != KEYSTORE_FORMAT:
+        raise KeystoreError(f"{path} is not an Imago keystore")
+    return {k: v for k, v in data.items() if k not in ("secret", "crypto")} | {
+        "encrypted": "crypto" in data
+    }
+
+
+def load_keystore(path: str | Path, passphrase: str | None = None) -> tuple[WalletKeys, dict[str, Any]]:
+    """Read keys from a keystore; WrongPassphrase if it cannot be decrypted."""
+    p = Path(path)
+    header = read_keystore_header(p)
+    data = json.loads(p.read_text())
+    if "crypto" in data:
+        if not passphrase:
+            raise WrongPassphrase(f"{p} is encrypted: a passphrase is needed")
+        c = data["crypto"]
+        if c.get("kdf") != "scrypt" or c.get("cipher") != "chacha20-poly1305":
+            raise KeystoreError(f"{p}: unsupported encryption {c.get('kdf')}/{c.get('cipher')}")
+        key = _kdf(passphrase, base64.b64decode(c["salt"]), int(c["n"]), int(c["r"]), int(c["p"]))
+        try:
+            secret = ChaCha20Poly1305(key).decrypt(
+                base64.b64decode(c["nonce"]), base64.b64decode(c["ciphertext"]), _aad(data)
+            )
+        except InvalidTag:
+            raise WrongPassphrase(f"wrong passphrase for {p}") from None
+        payload = json.loads(secret)
+    else:
+        payload = data["secret"]
+    keys = WalletKeys.from_payload(payload)
+    if keys.public_key.hex() != data["public_key"]:
+        raise KeystoreError(f"{p}: the key does not match the recorded public key")
+    return keys, header
+
+
+# ----------------------------------------------------------------- the wallet
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """One internal message for a wallet to send."""
+
+    destination: Address | str
+    value: int
+    body: Cell | str | None = None
+    state_init: StateInit | None = None
+    bounce: bool | None = None  # default: bounceable unless the address says otherwise
+    send_mode: int = 3  # pay fees separately, ignore action errors
+
+    def to_wallet_message(self) -> WalletMessage:
+        dest = self.destination if isinstance(self.destination, Address) else Address(self.destination)
+        bounce = self.bounce
+        if bounce is None:
+            bounce = dest.is_bounceable if self.state_init is None else False
+        return WalletV5R1.create_wallet_internal_message(
+            destination=dest,
+            send_mode=self.send_mode,
+            value=self.value,
+            body=self.body if self.body is not None else Cell.empty(),
+            state_init=self.state_init,
+            bounce=bounce,
+        )
+
+
+class Wallet:
+    """A wallet v5r1 (subwallet 0) driven through the toncenter adapter."""
+
+    def __init__(
+        self,
+        client: ToncenterClient,
+        keys: WalletKeys,
+        *,
+        network: str = "devnet",
+        workchain: int = 0,
+    ):
+        self.client = client
+        self.keys = keys
+        self.network = network
+        self.workchain = workchain
+        self.global_id = network_global_id(network)
+        self.wallet_id = WalletV5WalletID(
+            network_global_id=self.global_id, workchain=workchain
+        ).pack()
+        data = WalletV5R1.create_data_cell(
+            keys.public_key, wc=workchain, wallet_id=self.wallet_id
+        )
+        self.state_init = StateInit(code=WALLET_V5_R1_CODE, data=data)
+        self.address = Address((workchain, self.state_init.serialize().hash))
+        self.provider = ToncenterProvider(client)
+        # a throw-away pytoniq object, used only to sign (no network access)
+        self._signer = WalletV5R1(
+            provider=self.provider, address=self.address, private_key=keys.private_key
+        )
+        self._seqno: int | None = None
+
+    @classmethod
+    def from_keystore(
+        cls, client: ToncenterClient, path: str | Path, passphrase: str | None = None
+    ) -> Wallet:
+        keys, header = load_keystore(path, passphrase)
+        return cls(client, keys, network=header.get("network", "devnet"))
+
+    @property
+    def testnet(self) -> bool:
+        return self.network != "mainnet"
+
+    @property
+    def friendly_address(self) -> str:
+        """Non-bounceable form: the right one to fund a wallet that may not exist yet."""
+        return self.address.to_str(is_bounceable=False, is_test_only=self.testnet)
+
+    async def pytoniq(self) -> WalletV5R1:
+        """pytoniq's WalletV5R1 for this wallet, running over the adapter."""
+        return await WalletV5R1.from_private_key(
+            self.provider,
+            self.keys.private_key,
+            wc=self.workchain,
+            wallet_id=self.wallet_id,
+        )
+
+    async def balance(self) -> int:
+        return await self.client.get_balance(self.address)
+
+    async def state(self) -> str:
+        return (await self.client.get_address_information(self.address)).state
+
+    async def seqno(self) -> int:
+        """Current seqno (0 if not deployed)."""
+        info = await self.client.get_address_information(self.address)
+        if info.state != "active":
+            return 0
+        res = await self.client.run_get_method(self.address, "seqno")
+        if not res.ok:
+            raise WalletError(f"seqno get-method failed with exit code {res.exit_code}")
+        return res.int(0)
+
+    def build_external(
+        self,
+        messages: Sequence[OutMessage],
+        *,
+        seqno: int,
+        deploy: bool = False,
+        valid_until: int | None = None,
+    ) -> bytes:
+        """Sign a transfer (up to 255 messages) into an external message BOC.
+
+        ``deploy`` attaches the StateInit (first message of a fresh wallet).
+        """
+        if valid_until is None:
+            valid_until = int(time.time()) + 120
+        body = self._signer.raw_create_transfer_msg(
+            private_key=self.keys.private_key,
+            seqno=seqno,
+            wallet_id=self.wallet_id,
+            messages=[m.to_wallet_message() for m in messages],
+            valid_until=valid_until,
+        )
+        ext = Contract.create_external_msg(
+            dest=self.address, state_init=self.state_init if deploy else None, body=body
+        )
+        return ext.serialize().to_boc()
+
+    async def send(
+        self,
+        messages: OutMessage | Sequence[OutMessage],
+        *,
+        wait: bool = True,
+        timeout: float = 60.0,
+        on_poll: Callable[[], None] | None = None,
+    ) -> Trace | SentMessage:
+        """Send internal message(s); with ``wait`` return the whole resulting Trace.
+
+        Deploys the wallet on the way if it is not deployed yet (it needs a balance).
+        """
+        msgs = [messages] if isinstance(messages, OutMessage) else list(messages)
+        info = await self.client.get_address_information(self.address)
+        if info.balance == 0:
+            raise WalletError(
+                f"wallet {self.friendly_address} has no balance: fund it first "
+                "(on the devnet: imago wallet faucet)"
+            )
+        deploy = info.state != "active"
+        if info.state == "frozen":
+            raise WalletError(f"wallet {self.friendly_address} is frozen")
+        seqno = 0 if deploy else await self._read_seqno()
+        boc = self.build_external(msgs, seqno=seqno, deploy=deploy)
+        try:
+            sent = await self.client.send_boc_return_hash(boc)
+        except ToncenterError as e:
+            raise WalletError(f"the wallet rejected the transfer: {e.message}") from e
+        if not wait:
+            return sent
+        root = await self.client.wait_for_message(
+            sent, self.address, after_lt=info.last_transaction_lt, timeout=timeout, on_poll=on_poll
+        )
+        return await self.client.wait_for_trace(root, timeout=timeout, on_poll=on_poll)
+
+    async def transfer(
+        self,
+        destination: Address | str,
+        value: int,
+        body: Cell | str | None = None,
+        *,
+        state_init: StateInit | None = None,
+        bounce: bool | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+        on_poll: Callable[[], None] | None = None,
+    ) -> Trace | SentMessage:
+        """Send one internal message (see :meth:`send`)."""
+        return await self.send(
+            OutMessage(destination, value, body, state_init, bounce),
+            wait=wait,
+            timeout=timeout,
+            on_poll=on_poll,
+        )
+
+    async def deploy(
+        self, *, timeout: float = 60.0, on_poll: Callable[[], None] | None = None
+    ) -> Trace | None:
+        """Deploy the wallet with an empty transfer; None if it is already active."""
+        info = await self.client.get_address_information(self.address)
+        if info.state == "active":
+            return None
+        if info.balance == 0:
+            raise WalletError(f"wallet {self.friendly_address} has no balance to deploy with")
+        boc = self.build_external([], seqno=0, deploy=True)
+        sent = await self.client.send_boc_return_hash(boc)
+        root = await self.client.wait_for_message(
+            sent, self.address, after_lt=info.last_transaction_lt, timeout=timeout, on_poll=on_poll
+        )
+        return await self.client.wait_for_trace(root, timeout=timeout, on_poll=on_poll)
+
+    async def _read_seqno(self) -> int:
+        res = await self.client.run_get_method(self.address, "seqno")
+        if not res.ok:
+            raise WalletError(f"seqno get-method failed with exit code {res.exit_code}")
+        return res.int(0)
+
+
+__all__ += ["read_keystore_header", "wallet_address"]
