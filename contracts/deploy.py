@@ -1,0 +1,333 @@
+"""StateInits, child-address derivation and deployment of the whole contract set.
+
+The storage layouts mirror ``contracts/<name>/storage.tolk``; the child addresses are
+computed exactly as the contracts compute them (``contracts/common/children.tolk`` and
+``calcDeployedVault`` in the Registry), so Python, the Registry and the Vault agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from pytoniq_core import Address, Cell, StateInit, begin_cell
+
+from . import artifacts
+from .messages import RegistryParams
+from .toncenter import Trace
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "ChildCodes",
+    "Deployment",
+    "DeployError",
+    "Sender",
+    "address_of",
+    "deploy_all",
+    "deploy_registry",
+    "escrow_address",
+    "escrow_data",
+    "escrow_state_init",
+    "provider_address",
+    "provider_data",
+    "registry_address",
+    "registry_data",
+    "registry_state_init",
+    "vault_address",
+    "vault_data",
+    "vault_state_init",
+]
+
+TON = 1_000_000_000
+
+# Defaults for a devnet; governance changes them with UpdateParams.
+DEFAULT_PARAMS = RegistryParams(
+    min_provider_stake=10 * TON,
+    unbonding_delay=7 * 24 * 3600,
+    escrow_close_delay=24 * 3600,
+    protocol_fee_bps=200,
+    slash_bounty_bps=1000,
+    min_vault_stake=10 * TON,
+)
+
+
+class DeployError(RuntimeError):
+    """A deployment transaction failed or produced an unexpected account."""
+
+
+class Sender(Protocol):
+    """A wallet able to send one internal message and return the Trace it causes
+    (``contracts.wallet.Wallet`` is one)."""
+
+    address: Address
+
+    async def transfer(
+        self,
+        destination: Address,
+        value: int,
+        body: Cell | None = None,
+        *,
+        state_init: StateInit | None = None,
+        bounce: bool | None = None,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ChildCodes:
+    provider: Cell
+    vault: Cell
+    escrow: Cell
+
+    @classmethod
+    def from_build(cls) -> ChildCodes:
+        return cls(
+            provider=artifacts.load("provider").code,
+            vault=artifacts.load("vault").code,
+            escrow=artifacts.load("escrow").code,
+        )
+
+    def to_cell(self) -> Cell:
+        return (
+            begin_cell()
+            .store_ref(self.provider)
+            .store_ref(self.vault)
+            .store_ref(self.escrow)
+            .end_cell()
+        )
+
+
+def address_of(state_init: StateInit, workchain: int = 0) -> Address:
+    return Address((workchain, state_init.serialize().hash))
+
+
+# --- Registry ----------------------------------------------------------------------------
+
+
+def registry_data(owner: Address, params: RegistryParams, codes: ChildCodes | None = None) -> Cell:
+    """owner:MsgAddressInt params:^RegistryParams images:(HashmapE 256 Bool)
+    models:(HashmapE 256 Bool) codes:^ChildCodes"""
+    codes = codes or ChildCodes.from_build()
+    return (
+        begin_cell()
+        .store_address(owner)
+        .store_ref(params.to_cell())
+        .store_bit(0)
+        .store_bit(0)
+        .store_ref(codes.to_cell())
+        .end_cell()
+    )
+
+
+def registry_state_init(
+    owner: Address, params: RegistryParams = DEFAULT_PARAMS, codes: ChildCodes | None = None
+) -> StateInit:
+    return StateInit(code=artifacts.load("registry").code, data=registry_data(owner, params, codes))
+
+
+def registry_address(
+    owner: Address, params: RegistryParams = DEFAULT_PARAMS, codes: ChildCodes | None = None
+) -> Address:
+    return address_of(registry_state_init(owner, params, codes))
+
+
+# --- Provider ----------------------------------------------------------------------------
+
+
+def provider_data(registry: Address, owner: Address, seq: int) -> Cell:
+    """The Provider's data before ProviderInit: registry owner seq state=0 node_key=0 stake=0
+    unlock_time=0 claims=empty pending=none params=none."""
+    return (
+        begin_cell()
+        .store_address(registry)
+        .store_address(owner)
+        .store_uint(seq, 32)
+        .store_uint(0, 8)
+        .store_uint(0, 256)
+        .store_coins(0)
+        .store_uint(0, 32)
+        .store_bit(0)
+        .store_bit(0)
+        .store_bit(0)
+        .end_cell()
+    )
+
+
+def provider_address(
+    registry: Address, owner: Address, seq: int, code: Cell | None = None
+) -> Address:
+    code = code or artifacts.load("provider").code
+    return address_of(StateInit(code=code, data=provider_data(registry, owner, seq)))
+
+
+# --- Vault -------------------------------------------------------------------------------
+
+
+def vault_data(
+    registry: Address,
+    operator: Address,
+    operator_key: int,
+    params: RegistryParams,
+    codes: ChildCodes | None = None,
+) -> Cell:
+    codes = codes or ChildCodes.from_build()
+    consts = (
+        begin_cell()
+        .store_address(registry)
+        .store_address(operator)
+        .store_uint(operator_key, 256)
+        .store_uint(params.protocol_fee_bps, 16)
+        .store_uint(params.escrow_close_delay, 32)
+        .store_ref(codes.escrow)
+        .store_ref(codes.provider)
+        .end_cell()
+    )
+    b = begin_cell()
+    for _ in range(5):  # stake chargedIn paidOut feesAccrued feesWithdrawn
+        b.store_coins(0)
+    return b.store_uint(0, 64).store_uint(0, 256).store_ref(consts).end_cell()
+
+
+def vault_state_init(
+    registry: Address,
+    operator: Address,
+    operator_key: int,
+    params: RegistryParams,
+    codes: ChildCodes | None = None,
+) -> StateInit:
+    codes = codes or ChildCodes.from_build()
+    return StateInit(
+        code=codes.vault, data=vault_data(registry, operator, operator_key, params, codes)
+    )
+
+
+def vault_address(
+    registry: Address,
+    operator: Address,
+    operator_key: int,
+    params: RegistryParams,
+    codes: ChildCodes | None = None,
+) -> Address:
+    return address_of(vault_state_init(registry, operator, operator_key, params, codes))
+
+
+# --- Escrow ------------------------------------------------------------------------------
+
+
+def escrow_data(vault: Address, owner: Address, spend_key: int, close_delay: int) -> Cell:
+    return (
+        begin_cell()
+        .store_address(vault)
+        .store_address(owner)
+        .store_uint(spend_key, 256)
+        .store_uint(close_delay, 32)
+        .store_uint(0, 8)
+        .store_uint(0, 32)
+        .store_coins(0)
+        .store_coins(0)
+        .end_cell()
+    )
+
+
+def escrow_state_init(
+    vault: Address, owner: Address, spend_key: int, close_delay: int, code: Cell | None = None
+) -> StateInit:
+    code = code or artifacts.load("escrow").code
+    return StateInit(code=code, data=escrow_data(vault, owner, spend_key, close_delay))
+
+
+def escrow_address(
+    vault: Address, owner: Address, spend_key: int, close_delay: int, code: Cell | None = None
+) -> Address:
+    return address_of(escrow_state_init(vault, owner, spend_key, close_delay, code))
+
+
+# --- deployment --------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """Where the contract set lives; saved as ``$IMAGO_HOME/deployment.json``."""
+
+    chain: str
+    registry: str
+    owner: str
+    params: dict[str, int]
+    code_hashes: dict[str, str]
+    vaults: dict[str, str]  # operator wallet -> vault
+    providers: dict[str, str]  # "owner/seq" -> provider
+    escrows: dict[str, str]  # "owner/vault" -> escrow
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Deployment:
+        return cls(
+            chain=data.get("chain", "devnet"),
+            registry=data["registry"],
+            owner=data["owner"],
+            params={k: int(v) for k, v in data.get("params", {}).items()},
+            code_hashes=dict(data.get("code_hashes", {})),
+            vaults=dict(data.get("vaults", {})),
+            providers=dict(data.get("providers", {})),
+            escrows=dict(data.get("escrows", {})),
+        )
+
+    @property
+    def registry_params(self) -> RegistryParams:
+        return RegistryParams(**self.params)
+
+
+def _raw(a: Address) -> str:
+    return a.to_str(is_user_friendly=False)
+
+
+def _check(trace: Trace, what: str) -> Trace:
+    failed = [t for t in trace.transactions if not t.success]
+    if failed:
+        t = failed[0]
+        raise DeployError(
+            f"{what}: transaction on {t.address.to_str()} failed "
+            f"(exit code {t.exit_code}, action {t.action_result_code})"
+        )
+    return trace
+
+
+async def deploy_registry(
+    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
+) -> tuple[Address, Trace]:
+    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit)."""
+    si = registry_state_init(owner.address, params)
+    addr = address_of(si)
+    trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)
+    return addr, _check(trace, "registry deploy")
+
+
+async def deploy_all(
+    owner: Sender,
+    *,
+    chain: str = "devnet",
+    params: RegistryParams = DEFAULT_PARAMS,
+    operator: Sender | None = None,
+    operator_key: int | None = None,
+    vault_stake: int | None = None,
+) -> Deployment:
+    """Deploy the Registry and, given an operator, its Vault. Returns the Deployment."""
+    from . import roles  # roles imports this module
+
+    registry, _ = await deploy_registry(owner, params)
+    dep = Deployment(
+        chain=chain,
+        registry=_raw(registry),
+        owner=_raw(owner.address),
+        params=asdict(params),
+        code_hashes={n: a.code_hash_hex for n, a in artifacts.load_all().items()},
+        vaults={},
+        providers={},
+        escrows={},
+    )
+    if operator is not None and operator_key is not None:
+        stake = vault_stake if vault_stake is not None else params.min_vault_stake
+        vault = await roles.deploy_vault(operator, registry, operator_key, stake, params=params)
+        dep.vaults[_raw(operator.address)] = _raw(vault)
+    return dep

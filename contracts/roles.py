@@ -1,0 +1,470 @@
+"""High-level on-chain operations of every role, used by the CLI and the tests.
+
+Each operation sends one internal message from a wallet (anything with ``address`` and
+``transfer(...)``, e.g. ``contracts.wallet.Wallet``), waits for the whole chain of
+transactions it causes and returns the :class:`~contracts.toncenter.Trace`. With
+``check=True`` (the default) a failed transaction anywhere in the trace raises
+:class:`OperationFailed` naming the contract error.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pytoniq_core import Address, Cell
+
+from . import deploy, getters
+from .deploy import DEFAULT_PARAMS, Sender
+from .messages import (
+    Capabilities,
+    ChangeOwner,
+    Charge,
+    Claim,
+    Close,
+    CommitEpoch,
+    DeployVault,
+    Deposit,
+    EscrowWithdraw,
+    ProviderTopUp,
+    RegisterProvider,
+    RegistryParams,
+    RotateKey,
+    SetImage,
+    SetModel,
+    SignedPayout,
+    SignedReceipt,
+    Slash,
+    TopUpStake,
+    Unstake,
+    UpdateCapabilities,
+    UpdateParams,
+    WithdrawFees,
+    WithdrawStake,
+)
+from .protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
+from .toncenter import ToncenterClient, Trace
+
+__all__ = [
+    "ERROR_NAMES",
+    "OP_VALUE",
+    "OperationFailed",
+    "allow_image",
+    "allow_model",
+    "change_owner",
+    "deploy_registry",
+    "deploy_vault",
+    "escrow_charge",
+    "escrow_close",
+    "escrow_deposit",
+    "escrow_open",
+    "escrow_withdraw",
+    "failed_exit_codes",
+    "new_query_id",
+    "provider_claim",
+    "provider_rotate_key",
+    "provider_slash",
+    "provider_top_up",
+    "provider_unstake",
+    "provider_update_capabilities",
+    "provider_withdraw",
+    "register_provider",
+    "update_params",
+    "vault_commit_epoch",
+    "vault_top_up_stake",
+    "vault_withdraw_fees",
+]
+
+TON = 1_000_000_000
+
+# Value attached for gas to each kind of operation (the excess comes back).
+OP_VALUE = {
+    "admin": TON // 20,
+    "simple": TON // 20,
+    "charge": TON // 20,
+    "claim": TON // 10,
+    "slash": TON // 10,
+    "commit": TON // 20,
+}
+
+# Contract error codes (contracts/*/errors.tolk) for messages.
+ERROR_NAMES = {
+    100: "registry: not owner",
+    101: "registry: not enough value",
+    102: "registry: stake too low",
+    103: "registry: bad params",
+    200: "provider: not owner",
+    201: "provider: not enough value",
+    202: "provider: not from registry",
+    203: "provider: not active",
+    204: "provider: not unbonding",
+    205: "provider: still locked (unbonding)",
+    206: "provider: a claim is pending",
+    207: "provider: voucher for another provider",
+    208: "provider: voucher not above what was claimed",
+    209: "provider: payout not from the pending vault",
+    210: "provider: not slashable",
+    211: "provider: proof does not verify",
+    212: "provider: not an equivocation",
+    213: "provider: key rotated too recently",
+    214: "provider: not initialized",
+    300: "vault: not operator",
+    301: "vault: not enough value",
+    302: "vault: sender is not an escrow of this vault",
+    303: "vault: sender is not a provider of this registry",
+    304: "vault: bad signature",
+    305: "vault: voucher for another vault",
+    306: "vault: voucher for another provider",
+    307: "vault: epoch not committed",
+    308: "vault: voucher not above what was claimed",
+    309: "vault: would pay more than charged - fees + stake",
+    310: "vault: wrong epoch",
+    311: "vault: more than the accrued fees",
+    400: "escrow: not owner",
+    401: "escrow: not enough value",
+    402: "escrow: bad signature",
+    403: "escrow: voucher for another escrow",
+    404: "escrow: voucher for another vault",
+    405: "escrow: voucher not above what was charged",
+    406: "escrow: charge beyond the deposit",
+    407: "escrow: closed",
+    408: "escrow: not closing",
+    409: "escrow: still locked (close delay)",
+    410: "escrow: not open",
+    0xFFFF: "unknown opcode",
+    9: "malformed body (cell underflow)",
+}
+
+
+class OperationFailed(RuntimeError):
+    """A transaction of the operation's trace failed."""
+
+    def __init__(self, what: str, trace: Trace):
+        self.trace = trace
+        self.exit_codes = failed_exit_codes(trace)
+        names = ", ".join(
+            f"{c} ({ERROR_NAMES.get(c, 'tvm error')})" if c is not None else "action failed"
+            for c in self.exit_codes
+        )
+        super().__init__(f"{what} failed: {names}")
+
+
+def failed_exit_codes(trace: Trace) -> list[int | None]:
+    """Exit codes of the failed transactions of a trace (None: the action phase failed)."""
+    out: list[int | None] = []
+    for t in trace.transactions:
+        if t.success or t.compute_skipped and not t.aborted:
+            continue
+        out.append(t.exit_code if not t.compute_success else None)
+    return out
+
+
+def new_query_id() -> int:
+    return secrets.randbits(64)
+
+
+def _key_int(key: bytes | int) -> int:
+    return key if isinstance(key, int) else int.from_bytes(key, "big")
+
+
+async def _send(
+    what: str,
+    sender: Sender,
+    dest: Address,
+    value: int,
+    body: Cell | None,
+    *,
+    check: bool,
+    state_init: Any = None,
+    **kw: Any,
+) -> Trace:
+    trace = await sender.transfer(dest, value, body, state_init=state_init, bounce=True, **kw)
+    if check and failed_exit_codes(trace):
+        raise OperationFailed(what, trace)
+    return trace
+
+
+# --- Registry ----------------------------------------------------------------------------
+
+
+async def deploy_registry(
+    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
+) -> Address:
+    addr, _ = await deploy.deploy_registry(owner, params, value=value)
+    return addr
+
+
+async def update_params(
+    owner: Sender, registry: Address, params: RegistryParams, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = UpdateParams(new_query_id(), params).to_cell()
+    return await _send("update params", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def allow_image(
+    owner: Sender,
+    registry: Address,
+    image: int | bytes,
+    allowed: bool = True,
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    body = SetImage(new_query_id(), _key_int(image), allowed).to_cell()
+    return await _send("allow image", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def allow_model(
+    owner: Sender,
+    registry: Address,
+    model: int | str,
+    allowed: bool = True,
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    m = model_hash(model) if isinstance(model, str) else model
+    body = SetModel(new_query_id(), m, allowed).to_cell()
+    return await _send("allow model", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def change_owner(
+    owner: Sender, registry: Address, new_owner: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = ChangeOwner(new_query_id(), new_owner).to_cell()
+    return await _send("change owner", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+# --- Provider ----------------------------------------------------------------------------
+
+
+async def register_provider(
+    owner: Sender,
+    client: ToncenterClient,
+    registry: Address,
+    node_key: bytes | int,
+    stake: int,
+    capabilities: Capabilities | Cell,
+    *,
+    seq: int = 0,
+    check: bool = True,
+    **kw: Any,
+) -> tuple[Address, Trace]:
+    """Register a node: the Registry deploys its Provider with ``stake``."""
+    reg = await getters.get_registry_data(client, registry)
+    caps = capabilities.to_cell() if isinstance(capabilities, Capabilities) else capabilities
+    body = RegisterProvider(new_query_id(), seq, _key_int(node_key), caps).to_cell()
+    trace = await _send(
+        "register provider", owner, registry, stake + reg.register_fee, body, check=check, **kw
+    )
+    return deploy.provider_address(registry, owner.address, seq), trace
+
+
+async def provider_top_up(
+    owner: Sender, provider: Address, amount: int, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = ProviderTopUp(new_query_id()).to_cell()
+    return await _send("provider top-up", owner, provider, amount, body, check=check, **kw)
+
+
+async def provider_rotate_key(
+    owner: Sender, provider: Address, node_key: bytes | int, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = RotateKey(new_query_id(), _key_int(node_key)).to_cell()
+    return await _send("rotate key", owner, provider, OP_VALUE["simple"], body, check=check, **kw)
+
+
+async def provider_update_capabilities(
+    owner: Sender,
+    provider: Address,
+    capabilities: Capabilities | Cell,
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    caps = capabilities.to_cell() if isinstance(capabilities, Capabilities) else capabilities
+    body = UpdateCapabilities(new_query_id(), caps).to_cell()
+    return await _send(
+        "update capabilities", owner, provider, OP_VALUE["simple"], body, check=check, **kw
+    )
+
+
+async def provider_unstake(
+    owner: Sender, provider: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = Unstake(new_query_id()).to_cell()
+    return await _send("unstake", owner, provider, OP_VALUE["simple"], body, check=check, **kw)
+
+
+async def provider_withdraw(
+    owner: Sender, provider: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = WithdrawStake(new_query_id()).to_cell()
+    return await _send(
+        "withdraw stake", owner, provider, OP_VALUE["simple"], body, check=check, **kw
+    )
+
+
+async def provider_claim(
+    owner: Sender,
+    provider: Address,
+    voucher: PayoutVoucher,
+    signature: bytes,
+    *,
+    value: int | None = None,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    """Claim an operator-signed payout voucher; the payout reaches the owner's wallet."""
+    body = Claim(new_query_id(), SignedPayout(signature, voucher)).to_cell()
+    return await _send(
+        "claim", owner, provider, value or OP_VALUE["claim"], body, check=check, **kw
+    )
+
+
+async def provider_slash(
+    reporter: Sender,
+    provider: Address,
+    proof1: tuple[Receipt, bytes],
+    proof2: tuple[Receipt, bytes],
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    """Report an equivocation: two different receipts for one job signed by the node key."""
+    body = Slash(
+        new_query_id(),
+        SignedReceipt(proof1[1], proof1[0]),
+        SignedReceipt(proof2[1], proof2[0]),
+    ).to_cell()
+    return await _send("slash", reporter, provider, OP_VALUE["slash"], body, check=check, **kw)
+
+
+# --- Vault -------------------------------------------------------------------------------
+
+
+async def deploy_vault(
+    operator: Sender,
+    registry: Address,
+    operator_key: bytes | int,
+    stake: int,
+    *,
+    client: ToncenterClient | None = None,
+    params: RegistryParams | None = None,
+    check: bool = True,
+    **kw: Any,
+) -> Address:
+    """Ask the Registry to deploy this operator's Vault with ``stake``.
+
+    The Vault's address depends on the Registry's current fee and close delay: pass
+    ``client`` (read them on-chain) or ``params``.
+    """
+    if client is not None:
+        reg = await getters.get_registry_data(client, registry)
+        fee = reg.deploy_vault_fee
+        params = RegistryParams(
+            reg.min_provider_stake,
+            reg.unbonding_delay,
+            reg.escrow_close_delay,
+            reg.protocol_fee_bps,
+            reg.slash_bounty_bps,
+            reg.min_vault_stake,
+        )
+    else:
+        fee = TON // 5
+    if params is None:
+        raise ValueError("deploy_vault needs client or params")
+    body = DeployVault(new_query_id(), _key_int(operator_key)).to_cell()
+    await _send("deploy vault", operator, registry, stake + fee, body, check=check, **kw)
+    return deploy.vault_address(registry, operator.address, _key_int(operator_key), params)
+
+
+async def vault_commit_epoch(
+    sender: Sender,
+    vault: Address,
+    commit: EpochCommit,
+    signature: bytes,
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    body = CommitEpoch(new_query_id(), signature, commit).to_cell()
+    return await _send("epoch commit", sender, vault, OP_VALUE["commit"], body, check=check, **kw)
+
+
+async def vault_withdraw_fees(
+    operator: Sender, vault: Address, amount: int, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = WithdrawFees(new_query_id(), amount).to_cell()
+    return await _send(
+        "withdraw fees", operator, vault, OP_VALUE["simple"], body, check=check, **kw
+    )
+
+
+async def vault_top_up_stake(
+    operator: Sender, vault: Address, amount: int, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = TopUpStake(new_query_id()).to_cell()
+    return await _send("vault top-up", operator, vault, amount, body, check=check, **kw)
+
+
+# --- Escrow ------------------------------------------------------------------------------
+
+
+async def escrow_open(
+    owner: Sender,
+    vault: Address,
+    spend_key: bytes | int,
+    amount: int,
+    close_delay: int,
+    *,
+    check: bool = True,
+    **kw: Any,
+) -> tuple[Address, Trace]:
+    """Deploy the owner's Escrow for ``vault`` with a first deposit of ``amount``.
+
+    ``close_delay`` must be the vault's escrow close delay (``VaultData.escrow_close_delay``).
+    """
+    si = deploy.escrow_state_init(vault, owner.address, _key_int(spend_key), close_delay)
+    addr = deploy.address_of(si)
+    body = Deposit(new_query_id()).to_cell()
+    trace = await _send("escrow open", owner, addr, amount, body, check=check, state_init=si, **kw)
+    return addr, trace
+
+
+async def escrow_deposit(
+    sender: Sender, escrow: Address, amount: int, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = Deposit(new_query_id()).to_cell()
+    return await _send("deposit", sender, escrow, amount, body, check=check, **kw)
+
+
+async def escrow_charge(
+    sender: Sender,
+    escrow: Address,
+    voucher: SpendVoucher,
+    signature: bytes,
+    *,
+    value: int | None = None,
+    check: bool = True,
+    **kw: Any,
+) -> Trace:
+    """Submit a client-signed spend voucher: the escrow pays the delta to its vault."""
+    body = Charge(new_query_id(), signature, voucher).to_cell()
+    return await _send(
+        "charge", sender, escrow, value or OP_VALUE["charge"], body, check=check, **kw
+    )
+
+
+async def escrow_close(owner: Sender, escrow: Address, *, check: bool = True, **kw: Any) -> Trace:
+    body = Close(new_query_id()).to_cell()
+    return await _send("escrow close", owner, escrow, OP_VALUE["simple"], body, check=check, **kw)
+
+
+async def escrow_withdraw(
+    owner: Sender, escrow: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    body = EscrowWithdraw(new_query_id()).to_cell()
+    return await _send(
+        "escrow withdraw", owner, escrow, OP_VALUE["simple"], body, check=check, **kw
+    )

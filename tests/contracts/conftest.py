@@ -1,0 +1,96 @@
+"""Fixtures for the contract tests: one devnet for the session, funded wallets, a deployed
+contract set (Registry owned by `gov`, a Vault of `operator`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pytoniq_core import Address
+
+from contracts import deploy, roles
+from contracts.devnet import DevnetClient, DevnetProcess
+from contracts.messages import RegistryParams
+from contracts.wallet import Wallet, WalletKeys
+
+TON = 1_000_000_000
+
+# Short delays so that tests can move the clock past them.
+TEST_PARAMS = RegistryParams(
+    min_provider_stake=2 * TON,
+    unbonding_delay=3600,
+    escrow_close_delay=600,
+    protocol_fee_bps=200,
+    slash_bounty_bps=1000,
+    min_vault_stake=2 * TON,
+)
+
+
+class Key:
+    """An ed25519 key (node key, spend key, operator key)."""
+
+    def __init__(self) -> None:
+        self.private = Ed25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @property
+    def int(self) -> int:
+        return int.from_bytes(self.public, "big")
+
+    def sign(self, obj) -> bytes:
+        return obj.sign(self.private)
+
+
+@pytest.fixture(scope="session")
+def devnet(tmp_path_factory: pytest.TempPathFactory):
+    with DevnetProcess(tmp_path_factory.mktemp("devnet"), port=0) as dn:
+        yield dn
+
+
+@pytest.fixture(scope="session")
+async def chain(devnet: DevnetProcess) -> AsyncIterator[DevnetClient]:
+    async with devnet.client() as client:
+        yield client
+
+
+WalletFactory = Callable[..., Awaitable[Wallet]]
+
+
+@pytest.fixture(scope="session")
+def make_wallet(chain: DevnetClient) -> WalletFactory:
+    async def make(amount: int = 100 * TON) -> Wallet:
+        w = Wallet(chain, WalletKeys.generate(mnemonic=False))
+        await chain.faucet(w.address, amount)
+        await w.deploy()
+        return w
+
+    return make
+
+
+@dataclass
+class ContractSet:
+    gov: Wallet
+    operator: Wallet
+    operator_key: Key
+    registry: Address
+    vault: Address
+    params: RegistryParams
+
+
+@pytest.fixture(scope="session")
+async def contracts_set(chain: DevnetClient, make_wallet: WalletFactory) -> ContractSet:
+    gov = await make_wallet(1000 * TON)
+    operator = await make_wallet(1000 * TON)
+    key = Key()
+    dep = await deploy.deploy_all(
+        gov, params=TEST_PARAMS, operator=operator, operator_key=key.int, vault_stake=5 * TON
+    )
+    vault = Address(next(iter(dep.vaults.values())))
+    return ContractSet(gov, operator, key, Address(dep.registry), vault, TEST_PARAMS)
+
+
+__all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "roles"]
