@@ -420,6 +420,7 @@ class ImagoClient:
     ) -> list[_Copy]:
         copies: list[_Copy] = []
         rejected: list[str] = []
+        unattested = 0
         for candidate in route.candidates:
             offer = candidate.offer
             if offer.id != model:
@@ -433,6 +434,7 @@ class ImagoClient:
             except (AttestationError, ValueError) as e:
                 log.warning("node %s: attestation rejected: %s", candidate.node_id[:16], e)
                 rejected.append(f"{candidate.node_id[:12]}: {e}")
+                unattested += 1
                 continue
             response_key = new_response_key()
             plaintext = json.dumps(
@@ -462,8 +464,16 @@ class ImagoClient:
         if not copies:
             if not route.candidates:
                 raise MatcherError("no node serves this model now", status=503, code="no_nodes")
-            raise AttestationRejected(
-                "no candidate node is acceptable: " + "; ".join(rejected), status=502
+            reasons = "; ".join(rejected)
+            if unattested:
+                raise AttestationRejected(
+                    f"no candidate node has an acceptable attestation: {reasons}"
+                )
+            raise MatcherError(
+                f"the matcher offered no node within this request's caps: {reasons}",
+                status=402,
+                error_type="invalid_request_error",
+                code="price_cap_too_low",
             )
         return copies
 

@@ -1,0 +1,261 @@
+"""The local OpenAI-compatible gateway (`imago client serve`).
+
+Any app using the official ``openai`` package points its ``base_url`` here
+(``http://127.0.0.1:8900/v1``). The gateway validates the request, hands it to the
+ImagoClient (which seals it, relays it through the matcher, opens the answer and checks
+the receipt) and answers in OpenAI's format, with ``usage`` extended by
+``cost_nanoton`` and ``imago_receipt``.
+
+Price caps default to the client's; a request may lower or raise them with the extra
+body fields ``imago_max_price_prompt`` / ``imago_max_price_completion`` (nanoTON per
+million tokens; ``extra_body=`` in the openai package).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from client.sdk import (
+    CompletionStream,
+    Endpoint,
+    ImagoClient,
+    ImagoError,
+    InvalidRequest,
+    PriceCaps,
+)
+
+__all__ = [
+    "API_KEY",
+    "CLIENT",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "create_app",
+]
+
+log = logging.getLogger("imago.gateway")
+
+CLIENT = web.AppKey("imago_client", ImagoClient)
+API_KEY = web.AppKey("imago_api_key", str)  # empty: no key required
+
+CAP_PROMPT_FIELD = "imago_max_price_prompt"
+CAP_COMPLETION_FIELD = "imago_max_price_completion"
+_DUMPS: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":")).encode
+
+
+# -- request models (validation at the edge; the raw body is what gets forwarded) ------
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: str = Field(min_length=1)
+    content: str | list[Any] | None = None
+
+
+class _CommonRequest(_Open):
+    model: str = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    imago_max_price_prompt: int | None = Field(default=None, ge=0)
+    imago_max_price_completion: int | None = Field(default=None, ge=0)
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+_REQUEST_MODELS: dict[str, type[_CommonRequest]] = {
+    "chat/completions": ChatCompletionRequest,
+    "completions": CompletionRequest,
+}
+
+
+# -- middlewares -----------------------------------------------------------------------
+
+
+def _error_response(error: ImagoError) -> web.Response:
+    return web.json_response(error.body, status=error.status, dumps=_DUMPS)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ImagoError as e:
+        return _error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error_response(ImagoError(e.reason, status=e.status, error_type=_kind(e.status)))
+    except Exception:
+        log.exception("gateway error on %s %s", request.method, request.path)
+        return _error_response(
+            ImagoError("internal gateway error", status=500, error_type="server_error")
+        )
+
+
+def _kind(status: int) -> str:
+    return {401: "authentication_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
+
+@web.middleware
+async def _auth(
+    request: web.Request, handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
+) -> web.StreamResponse:
+    expected = request.app[API_KEY]
+    if expected:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            raise ImagoError(
+                "invalid API key",
+                status=401,
+                error_type="authentication_error",
+                code="invalid_api_key",
+            )
+    return await handler(request)
+
+
+# -- handlers --------------------------------------------------------------------------
+
+
+async def _read_body(request: web.Request, endpoint: str) -> tuple[dict[str, Any], PriceCaps]:
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        parsed = _REQUEST_MODELS[endpoint].model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        raise InvalidRequest(message, param=param) from None
+    caps = request.app[CLIENT].caps
+    if parsed.imago_max_price_prompt is not None or parsed.imago_max_price_completion is not None:
+        caps = PriceCaps(
+            prompt=_or(parsed.imago_max_price_prompt, caps.prompt),
+            completion=_or(parsed.imago_max_price_completion, caps.completion),
+        )
+    body.pop(CAP_PROMPT_FIELD, None)
+    body.pop(CAP_COMPLETION_FIELD, None)
+    return body, caps
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    body, caps = await _read_body(request, endpoint)
+    client = request.app[CLIENT]
+    if not body.get("stream"):
+        completion = await client.complete(endpoint, body, caps)
+        return web.json_response(completion.response, dumps=_DUMPS)
+    stream = client.stream(endpoint, body, caps)
+    try:
+        # The first chunk before the headers: a routing error (404, 402, 503) keeps
+        # its HTTP status instead of turning into an SSE error event.
+        first = await _first(stream)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        try:
+            if first is not None:
+                await response.write(_sse(first))
+                async for chunk in stream:
+                    await response.write(_sse(chunk))
+        except ImagoError as e:
+            log.warning("stream %s failed: %s", stream.job_id, e.message)
+            await response.write(_sse(e.body))
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    finally:
+        await stream.aclose()  # a client disconnect cancels the upstream relay here
+
+
+async def _first(stream: CompletionStream) -> dict[str, Any] | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _DUMPS(obj).encode() + b"\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "completions")
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[CLIENT].models(), dumps=_DUMPS)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+def create_app(client: ImagoClient, *, api_key: str | None = None) -> web.Application:
+    """The gateway app. It starts ``client`` with the app and closes it (flushing
+    outstanding vouchers) at shutdown."""
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=16 * 1024 * 1024)
+    app[CLIENT] = client
+    app[API_KEY] = api_key or ""
+
+    async def client_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await app[CLIENT].start()
+        yield
+        await app[CLIENT].close()
+
+    app.cleanup_ctx.append(client_lifetime)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    return app
