@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -201,8 +202,11 @@ class DevnetProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
         offset = log.tell()
+        # IMAGO_DEVNET_NODE_ARGS: extra node flags for debugging, e.g. "--cpu-prof"
+        extra = shlex.split(os.environ.get("IMAGO_DEVNET_NODE_ARGS", ""))
         cmd = [
             node,
+            *extra,
             str(SERVER_PATH),
             "--port",
             str(self.requested_port),

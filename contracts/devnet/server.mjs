@@ -3,6 +3,7 @@
 //
 // Usage: node server.mjs [--port N] [--host H] [--state FILE] [--config slim|default]
 // Prints one JSON line {"event":"ready","port":N,...} on stdout once it listens.
+import './fastpaths.mjs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 
@@ -331,7 +332,12 @@ const api = {
     },
 };
 
-const WALLET_TYPES = {};
+const WALLET_TYPES = {
+    '20834b7b72b112147e1b2fb457b84e74d1a30f04f737d4f62a668e9552d2b72f': 'wallet v5 r1',
+    'feb5ff6820e2ff0d9483e7e0d62c817d846789fb4ae580c878866d959dabd5c0': 'wallet v4 r2',
+    '84dafa449f98a6987789ba232358072bc0f76dc4524002a5d0918b9a75d2d599': 'wallet v3 r2',
+    'b61041a58a7980b946e8fb9e198e3c904d24799ffa36574ea4251c41a566f581': 'wallet v3 r1',
+};
 
 async function sendExternal(dn, p) {
     if (p.boc === undefined || p.boc === null || p.boc === '') throw new ApiError(400, 'boc is required');
