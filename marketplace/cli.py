@@ -1,9 +1,94 @@
-"""CLI subcommands of this party (filled in by its owner)."""
+"""CLI subcommands of the matcher: ``imago matcher serve``."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import sys
+from pathlib import Path
+
+from marketplace.config import default_state_dir
+
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this party's subcommands to the `imago` parser."""
+    matcher = subparsers.add_parser("matcher", help="the marketplace matcher")
+    commands = matcher.add_subparsers(dest="matcher_command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the matcher (routing, relay, metering)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the state dir)")
+    serve.add_argument("--state-dir", type=Path, default=None, help="default $IMAGO_HOME/matcher")
+    serve.add_argument(
+        "--devnet", action="store_true", help="accept dev attestations (devnet only)"
+    )
+    serve.add_argument(
+        "--allow-mr-td", nargs="+", default=[], metavar="HEX", help="allowed TDX mr_td values"
+    )
+    serve.add_argument(
+        "--accept-tcb-status", nargs="+", default=["UpToDate"], metavar="STATUS",
+        help="TDX TCB statuses to accept (default: UpToDate)",
+    )  # fmt: skip
+    serve.add_argument("--vault", help="the operator's Vault address vouchers must name")
+    serve.add_argument("--instance", help="this replica's name in the jobs table")
+    serve.add_argument("--log-file", type=Path, help="log to this file instead of stderr")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from marketplace.app import create_app
+    from marketplace.config import MatcherConfig
+
+    handlers: list[logging.Handler]
+    if args.log_file:
+        args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.FileHandler(args.log_file)]
+    else:
+        handlers = [logging.StreamHandler()]
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        handlers=handlers,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        mr_td = frozenset(bytes.fromhex(h) for h in args.allow_mr_td)
+    except ValueError:
+        print("imago matcher: --allow-mr-td takes hex values", file=sys.stderr)
+        return 2
+    state_dir = (args.state_dir or default_state_dir()).expanduser()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    extra = {"instance": args.instance} if args.instance else {}
+    config = MatcherConfig(
+        state_dir=state_dir,
+        database_url=args.database_url,
+        devnet=args.devnet,
+        allowed_mr_td=mr_td,
+        accepted_tcb_statuses=frozenset(args.accept_tcb_status),
+        vault=args.vault,
+        **extra,
+    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            access_log=None,
+            handler_cancellation=True,
+            print=lambda *_: print(f"matcher listening on http://{args.host}:{args.port}"),
+        )
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(
+                f"imago matcher: port {args.port} on {args.host} is taken; "
+                "choose another with --port",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    return 0

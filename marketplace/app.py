@@ -1,0 +1,248 @@
+"""The matcher's aiohttp application: ``create_app(config)`` and thin handlers.
+
+Everything with a lifetime (database engine and ledger writer, the ClientSession to
+nodes, the APScheduler scheduler) lives in ``cleanup_ctx`` and is reached through
+typed app keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import Engine
+
+from contracts.protocol.api import (
+    NodeRegistration,
+    RelayRequest,
+    RouteCandidate,
+    RouteRequest,
+    RouteResponse,
+    VoucherSubmission,
+)
+from contracts.protocol.signed import SignedObjectError, SpendVoucher
+from marketplace.config import MatcherConfig
+from marketplace.db import make_engine
+from marketplace.errors import ApiError, error_middleware
+from marketplace.ledger import Ledger, VoucherRejected, VoucherUpdate
+from marketplace.metrics import Metrics
+from marketplace.registry import AdmissionError, NodeRegistry
+from marketplace.relay import Relay, normalize_escrow
+from marketplace.routing import NoRoute, rank
+
+__all__ = [
+    "CONFIG",
+    "ENGINE",
+    "LEDGER",
+    "METRICS",
+    "REGISTRY",
+    "RELAY",
+    "SCHEDULER",
+    "SESSION",
+    "create_app",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", MatcherConfig)
+ENGINE = web.AppKey("engine", Engine)
+LEDGER = web.AppKey("ledger", Ledger)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+REGISTRY = web.AppKey("registry", NodeRegistry)
+RELAY = web.AppKey("relay", Relay)
+METRICS = web.AppKey("metrics", Metrics)
+SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
+
+
+# --- lifetimes --------------------------------------------------------------------------
+
+
+async def _database(app: web.Application):
+    config = app[CONFIG]
+    engine = make_engine(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+    ledger = Ledger(engine, config.instance)
+    await ledger.start()
+    app[ENGINE] = engine
+    app[LEDGER] = ledger
+    yield
+    await ledger.stop()
+    engine.dispose()
+
+
+async def _node_client(app: web.Application):
+    config = app[CONFIG]
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    app[SESSION] = session
+    registry = NodeRegistry(
+        session, app[LEDGER], config.attestation_policy, timeout_s=config.node_timeout_s
+    )
+    app[REGISTRY] = registry
+    app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS])
+    yield
+    await session.close()
+
+
+async def _scheduler(app: web.Application):
+    config = app[CONFIG]
+    registry = app[REGISTRY]
+    scheduler = AsyncIOScheduler()
+    common = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+    scheduler.add_job(
+        registry.poll_all, "interval", seconds=config.status_interval_s, id="poll", **common
+    )
+    scheduler.add_job(
+        registry.reattest_all,
+        "interval",
+        seconds=config.reattest_interval_s,
+        id="reattest",
+        **common,
+    )
+    scheduler.start()
+    app[SCHEDULER] = scheduler
+    yield
+    scheduler.shutdown(wait=False)
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request, model):
+    return model.model_validate_json(await request.read())
+
+
+async def register_node(request: web.Request) -> web.Response:
+    registration = await _json_body(request, NodeRegistration)
+    try:
+        node = await request.app[REGISTRY].admit(registration)
+    except AdmissionError as e:
+        raise ApiError(403, f"node not admitted: {e}", type="permission_error", code=e.code) from e
+    return web.json_response(
+        {
+            "status": "admitted",
+            "node_id": node.node_id,
+            "attestation_kind": node.attestation.kind,
+            "measurement": node.verified.measurement.hex(),
+        }
+    )
+
+
+async def route(request: web.Request) -> web.Response:
+    body = await _json_body(request, RouteRequest)
+    registry = request.app[REGISTRY]
+    try:
+        ranked = rank(
+            registry.serving(body.model),
+            body.model,
+            body.max_price_prompt,
+            body.max_price_completion,
+        )
+    except NoRoute as e:
+        kind = "service_unavailable" if e.status == 503 else "invalid_request_error"
+        raise ApiError(e.status, str(e), type=kind, code=e.code, param="model") from e
+    response = RouteResponse(
+        candidates=[
+            RouteCandidate(node_id=r.node.node_id, attestation=r.node.attestation, offer=r.offer)
+            for r in ranked
+        ],
+        ttl_seconds=request.app[CONFIG].route_ttl_s,
+    )
+    return web.Response(body=response.model_dump_json().encode(), content_type="application/json")
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request, RelayRequest)
+    return await request.app[RELAY].handle(request, body)
+
+
+async def submit_voucher(request: web.Request) -> web.Response:
+    body = await _json_body(request, VoucherSubmission)
+    config = request.app[CONFIG]
+    try:
+        voucher = SpendVoucher.from_boc(base64.b64decode(body.voucher, validate=True))
+        signature = bytes.fromhex(body.signature)
+        spend_public = bytes.fromhex(body.spend_public)
+    except (ValueError, binascii.Error, SignedObjectError) as e:
+        raise ApiError(400, f"malformed voucher: {e}", code="invalid_voucher") from e
+    if not voucher.verify(signature, spend_public):
+        raise ApiError(
+            403, "the voucher's signature does not verify", type="permission_error",
+            code="bad_signature",
+        )  # fmt: skip
+    vault = voucher.vault.to_str(is_user_friendly=False)
+    if config.vault is not None and vault != normalize_escrow(config.vault):
+        raise ApiError(400, "the voucher names another vault", code="wrong_vault")
+    try:
+        result = await request.app[LEDGER].submit_voucher(
+            VoucherUpdate(
+                escrow=voucher.escrow.to_str(is_user_friendly=False),
+                vault=vault,
+                spend_public=spend_public.hex(),
+                cumulative=voucher.cumulative,
+                voucher_boc=body.voucher,
+                signature=signature.hex(),
+                job_ids=tuple(dict.fromkeys(j.lower() for j in body.job_ids)),
+            )
+        )
+    except VoucherRejected as e:
+        kind = "permission_error" if e.status == 403 else "invalid_request_error"
+        raise ApiError(e.status, str(e), type=kind, code=e.code) from e
+    return web.json_response({"status": "stored", **result})
+
+
+async def models(request: web.Request) -> web.Response:
+    data = []
+    for model_id, offers in sorted(request.app[REGISTRY].models().items()):
+        data.append(
+            {
+                "id": model_id,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "imago",
+                "imago_price_prompt": min(o.price_prompt for _, o in offers),
+                "imago_price_completion": min(o.price_completion for _, o in offers),
+                "imago_nodes": len(offers),
+            }
+        )
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    nodes = sum(1 for n in request.app[REGISTRY].nodes.values() if n.routable)
+    return web.json_response({"status": "ok", "nodes": nodes})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    text = request.app[METRICS].render(
+        request.app[LEDGER].counts,
+        nodes_admitted=len(registry.nodes),
+        nodes_healthy=sum(1 for n in registry.nodes.values() if n.routable),
+    )
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+# --- the factory ------------------------------------------------------------------------
+
+
+def create_app(config: MatcherConfig | None = None) -> web.Application:
+    config = config or MatcherConfig()
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.max_relay_body_bytes
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([_database, _node_client, _scheduler])
+    app.router.add_post("/v1/nodes", register_node)
+    app.router.add_post("/v1/route", route)
+    app.router.add_post("/v1/relay", relay)
+    app.router.add_post("/v1/vouchers", submit_voucher)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app

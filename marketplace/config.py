@@ -1,0 +1,59 @@
+"""The matcher's configuration: one frozen value passed to ``create_app``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts.protocol.attestation import AttestationPolicy
+
+__all__ = ["MatcherConfig", "default_state_dir"]
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("IMAGO_HOME", Path.home() / ".imago")) / "matcher"
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    """Everything the matcher needs; every field has a loopback-friendly default.
+
+    ``database_url`` None means SQLite at ``state_dir/matcher.db``. ``instance`` names
+    this matcher process in the jobs table, so that a restarted replica fails only its
+    own in-flight jobs when several replicas share one PostgreSQL database.
+    """
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    database_url: str | None = None
+    devnet: bool = False
+    allowed_mr_td: frozenset[bytes] = frozenset()
+    accepted_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
+    instance: str = field(default_factory=lambda: f"matcher@{socket.gethostname()}")
+    vault: str | None = None  # the operator's Vault address; vouchers must name it
+    sqlite_synchronous: str = "NORMAL"  # FULL: a commit also survives a power cut
+    # node admission and monitoring
+    reattest_interval_s: float = 600.0
+    status_interval_s: float = 3.0
+    node_timeout_s: float = 5.0  # identity, status, attest calls
+    # relay
+    connect_timeout_s: float = 3.0
+    first_byte_timeout_s: float = 120.0  # a node must send its first frame within this
+    read_timeout_s: float = 300.0  # and then never pause longer than this
+    route_ttl_s: float = 10.0
+    max_relay_body_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.state_dir).expanduser() / 'matcher.db'}"
+
+    @property
+    def attestation_policy(self) -> AttestationPolicy:
+        return AttestationPolicy(
+            allow_dev=self.devnet,
+            allowed_measurements=self.allowed_mr_td,
+            accepted_tcb_statuses=self.accepted_tcb_statuses,
+        )

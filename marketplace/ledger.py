@@ -1,0 +1,339 @@
+"""Durable metering: every database write goes through one writer in group commits.
+
+Requests never open a session. They put an operation on a queue; one writer task
+takes everything queued, applies it on a dedicated thread in ONE transaction and
+resolves each operation's future when the transaction has committed. Under load the
+queue fills while a commit runs, so commits batch themselves; at low load an
+operation commits at once. No timer delays a lone write.
+
+What is durable when (see docs/matcher.md):
+- ``open_job`` returns only after the in-flight row committed; the relay contacts a
+  node only then. The unique ``job_id`` makes a duplicate (from this or another
+  replica) fail here, before any node sees it.
+- ``close_job`` is queued when the END frame is forwarded and committed by the next
+  group commit (milliseconds). A crash in that window leaves the row ``in_flight``;
+  the next start marks it ``aborted_by_restart``.
+- ``submit_voucher`` answers only after its commit; checks and write are one
+  transaction holding a row lock on the escrow's voucher (PostgreSQL ``FOR UPDATE``;
+  SQLite transactions are serialized by ``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from marketplace.db import JobRecord, JobStatus, NodeRecord, SpendVoucherRecord, now_ms
+
+__all__ = ["DuplicateJob", "Ledger", "LedgerError", "VoucherRejected", "VoucherUpdate"]
+
+log = logging.getLogger(__name__)
+
+JOBS = JobRecord.__table__
+NODES = NodeRecord.__table__
+VOUCHERS = SpendVoucherRecord.__table__
+MAX_BATCH = 512
+
+
+class LedgerError(RuntimeError):
+    """The database could not record an operation."""
+
+
+class DuplicateJob(LedgerError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job id {job_id} was already relayed")
+        self.job_id = job_id
+
+
+class VoucherRejected(LedgerError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class VoucherUpdate:
+    """A spend voucher whose signature already verified."""
+
+    escrow: str
+    vault: str
+    spend_public: str
+    cumulative: int
+    voucher_boc: str
+    signature: str
+    job_ids: tuple[str, ...]
+
+
+@dataclass
+class _Op:
+    kind: str  # "open", "close", "node", "voucher", "call"
+    payload: Any
+    future: asyncio.Future | None
+
+
+class Ledger:
+    def __init__(self, engine: Engine, instance: str) -> None:
+        self.engine = engine
+        self.instance = instance
+        self.counts: Counter[str] = Counter()  # jobs by status, as the DB will hold them
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="imago-ledger")
+        self._task: asyncio.Task | None = None
+        self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+        self.commits = 0
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Fail jobs a previous run of this instance left in flight; load the counters.
+        Returns how many jobs were aborted."""
+        loop = asyncio.get_running_loop()
+        aborted, counts = await loop.run_in_executor(self._executor, self._recover)
+        self.counts = counts
+        self._task = asyncio.create_task(self._writer(), name="imago-ledger-writer")
+        return aborted
+
+    async def stop(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    def _recover(self) -> tuple[int, Counter[str]]:
+        with self.engine.begin() as conn:
+            aborted = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.status == JobStatus.IN_FLIGHT, JOBS.c.instance == self.instance)
+                .values(
+                    status=JobStatus.ABORTED_BY_RESTART,
+                    error="the matcher stopped while the job was in flight",
+                    finished_at=now_ms(),
+                )
+            ).rowcount
+            rows = conn.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status))
+            counts = Counter({status: n for status, n in rows})
+        if aborted:
+            log.warning("marked %d jobs of a previous run aborted_by_restart", aborted)
+        return aborted, counts
+
+    # --- operations -------------------------------------------------------------------
+
+    async def open_job(self, row: dict) -> None:
+        """Durably record a job in flight. Raises DuplicateJob if its id exists."""
+        row = {
+            "instance": self.instance,
+            "status": JobStatus.IN_FLIGHT,
+            "created_at": now_ms(),
+            **row,
+        }
+        await self._submit("open", row)
+        self.counts[JobStatus.IN_FLIGHT] += 1
+
+    def close_job(self, job_id: str, status: JobStatus, **fields: Any) -> asyncio.Future:
+        """Queue the final state of a job; the future resolves once committed."""
+        self.counts[JobStatus.IN_FLIGHT] -= 1
+        self.counts[status] += 1
+        fields.update(job_id=job_id, status=status, finished_at=now_ms())
+        return self._enqueue("close", fields)
+
+    def save_node(self, fields: dict) -> asyncio.Future:
+        return self._enqueue("node", {**fields, "updated_at": now_ms()})
+
+    async def submit_voucher(self, voucher: VoucherUpdate) -> dict:
+        return await self._submit("voucher", voucher)
+
+    async def call(self, fn: Callable[[Connection], Any]) -> Any:
+        """Run ``fn(connection)`` in the writer's order and transaction (reads, tests)."""
+        return await self._submit("call", fn)
+
+    def _enqueue(self, kind: str, payload: Any) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(kind, payload, future))
+        return future
+
+    async def _submit(self, kind: str, payload: Any) -> Any:
+        if self._task is None:
+            raise LedgerError("the ledger is not running")
+        return await self._enqueue(kind, payload)
+
+    # --- the writer -------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(self._executor, self._apply, batch)
+            except Exception as e:  # the whole transaction failed
+                log.exception("ledger commit of %d operations failed", len(batch))
+                results = [LedgerError(f"database error: {e}")] * len(batch)
+            self.commits += 1
+            for op, result in zip(batch, results, strict=True):
+                if op.future is not None and not op.future.done():
+                    if isinstance(result, BaseException):
+                        op.future.set_exception(result)
+                    else:
+                        op.future.set_result(result)
+                self._queue.task_done()
+
+    def _apply(self, batch: list[_Op]) -> list[Any]:
+        results: list[Any] = [None] * len(batch)
+        with self.engine.begin() as conn:
+            opens = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "open"]
+            if opens:
+                self._apply_opens(conn, opens, results)
+            for i, op in enumerate(batch):
+                if op.kind == "open":
+                    continue
+                try:
+                    if op.kind == "close":
+                        self._apply_close(conn, op.payload)
+                    elif op.kind == "node":
+                        self._apply_node(conn, op.payload)
+                    elif op.kind == "voucher":
+                        results[i] = self._apply_voucher(conn, op.payload)
+                    elif op.kind == "call":
+                        with conn.begin_nested():
+                            results[i] = op.payload(conn)
+                except (VoucherRejected, LedgerError) as e:
+                    results[i] = e
+                except Exception as e:
+                    if op.kind in ("call", "voucher"):
+                        results[i] = e
+                    else:
+                        raise
+        return results
+
+    def _apply_opens(self, conn: Connection, opens: list[tuple[int, dict]], results) -> None:
+        seen: set[str] = set()
+        rows = []
+        for i, row in opens:
+            if row["job_id"] in seen:
+                results[i] = DuplicateJob(row["job_id"])
+            else:
+                seen.add(row["job_id"])
+                rows.append(row)
+        stmt = (
+            self._insert(JOBS)
+            .on_conflict_do_nothing(index_elements=["job_id"])
+            .returning(JOBS.c.job_id)
+        )
+        inserted = set(conn.execute(stmt, rows).scalars().all()) if rows else set()
+        for i, row in opens:
+            if results[i] is None and row["job_id"] not in inserted:
+                results[i] = DuplicateJob(row["job_id"])
+
+    def _apply_close(self, conn: Connection, fields: dict) -> None:
+        values = {k: bindparam(k) for k in fields if k != "job_id"}
+        stmt = (
+            update(JOBS)
+            .where(JOBS.c.job_id == bindparam("b_job_id"), JOBS.c.status == JobStatus.IN_FLIGHT)
+            .values(values)
+        )
+        params = {k: v for k, v in fields.items() if k != "job_id"}
+        conn.execute(stmt, {**params, "b_job_id": fields["job_id"]})
+
+    def _apply_node(self, conn: Connection, fields: dict) -> None:
+        stmt = self._insert(NODES).values(fields)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["node_id"],
+            set_={k: stmt.excluded[k] for k in fields if k != "node_id"},
+        )
+        conn.execute(stmt)
+
+    def _apply_voucher(self, conn: Connection, v: VoucherUpdate) -> dict:
+        try:
+            with conn.begin_nested():
+                return self._voucher_txn(conn, v)
+        except IntegrityError as e:  # another replica inserted this escrow's first voucher
+            raise VoucherRejected(409, "voucher_conflict", "a concurrent voucher won") from e
+
+    def _voucher_txn(self, conn: Connection, v: VoucherUpdate) -> dict:
+        current = conn.execute(
+            select(VOUCHERS).where(VOUCHERS.c.escrow == v.escrow).with_for_update()
+        ).first()
+        previous = 0
+        if current is not None:
+            if current.spend_public != v.spend_public:
+                raise VoucherRejected(
+                    403, "wrong_spend_key", "the escrow's vouchers are signed by another key"
+                )
+            if current.vault != v.vault:
+                raise VoucherRejected(400, "wrong_vault", "the voucher names another vault")
+            previous = int(current.cumulative)
+            if v.cumulative <= previous:
+                raise VoucherRejected(
+                    409,
+                    "voucher_not_increasing",
+                    f"cumulative {v.cumulative} is not above the stored {previous}",
+                )
+        jobs = []
+        if v.job_ids:
+            jobs = conn.execute(
+                select(
+                    JOBS.c.job_id,
+                    JOBS.c.escrow,
+                    JOBS.c.status,
+                    JOBS.c.amount,
+                    JOBS.c.voucher_cumulative,
+                )
+                .where(JOBS.c.job_id.in_(v.job_ids))
+                .with_for_update()
+            ).all()
+        found = {job.job_id: job for job in jobs}
+        for job_id in v.job_ids:
+            job = found.get(job_id)
+            if job is None:
+                raise VoucherRejected(404, "unknown_job", f"job {job_id} is not known")
+            if job.escrow != v.escrow:
+                raise VoucherRejected(400, "wrong_escrow", f"job {job_id} is for another escrow")
+            if job.voucher_cumulative is not None:
+                raise VoucherRejected(409, "job_already_vouched", f"job {job_id} is vouched")
+        delta = v.cumulative - previous
+        owed = sum(int(job.amount) for job in jobs if job.status == JobStatus.COMPLETED)
+        if delta < owed:
+            raise VoucherRejected(
+                402,
+                "voucher_below_receipts",
+                f"the voucher adds {delta} nanoTON but its receipts total {owed}",
+            )
+        # The matcher cannot read the usage of a job that broke mid-stream; what the
+        # client pays for it is the part of the voucher its receipts do not explain.
+        remainder = delta - owed
+        now = now_ms()
+        for job in jobs:
+            values: dict[str, Any] = {"voucher_cumulative": v.cumulative}
+            if job.status == JobStatus.FAILED_MIDSTREAM and remainder:
+                values["amount"] = remainder
+                remainder = 0
+            conn.execute(update(JOBS).where(JOBS.c.job_id == job.job_id).values(values))
+        row = {
+            "vault": v.vault,
+            "spend_public": v.spend_public,
+            "cumulative": v.cumulative,
+            "voucher_boc": v.voucher_boc,
+            "signature": v.signature,
+            "updated_at": now,
+        }
+        if current is None:
+            conn.execute(VOUCHERS.insert().values(escrow=v.escrow, **row))
+        else:
+            conn.execute(update(VOUCHERS).where(VOUCHERS.c.escrow == v.escrow).values(row))
+        return {"escrow": v.escrow, "cumulative": v.cumulative, "previous": previous}

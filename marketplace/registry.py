@@ -1,0 +1,287 @@
+"""Admitted nodes: attestation at admission and on a schedule, status polling, and the
+live measurements routing ranks by.
+
+A node gets traffic only while its last attestation verified under the matcher's
+policy and its last status poll (or relay) found it healthy. Attestation failures
+remove it (it must register again); network failures only take it out of rotation
+until a poll succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from pydantic import ValidationError
+
+from contracts.protocol.api import (
+    AttestationDoc,
+    ModelOffer,
+    NodeIdentity,
+    NodeRegistration,
+    NodeStatus,
+)
+from contracts.protocol.attestation import (
+    AttestationError,
+    AttestationPolicy,
+    VerifiedAttestation,
+    verify_attestation,
+)
+from marketplace.db import now_ms
+from marketplace.ledger import Ledger
+
+__all__ = ["AdmissionError", "NodeRegistry", "NodeState", "NodeStats"]
+
+log = logging.getLogger(__name__)
+
+EWMA = 0.2  # weight of the newest sample
+UNHEALTHY_AFTER_POLL_FAILURES = 2
+
+
+class AdmissionError(Exception):
+    """The node was not admitted; the message says why."""
+
+    def __init__(self, message: str, code: str = "attestation_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class NodeStats:
+    """What the matcher measured itself (EWMA) and the relays it has open right now."""
+
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
+    success: float = 1.0
+    inflight: int = 0
+    relayed: int = 0
+
+    def record_success(self, ttft_ms: float, duration_ms: float, completion_tokens: int) -> None:
+        self.relayed += 1
+        self.success += EWMA * (1.0 - self.success)
+        self.ttft_ms = (
+            ttft_ms if self.ttft_ms is None else self.ttft_ms + EWMA * (ttft_ms - self.ttft_ms)
+        )
+        generation_s = (duration_ms - ttft_ms) / 1000.0
+        if completion_tokens > 1 and generation_s > 0.001:
+            rate = completion_tokens / generation_s
+            self.tokens_per_s = (
+                rate
+                if self.tokens_per_s is None
+                else self.tokens_per_s + EWMA * (rate - self.tokens_per_s)
+            )
+
+    def record_failure(self) -> None:
+        self.relayed += 1
+        self.success -= EWMA * self.success
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    url: str
+    identity: NodeIdentity
+    attestation: AttestationDoc
+    verified: VerifiedAttestation
+    status: NodeStatus
+    healthy: bool = True
+    poll_failures: int = 0
+    attested_at: float = field(default_factory=time.time)
+    stats: NodeStats = field(default_factory=NodeStats)
+    offers: dict[str, ModelOffer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.set_status(self.status)
+
+    def set_status(self, status: NodeStatus) -> None:
+        self.status = status
+        self.offers = {offer.id: offer for offer in status.models}
+
+    @property
+    def load(self) -> float:
+        """Share of the node's capacity in use: its own count plus relays we opened
+        since it last reported (both counted, which errs towards spreading load)."""
+        capacity = max(self.status.max_concurrent, 1)
+        return (self.status.active_jobs + self.stats.inflight) / capacity
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and self.status.healthy
+
+
+class NodeRegistry:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        ledger: Ledger,
+        policy: AttestationPolicy,
+        *,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.session = session
+        self.ledger = ledger
+        self.policy = policy
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.nodes: dict[str, NodeState] = {}
+        self._admitting: dict[str, asyncio.Lock] = {}
+
+    # --- node HTTP calls --------------------------------------------------------------
+
+    async def _get_json(self, url: str) -> dict:
+        async with self.session.get(url, timeout=self.timeout) as resp:
+            if resp.status != 200:
+                raise AdmissionError(f"{url} answered {resp.status}", "node_unreachable")
+            return await resp.json(content_type=None)
+
+    async def _attest(self, url: str, identity: NodeIdentity) -> tuple[AttestationDoc, object]:
+        nonce = os.urandom(32)
+        async with self.session.post(
+            f"{url}/v1/attest", json={"nonce": nonce.hex()}, timeout=self.timeout
+        ) as resp:
+            if resp.status != 200:
+                raise AdmissionError(f"/v1/attest answered {resp.status}", "node_unreachable")
+            doc = AttestationDoc.model_validate_json(await resp.read())
+        if doc.ed25519_public != identity.ed25519_public or (
+            doc.x25519_public != identity.x25519_public
+        ):
+            raise AdmissionError("the attestation binds other keys than the node's identity")
+        if doc.kind != identity.attestation_kind:
+            raise AdmissionError("the attestation kind differs from the node's identity")
+        try:
+            # dcap-qvl takes milliseconds: keep it off the event loop.
+            verified = await asyncio.to_thread(verify_attestation, doc, self.policy, nonce)
+        except AttestationError as e:
+            raise AdmissionError(str(e)) from e
+        return doc, verified
+
+    # --- admission --------------------------------------------------------------------
+
+    async def admit(self, registration: NodeRegistration) -> NodeState:
+        url = registration.url.rstrip("/")
+        node_id = registration.ed25519_public.lower()
+        lock = self._admitting.setdefault(node_id, asyncio.Lock())
+        async with lock:
+            try:
+                identity = NodeIdentity.model_validate(await self._get_json(f"{url}/v1/identity"))
+                if identity.ed25519_public.lower() != node_id:
+                    raise AdmissionError("the node's identity is not the registered key")
+                status = NodeStatus.model_validate(await self._get_json(f"{url}/v1/status"))
+                doc, verified = await self._attest(url, identity)
+            except AdmissionError as e:
+                if e.code == "attestation_failed":
+                    self._save_rejected(node_id, url, str(e))
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise AdmissionError(
+                    f"cannot reach the node at {url}: {e!r}", "node_unreachable"
+                ) from e
+            except (ValidationError, ValueError) as e:
+                raise AdmissionError(f"the node answered malformed JSON: {e}", "bad_node") from e
+            node = NodeState(node_id, url, identity, doc, verified, status)
+            self.nodes[node_id] = node
+            self._save(node, "admitted", admitted=True)
+            log.info("admitted node %s at %s (%s)", node_id[:16], url, doc.kind)
+            return node
+
+    def _save(self, node: NodeState, state: str, reason: str = "", admitted=False) -> None:
+        fields = {
+            "node_id": node.node_id,
+            "url": node.url,
+            "x25519_public": node.identity.x25519_public,
+            "attestation_kind": node.attestation.kind,
+            "measurement": node.verified.measurement.hex(),
+            "tcb_status": node.verified.tcb_status,
+            "state": state,
+            "reason": reason,
+            "models": json.dumps([o.model_dump() for o in node.status.models]),
+            "attested_at": int(node.attested_at * 1000),
+        }
+        if admitted:
+            fields["admitted_at"] = now_ms()
+        self.ledger.save_node(fields)
+
+    def _save_rejected(self, node_id: str, url: str, reason: str) -> None:
+        self.nodes.pop(node_id, None)
+        self.ledger.save_node(
+            {
+                "node_id": node_id,
+                "url": url,
+                "x25519_public": "",
+                "attestation_kind": "",
+                "state": "rejected",
+                "reason": reason[:500],
+            }
+        )
+
+    # --- periodic checks (APScheduler jobs) -------------------------------------------
+
+    async def reattest_all(self) -> None:
+        await asyncio.gather(*(self.reattest(node) for node in list(self.nodes.values())))
+
+    async def reattest(self, node: NodeState) -> None:
+        try:
+            doc, verified = await self._attest(node.url, node.identity)
+        except AdmissionError as e:
+            if e.code == "attestation_failed":
+                log.warning("node %s failed re-attestation: %s", node.node_id[:16], e)
+                self._save_rejected(node.node_id, node.url, str(e))
+            else:
+                self.mark_unhealthy(node, str(e))
+            return
+        except (aiohttp.ClientError, TimeoutError, OSError, ValidationError, ValueError) as e:
+            self.mark_unhealthy(node, f"re-attestation failed: {e!r}")
+            return
+        node.attestation, node.verified, node.attested_at = doc, verified, time.time()
+        self._save(node, "admitted")
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(node) for node in list(self.nodes.values())))
+
+    async def poll(self, node: NodeState) -> None:
+        try:
+            status = NodeStatus.model_validate(await self._get_json(f"{node.url}/v1/status"))
+        except (
+            AdmissionError,
+            aiohttp.ClientError,
+            TimeoutError,
+            OSError,
+            ValidationError,
+            ValueError,
+        ) as e:
+            node.poll_failures += 1
+            if node.poll_failures >= UNHEALTHY_AFTER_POLL_FAILURES:
+                self.mark_unhealthy(node, f"status poll failed: {e!r}")
+            return
+        node.poll_failures = 0
+        models_changed = status.models != node.status.models
+        node.set_status(status)
+        if not node.healthy:
+            node.healthy = True
+            self._save(node, "admitted")
+            log.info("node %s is healthy again", node.node_id[:16])
+        elif models_changed:
+            self._save(node, "admitted")
+
+    def mark_unhealthy(self, node: NodeState, reason: str) -> None:
+        if node.healthy:
+            log.warning("node %s out of rotation: %s", node.node_id[:16], reason)
+            node.healthy = False
+            self._save(node, "unhealthy", reason[:500])
+
+    # --- queries ----------------------------------------------------------------------
+
+    def serving(self, model: str) -> list[NodeState]:
+        return [n for n in self.nodes.values() if model in n.offers]
+
+    def models(self) -> dict[str, list[tuple[NodeState, ModelOffer]]]:
+        out: dict[str, list[tuple[NodeState, ModelOffer]]] = {}
+        for node in self.nodes.values():
+            if node.routable:
+                for offer in node.offers.values():
+                    out.setdefault(offer.id, []).append((node, offer))
+        return out

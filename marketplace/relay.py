@@ -1,0 +1,387 @@
+"""The relay: ciphertext from the client to a node and frames back, with failover.
+
+The matcher holds no key that opens a request or a response. It parses frames only to
+find their boundaries, hash the sealed ones (the receipt's ``response_hash``), hold back
+the clear END frame until its receipt verifies, and count bytes.
+
+- Before the node's first byte (connect error, 5xx, timeout, closed stream) the next
+  candidate gets the job; the client pays nothing for the failure.
+- After it, a failure appends a clear RELAY_ERROR frame; the job is ``failed_midstream``
+  and its amount comes later from the client's voucher.
+- A receipt that does not verify (signature, job id, escrow, model, tokens, amount,
+  request or response hash) marks the job ``errored``; the client gets RELAY_ERROR
+  instead of the END frame.
+- A client disconnect closes the node request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+from pytoniq_core import Address
+
+from contracts.protocol.api import EndFrame, RelayRequest
+from contracts.protocol.envelope import EnvelopeError, FrameDecoder, FrameType, encode_frame
+from contracts.protocol.signed import Receipt, SignedObjectError, model_hash
+from marketplace.config import MatcherConfig
+from marketplace.db import JobStatus
+from marketplace.errors import ApiError
+from marketplace.ledger import DuplicateJob, Ledger, LedgerError
+from marketplace.metrics import Metrics
+from marketplace.registry import NodeRegistry, NodeState
+from marketplace.routing import NoRoute, rank
+
+__all__ = ["FRAMES_CONTENT_TYPE", "Relay", "normalize_escrow", "relay_error_frame"]
+
+log = logging.getLogger(__name__)
+
+FRAMES_CONTENT_TYPE = "application/x-imago-frames"
+
+
+def normalize_escrow(escrow: str) -> str:
+    try:
+        return Address(escrow).to_str(is_user_friendly=False)
+    except Exception as e:  # pytoniq raises bare errors
+        raise ApiError(400, f"escrow {escrow!r} is not a TON address", param="escrow") from e
+
+
+def relay_error_frame(status: int, message: str, code: str, type: str = "relay_error") -> bytes:
+    payload = json.dumps({"status": status, "message": message, "type": type, "code": code})
+    return encode_frame(FrameType.RELAY_ERROR, payload.encode())
+
+
+class _NodeFailed(Exception):
+    """The node failed before its first byte: try the next one."""
+
+
+class _NodeRefused(Exception):
+    """The node answered 4xx: the job itself is refused, no failover."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Relay:
+    def __init__(
+        self,
+        config: MatcherConfig,
+        session: aiohttp.ClientSession,
+        registry: NodeRegistry,
+        ledger: Ledger,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.registry = registry
+        self.ledger = ledger
+        self.metrics = metrics
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+
+    def _order(self, body: RelayRequest) -> list[NodeState]:
+        """The provided candidates in the matcher's current preference; nodes out of
+        rotation last (better a retry than a refusal), unknown nodes dropped."""
+        provided = [n for n in self.registry.serving(body.model) if n.node_id in body.sealed]
+        if not provided:
+            if not self.registry.serving(body.model):
+                raise ApiError(404, f"no node serves {body.model!r}", code="model_not_found")
+            raise ApiError(
+                503,
+                "none of the nodes the request was sealed for is admitted; fetch a new route",
+                type="service_unavailable",
+                code="no_admitted_candidate",
+            )
+        try:
+            ranked = [r.node for r in rank(provided, body.model)]
+        except NoRoute:
+            ranked = []
+        return ranked + [n for n in provided if n not in ranked]
+
+    async def handle(self, request: web.Request, body: RelayRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        job_id = body.job_id.lower()
+        if len(job_id) != 64:
+            raise ApiError(400, "job_id is 32 bytes of hex", param="job_id")
+        try:
+            job_int = int(job_id, 16)
+            sealed = {
+                node_id.lower(): base64.b64decode(b64, validate=True)
+                for node_id, b64 in body.sealed.items()
+            }
+        except (ValueError, binascii.Error) as e:
+            raise ApiError(400, f"malformed job id or sealed request: {e}") from e
+        escrow = normalize_escrow(body.escrow)
+        order = self._order(body.model_copy(update={"sealed": sealed}))
+        try:
+            await self.ledger.open_job(
+                {
+                    "job_id": job_id,
+                    "model": body.model,
+                    "escrow": escrow,
+                    "request_bytes": len(sealed[order[0].node_id]),
+                }
+            )
+        except DuplicateJob as e:
+            raise ApiError(409, str(e), code="duplicate_job", param="job_id") from e
+        except LedgerError as e:
+            raise ApiError(503, f"metering is unavailable: {e}", type="server_error") from e
+
+        failed: list[str] = []
+        for node in order:
+            data = sealed[node.node_id]
+            node.stats.inflight += 1
+            try:
+                return await self._relay_to(
+                    request, node, job_id, job_int, escrow, body.model, data, started, failed
+                )
+            except _NodeFailed as e:
+                failed.append(node.node_id)
+                node.stats.record_failure()
+                self.metrics.attempts["failed_before_first_byte"] += 1
+                log.info(
+                    "job %s: node %s failed before its first byte: %s",
+                    job_id[:12],
+                    node.node_id[:12],
+                    e,
+                )
+            except _NodeRefused as e:
+                self.metrics.attempts["refused"] += 1
+                self.ledger.close_job(
+                    job_id,
+                    JobStatus.ERRORED,
+                    node_id=node.node_id,
+                    failed_nodes=",".join(failed),
+                    error=f"node refused the job ({e.status}): {e}"[:500],
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+                return await self._error_stream(request, e.status, str(e), "node_refused")
+            finally:
+                node.stats.inflight -= 1
+        self.ledger.close_job(
+            job_id,
+            JobStatus.FAILED_BEFORE_FIRST_BYTE,
+            failed_nodes=",".join(failed),
+            error="every candidate failed before its first byte",
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        return await self._error_stream(
+            request, 502, "no node could take the job; nothing was charged", "no_node_available"
+        )
+
+    async def _error_stream(
+        self, request: web.Request, status: int, message: str, code: str
+    ) -> web.StreamResponse:
+        frame = relay_error_frame(status, message, code)
+        return web.Response(body=frame, content_type=FRAMES_CONTENT_TYPE)
+
+    async def _open(
+        self, node: NodeState, job_id: str, data: bytes
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST the job and wait for the node's first byte."""
+        resp = None
+        try:
+            async with asyncio.timeout(self.config.first_byte_timeout_s):
+                resp = await self.session.post(
+                    f"{node.url}/v1/jobs",
+                    data=data,
+                    headers={"X-Imago-Job": job_id, "Content-Type": "application/octet-stream"},
+                    timeout=self.timeout,
+                )
+                if resp.status >= 500:
+                    raise _NodeFailed(f"node answered {resp.status}")
+                if resp.status != 200:
+                    text = (await resp.content.read(4096)).decode("utf-8", "replace")
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        text = json.loads(text)["error"]["message"]
+                    raise _NodeRefused(resp.status, text or f"node answered {resp.status}")
+                first = await resp.content.readany()
+                if not first:
+                    raise _NodeFailed("node closed the stream before its first byte")
+                return resp, first
+        except (_NodeFailed, _NodeRefused):
+            if resp is not None:
+                resp.close()
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            if resp is not None:
+                resp.close()
+            if isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)):
+                self.registry.mark_unhealthy(node, f"relay could not reach it: {e!r}")
+            raise _NodeFailed(repr(e)) from e
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+
+    async def _relay_to(
+        self,
+        request: web.Request,
+        node: NodeState,
+        job_id: str,
+        job_int: int,
+        escrow: str,
+        model: str,
+        data: bytes,
+        started: float,
+        failed: list[str],
+    ) -> web.StreamResponse:
+        resp, first = await self._open(node, job_id, data)
+        ttft_ms = (time.perf_counter() - started) * 1000
+        self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
+        self.metrics.bytes_relayed["request"] += len(data)
+        out = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
+        decoder = FrameDecoder()
+        transcript = hashlib.sha256()
+        end_payload: bytes | None = None
+        sent = 0
+        common = {"node_id": node.node_id, "failed_nodes": ",".join(failed), "ttft_ms": ttft_ms}
+
+        def finish(status: JobStatus, error: str = "", **fields) -> None:
+            duration_ms = (time.perf_counter() - started) * 1000
+            self.metrics.relay_seconds.observe(duration_ms / 1000)
+            self.metrics.bytes_relayed["response"] += sent
+            self.metrics.attempts[status.value] += 1
+            self.ledger.close_job(
+                job_id,
+                status,
+                error=error[:500],
+                response_bytes=sent,
+                duration_ms=duration_ms,
+                request_bytes=len(data),
+                **common,
+                **fields,
+            )
+
+        try:
+            await out.prepare(request)
+            chunk = first
+            broken = ""
+            while True:
+                pending = bytearray()
+                try:
+                    for frame_type, payload in decoder.feed(chunk):
+                        if end_payload is not None or frame_type == FrameType.RELAY_ERROR:
+                            raise EnvelopeError(f"unexpected {frame_type.name} frame")
+                        if frame_type == FrameType.END:
+                            end_payload = payload
+                            continue
+                        frame = encode_frame(frame_type, payload)
+                        transcript.update(frame)
+                        pending += frame
+                except EnvelopeError as e:
+                    broken = f"node sent a malformed stream: {e}"
+                if pending:
+                    await out.write(pending)
+                    sent += len(pending)
+                if broken:
+                    break
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                    broken = f"node stream broke: {e!r}"
+                    break
+                if not chunk:
+                    break
+        except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as e:
+            resp.close()
+            finish(JobStatus.FAILED_MIDSTREAM, f"client disconnected: {e!r}")
+            raise
+        resp.release() if not broken else resp.close()
+
+        if broken or end_payload is None or decoder.pending:
+            reason = broken or (
+                "node closed the stream without its END frame"
+                if not decoder.pending
+                else "node closed the stream inside a frame"
+            )
+            node.stats.record_failure()
+            await self._write_last(out, relay_error_frame(502, reason, "node_failed_midstream"))
+            finish(JobStatus.FAILED_MIDSTREAM, reason)
+            return out
+
+        try:
+            end = EndFrame.model_validate_json(end_payload)
+            fields = self._check_receipt(
+                end, node, job_int, escrow, model, data, transcript.digest()
+            )
+        except (ValidationError, ValueError, SignedObjectError) as e:
+            node.stats.record_failure()
+            message = f"the node's receipt does not verify: {e}"
+            log.warning("job %s: %s", job_id[:12], message)
+            await self._write_last(out, relay_error_frame(502, message, "invalid_receipt"))
+            finish(JobStatus.ERRORED, message)
+            return out
+
+        end_frame = encode_frame(FrameType.END, end_payload)
+        await self._write_last(out, end_frame)
+        sent += len(end_frame)
+        if end.receipt is None:
+            finish(JobStatus.ERRORED, "the node served nothing (error before any token)")
+        else:
+            node.stats.record_success(
+                ttft_ms, (time.perf_counter() - started) * 1000, end.completion_tokens
+            )
+            finish(JobStatus.COMPLETED, **fields)
+        return out
+
+    async def _write_last(self, out: web.StreamResponse, frame: bytes) -> None:
+        try:
+            await out.write(frame)
+            await out.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass  # the client left; the job's record does not depend on it
+
+    def _check_receipt(
+        self,
+        end: EndFrame,
+        node: NodeState,
+        job_int: int,
+        escrow: str,
+        model: str,
+        sealed: bytes,
+        response_hash: bytes,
+    ) -> dict:
+        if end.receipt is None:
+            if end.prompt_tokens or end.completion_tokens:
+                raise ValueError("tokens were served but the END frame carries no receipt")
+            return {}
+        if end.signature is None:
+            raise ValueError("the receipt is not signed")
+        boc = base64.b64decode(end.receipt, validate=True)
+        signature = bytes.fromhex(end.signature)
+        receipt = Receipt.from_boc(boc)
+        if not receipt.verify(signature, bytes.fromhex(node.node_id)):
+            raise ValueError("bad signature by the node key")
+        checks = (
+            (receipt.job_id == job_int, "job id"),
+            (receipt.escrow.to_str(is_user_friendly=False) == escrow, "escrow"),
+            (receipt.model == model_hash(model), "model"),
+            (receipt.prompt_tokens == end.prompt_tokens, "prompt tokens"),
+            (receipt.completion_tokens == end.completion_tokens, "completion tokens"),
+            (receipt.amount == receipt.priced_amount, "amount"),
+            (receipt.request_hash == hashlib.sha256(sealed).digest(), "request hash"),
+            (receipt.response_hash == response_hash, "response hash"),
+            (receipt.prompt_tokens + receipt.completion_tokens > 0, "token count (0 tokens)"),
+        )
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"{what} does not match the job")
+        return {
+            "prompt_tokens": receipt.prompt_tokens,
+            "completion_tokens": receipt.completion_tokens,
+            "amount": receipt.amount,
+            "receipt_boc": end.receipt,
+            "receipt_signature": end.signature,
+        }
