@@ -210,6 +210,8 @@ class FakeNode:
                     }
                 ).encode(),
             )
+            if self.fault == "truncate":  # a second frame in the transcript, never sent
+                sealer.seal(FrameType.DATA, b"{}")
         yield self._receipt_frame(request, job_id, sealed, sealer, prompt_tokens, len(words))
         self.finished_jobs += 1
 
