@@ -117,12 +117,18 @@ class DevnetClient(ToncenterClient):
     async def _devnet(self, name: str, body: dict[str, Any] | None = None) -> Any:
         return await self.call(f"devnet/{name}", body, post=body is not None)
 
-    async def faucet(self, address: Address | str, amount: int, *, bounce: bool = False) -> FaucetResult:
+    async def faucet(
+        self, address: Address | str, amount: int, *, bounce: bool = False
+    ) -> FaucetResult:
         """Send ``amount`` nanoTON from the devnet treasury; returns once executed."""
         addr = address if isinstance(address, Address) else Address(address)
         r = await self.call(
             "devnet/faucet",
-            {"address": addr.to_str(is_user_friendly=False), "amount": str(amount), "bounce": bounce},
+            {
+                "address": addr.to_str(is_user_friendly=False),
+                "amount": str(amount),
+                "bounce": bounce,
+            },
             post=True,
         )
         return FaucetResult(
@@ -235,8 +241,13 @@ class DevnetProcess:
         self.port = int(ready["port"])
         (self.state_dir / PID_FILE).write_text(
             json.dumps(
-                {"pid": self.pid, "port": self.port, "host": self.host, "url": self.url,
-                 "started_at": int(time.time())}
+                {
+                    "pid": self.pid,
+                    "port": self.port,
+                    "host": self.host,
+                    "url": self.url,
+                    "started_at": int(time.time()),
+                }
             )
         )
         return self
@@ -265,7 +276,9 @@ class DevnetProcess:
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise DevnetError(f"devnet not ready within {self.ready_timeout:g}s; see {self.log_file}")
+                raise DevnetError(
+                    f"devnet not ready within {self.ready_timeout:g}s; see {self.log_file}"
+                )
             time.sleep(0.02)
 
     def _reap(self) -> None:

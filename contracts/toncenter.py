@@ -91,7 +91,9 @@ def _addr_or_none(text: str | None) -> Address | None:
 
 
 def _b64(data: str) -> bytes:
-    return base64.b64decode(data + "=" * (-len(data) % 4), altchars=b"-_" if "-" in data or "_" in data else None)
+    return base64.b64decode(
+        data + "=" * (-len(data) % 4), altchars=b"-_" if "-" in data or "_" in data else None
+    )
 
 
 @dataclass(frozen=True)
@@ -555,7 +557,7 @@ class ToncenterClient:
         self._session = session
         self._own_session = session is None
         host = urlsplit(self.base_url).hostname or ""
-        self.testnet = testnet if testnet is not None else not (host == "toncenter.com")
+        self.testnet = testnet if testnet is not None else host != "toncenter.com"
 
     async def __aenter__(self) -> ToncenterClient:
         return self
@@ -587,7 +589,11 @@ class ToncenterClient:
         """Call one API method and return its ``result``; raise ToncenterError otherwise."""
         url = f"{self.base_url}/{method}"
         # GET drops unset parameters; POST keeps them (JSON null means something)
-        clean = dict(params or {}) if post else {k: v for k, v in (params or {}).items() if v is not None}
+        clean = (
+            dict(params or {})
+            if post
+            else {k: v for k, v in (params or {}).items() if v is not None}
+        )
         attempt = 0
         while True:
             await self._limiter.wait()
@@ -601,7 +607,7 @@ class ToncenterClient:
                     status = resp.status
                     text = await resp.text()
                     retry_after = resp.headers.get("Retry-After")
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 if attempt >= self.max_retries:
                     raise ToncenterError(0, f"{type(e).__name__}: {e} ({url})") from e
                 attempt += 1
@@ -785,7 +791,9 @@ class ToncenterClient:
         lt: int | None = None
         h: bytes | None = None
         while True:
-            page = await self.get_transactions(addr, limit=50, lt=lt, hash=h, to_lt=after_lt or None)
+            page = await self.get_transactions(
+                addr, limit=50, lt=lt, hash=h, to_lt=after_lt or None
+            )
             full = len(page) == 50
             if lt is not None and page and page[0].lt == lt:
                 page = page[1:]
@@ -894,7 +902,9 @@ def _result(status: int, text: str, url: str) -> Any:
     try:
         body = json.loads(text)
     except ValueError:
-        raise ToncenterError(status or 0, f"non-JSON answer from {url}: {text[:200]}", status=status) from None
+        raise ToncenterError(
+            status or 0, f"non-JSON answer from {url}: {text[:200]}", status=status
+        ) from None
     if isinstance(body, dict) and body.get("ok") is True and status < 400:
         return body.get("result")
     if isinstance(body, dict):

@@ -105,9 +105,7 @@ def parse_address(value: str | Address) -> Address:
         raise UnitsError(f"not a TON address: {value!r}") from e
 
 
-def format_address(
-    address: str | Address, *, testnet: bool = True, bounceable: bool = True
-) -> str:
+def format_address(address: str | Address, *, testnet: bool = True, bounceable: bool = True) -> str:
     """User-friendly, url-safe form. Bounceable for contracts, non-bounceable for wallets."""
     addr = parse_address(address)
     return addr.to_str(

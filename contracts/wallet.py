@@ -102,7 +102,9 @@ class ToncenterProvider:
         if info.state == "uninitialized" and info.balance == 0 and info.last_transaction_lt == 0:
             return None, None  # account_none
         if info.state == "active":
-            state = AccountState("account_active", state_init=StateInit(code=info.code, data=info.data))
+            state = AccountState(
+                "account_active", state_init=StateInit(code=info.code, data=info.data)
+            )
         elif info.state == "frozen":
             state = AccountState("account_frozen", state_hash=(info.frozen_hash or bytes(32)).hex())
         else:
@@ -284,7 +286,9 @@ def read_keystore_header(path: str | Path) -> dict[str, Any]:
     }
 
 
-def load_keystore(path: str | Path, passphrase: str | None = None) -> tuple[WalletKeys, dict[str, Any]]:
+def load_keystore(
+    path: str | Path, passphrase: str | None = None
+) -> tuple[WalletKeys, dict[str, Any]]:
     """Read keys from a keystore; WrongPassphrase if it cannot be decrypted."""
     p = Path(path)
     header = read_keystore_header(p)
@@ -326,7 +330,9 @@ class OutMessage:
     send_mode: int = 3  # pay fees separately, ignore action errors
 
     def to_wallet_message(self) -> WalletMessage:
-        dest = self.destination if isinstance(self.destination, Address) else Address(self.destination)
+        dest = (
+            self.destination if isinstance(self.destination, Address) else Address(self.destination)
+        )
         bounce = self.bounce
         if bounce is None:
             bounce = dest.is_bounceable if self.state_init is None else False
@@ -359,9 +365,7 @@ class Wallet:
         self.wallet_id = WalletV5WalletID(
             network_global_id=self.global_id, workchain=workchain
         ).pack()
-        data = WalletV5R1.create_data_cell(
-            keys.public_key, wc=workchain, wallet_id=self.wallet_id
-        )
+        data = WalletV5R1.create_data_cell(keys.public_key, wc=workchain, wallet_id=self.wallet_id)
         self.state_init = StateInit(code=WALLET_V5_R1_CODE, data=data)
         self.address = Address((workchain, self.state_init.serialize().hash))
         self.provider = ToncenterProvider(client)

@@ -39,7 +39,9 @@ from contracts.wallet import OutMessage, Wallet, WalletKeys  # noqa: E402
 DEPOSIT_OP = 0x4445504F  # "DEPO"
 
 
-async def confirm(chain: DevnetClient, w: Wallet, sent_norm: bytes, after_lt: int) -> list[Transaction]:
+async def confirm(
+    chain: DevnetClient, w: Wallet, sent_norm: bytes, after_lt: int
+) -> list[Transaction]:
     """The sender's transaction for this message and every transaction it caused."""
     root = await chain.wait_for_transaction(
         w.address,
@@ -89,19 +91,23 @@ async def bench(wallets: int, ops: int, state_dir: Path) -> dict:
             seqnos = {w.address.hash_part: 1 for w in ws}
             last = {}
             for w in ws:
-                last[w.address.hash_part] = (await chain.get_address_information(w.address)).last_transaction_lt
+                last[w.address.hash_part] = (
+                    await chain.get_address_information(w.address)
+                ).last_transaction_lt
 
             results: dict[str, dict] = {}
             total_tx = 0
             total_s = 0.0
             for phase in ("transfers", "deposits"):
                 if phase == "transfers":
+
                     def targets_for(_k):
                         return [Address((0, os.urandom(32))) for _ in range(ops)]
 
                     def body_for(_i):
                         return None
                 else:
+
                     def targets_for(k):
                         return [ws[(k + 1 + j) % len(ws)].address for j in range(ops)]
 
