@@ -109,6 +109,10 @@ async def _scheduler(app: web.Application):
     scheduler.shutdown(wait=False)
 
 
+async def _stopping(app: web.Application) -> None:
+    app[RELAY].stopping = True
+
+
 # --- handlers ---------------------------------------------------------------------------
 
 
@@ -238,6 +242,7 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([_database, _node_client, _scheduler])
+    app.on_shutdown.append(_stopping)
     app.router.add_post("/v1/nodes", register_node)
     app.router.add_post("/v1/route", route)
     app.router.add_post("/v1/relay", relay)

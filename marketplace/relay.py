@@ -86,6 +86,7 @@ class Relay:
         self.registry = registry
         self.ledger = ledger
         self.metrics = metrics
+        self.stopping = False  # set at shutdown: cut relays are aborted_by_restart
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
@@ -296,7 +297,10 @@ class Relay:
                     break
         except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as e:
             resp.close()
-            finish(JobStatus.FAILED_MIDSTREAM, f"client disconnected: {e!r}")
+            if self.stopping:
+                finish(JobStatus.ABORTED_BY_RESTART, "the matcher stopped during the relay")
+            else:
+                finish(JobStatus.FAILED_MIDSTREAM, f"client disconnected: {e!r}")
             raise
         resp.release() if not broken else resp.close()
 

@@ -1,0 +1,185 @@
+"""Matcher against fake nodes: admission, routing, models, health, metrics."""
+
+from __future__ import annotations
+
+from contracts.protocol.api import RouteResponse
+from contracts.protocol.attestation import verify_attestation
+from marketplace.config import MatcherConfig
+from tests.marketplace.conftest import admit
+from tests.marketplace.fakes import MODEL
+
+
+async def route(session, matcher, model=MODEL, prompt_cap=10_000, completion_cap=10_000):
+    body = {"model": model, "max_price_prompt": prompt_cap, "max_price_completion": completion_cap}
+    async with session.post(f"{matcher.url}/v1/route", json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_dev_attestation_admitted_in_devnet_mode(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    node = await start_node()
+    assert await admit(session, matcher.url, node) == 200
+    status, body = await route(session, matcher)
+    assert status == 200
+    parsed = RouteResponse.model_validate(body)
+    assert [c.node_id for c in parsed.candidates] == [node.node_id]
+    # The client can verify the doc the matcher verified, with its own policy.
+    doc = parsed.candidates[0].attestation
+    verified = verify_attestation(doc, MatcherConfig(devnet=True).attestation_policy)
+    assert verified.ed25519_public == node.ed_public
+
+
+async def test_dev_attestation_refused_without_devnet(session, start_matcher, start_node):
+    matcher = await start_matcher(devnet=False)
+    node = await start_node()
+    async with session.post(
+        f"{matcher.url}/v1/nodes", json={"url": node.url, "ed25519_public": node.node_id}
+    ) as resp:
+        assert resp.status == 403
+        error = (await resp.json())["error"]
+    assert "devnet" in error["message"] and error["code"] == "attestation_failed"
+    assert (await route(session, matcher))[0] == 404
+
+
+async def test_bad_nonce_and_wrong_key_refused(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    stale = await start_node(attest_mode="wrong_nonce")
+    forged = await start_node(attest_mode="wrong_key")
+    assert await admit(session, matcher.url, stale) == 403
+    assert await admit(session, matcher.url, forged) == 403
+    assert matcher.registry.nodes == {}
+
+
+async def test_unreachable_node_refused(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    node = await start_node()
+    await node.stop()
+    assert await admit(session, matcher.url, node) == 403
+
+
+async def test_routing_errors(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    status, body = await route(session, matcher)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    node = await start_node(models={MODEL: (500, 900)})
+    await admit(session, matcher.url, node)
+    status, body = await route(session, matcher, prompt_cap=400)
+    assert status == 402 and body["error"]["code"] == "price_cap_too_low"
+    status, body = await route(session, matcher, completion_cap=899)
+    assert status == 402
+    assert (await route(session, matcher, prompt_cap=500, completion_cap=900))[0] == 200
+    status, body = await route(session, matcher, model="nope")
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    node.healthy = False
+    await matcher.registry.poll_all()
+    status, body = await route(session, matcher)
+    assert status == 503
+    async with session.post(f"{matcher.url}/v1/route", data=b"{not json") as resp:
+        assert resp.status == 400 and "error" in await resp.json()
+    async with session.post(f"{matcher.url}/v1/route", json={"model": 3}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_body"
+
+
+async def test_ranking_by_price_and_load(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    cheap = await start_node(models={MODEL: (100, 100)})
+    dear = await start_node(models={MODEL: (150, 150)})
+    for node in (dear, cheap):
+        assert await admit(session, matcher.url, node) == 200
+    _, body = await route(session, matcher)
+    assert [c["node_id"] for c in body["candidates"]] == [cheap.node_id, dear.node_id]
+    # The cheap node fills up: the pricier idle one now goes first.
+    cheap.active_jobs = cheap.max_concurrent
+    await matcher.registry.poll_all()
+    _, body = await route(session, matcher)
+    assert [c["node_id"] for c in body["candidates"]] == [dear.node_id, cheap.node_id]
+    # Relays the matcher opened count as load too, before the node reports them.
+    cheap.active_jobs = 0
+    await matcher.registry.poll_all()
+    matcher.registry.nodes[cheap.node_id].stats.inflight = 3
+    _, body = await route(session, matcher)
+    assert body["candidates"][0]["node_id"] == dear.node_id
+    # A cap between the two prices leaves only the cheap node.
+    _, body = await route(session, matcher, prompt_cap=120, completion_cap=120)
+    assert [c["node_id"] for c in body["candidates"]] == [cheap.node_id]
+
+
+async def test_ranking_by_measured_latency_and_success(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    a = await start_node()
+    b = await start_node()
+    for node in (a, b):
+        await admit(session, matcher.url, node)
+    stats_a = matcher.registry.nodes[a.node_id].stats
+    stats_b = matcher.registry.nodes[b.node_id].stats
+    stats_a.ttft_ms, stats_b.ttft_ms = 900.0, 50.0
+    _, body = await route(session, matcher)
+    assert body["candidates"][0]["node_id"] == b.node_id
+    stats_b.success = 0.2
+    _, body = await route(session, matcher)
+    assert body["candidates"][0]["node_id"] == a.node_id
+
+
+async def test_status_poll_takes_dead_node_out_and_back(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    node = await start_node()
+    await admit(session, matcher.url, node)
+    runner, node.runner = node.runner, None
+    await runner.cleanup()
+    for _ in range(2):
+        await matcher.registry.poll_all()
+    assert not matcher.registry.nodes[node.node_id].routable
+    assert (await route(session, matcher))[0] == 503
+
+
+async def test_reattestation_failure_evicts(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    node = await start_node()
+    await admit(session, matcher.url, node)
+    await matcher.registry.reattest_all()
+    assert node.node_id in matcher.registry.nodes
+    node.attest_mode = "wrong_nonce"
+    await matcher.registry.reattest_all()
+    assert node.node_id not in matcher.registry.nodes
+    assert (await route(session, matcher))[0] == 404
+
+
+async def test_scheduler_polls_status(session, start_matcher, start_node):
+    import asyncio
+
+    matcher = await start_matcher(status_interval_s=0.1)
+    node = await start_node()
+    await admit(session, matcher.url, node)
+    node.models = {MODEL: (1, 2), "other-model": (3, 4)}
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if "other-model" in matcher.registry.nodes[node.node_id].offers:
+            break
+    assert "other-model" in matcher.registry.nodes[node.node_id].offers
+
+
+async def test_models_health_metrics(session, start_matcher, start_node):
+    matcher = await start_matcher()
+    async with session.get(f"{matcher.url}/health") as resp:
+        assert await resp.json() == {"status": "ok", "nodes": 0}
+    a = await start_node(models={MODEL: (100, 300), "other": (1, 1)})
+    b = await start_node(models={MODEL: (200, 250)})
+    for node in (a, b):
+        await admit(session, matcher.url, node)
+    async with session.get(f"{matcher.url}/v1/models") as resp:
+        body = await resp.json()
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    assert by_id[MODEL]["imago_price_prompt"] == 100
+    assert by_id[MODEL]["imago_price_completion"] == 250
+    assert by_id[MODEL]["imago_nodes"] == 2 and by_id["other"]["imago_nodes"] == 1
+    async with session.get(f"{matcher.url}/health") as resp:
+        assert await resp.json() == {"status": "ok", "nodes": 2}
+    async with session.get(f"{matcher.url}/metrics") as resp:
+        text = await resp.text()
+        assert resp.content_type == "text/plain"
+    assert "imago_nodes_admitted 2" in text
+    assert 'imago_jobs{status="completed"} 0' in text
+    assert "# TYPE imago_relay_seconds histogram" in text
+    async with session.get(f"{matcher.url}/nope") as resp:
+        assert resp.status == 404 and "error" in await resp.json()
