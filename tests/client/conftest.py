@@ -29,6 +29,7 @@ def make_client(
     *,
     policy: AttestationPolicy | None = None,
     devnet: bool = True,
+    caps: PriceCaps = CAPS,
 ) -> ImagoClient:
     return ImagoClient(
         matcher_url=matcher_url,
@@ -36,7 +37,7 @@ def make_client(
         vault=VAULT,
         spend_key=spend_key,
         policy=policy or AttestationPolicy(allow_dev=True),
-        caps=CAPS,
+        caps=caps,
         state_path=state_path,
         devnet=devnet,
     )
