@@ -135,7 +135,7 @@ def registry_address(
 
 def provider_data(registry: Address, owner: Address, seq: int) -> Cell:
     """The Provider's data before ProviderInit: registry owner seq state=0 node_key=0 stake=0
-    unlock_time=0 claims=empty pending=none params=none."""
+    unlock_time=0 claims=empty params=none."""
     return (
         begin_cell()
         .store_address(registry)
@@ -145,7 +145,6 @@ def provider_data(registry: Address, owner: Address, seq: int) -> Cell:
         .store_uint(0, 256)
         .store_coins(0)
         .store_uint(0, 32)
-        .store_bit(0)
         .store_bit(0)
         .store_bit(0)
         .end_cell()

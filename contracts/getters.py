@@ -142,8 +142,6 @@ class ProviderData:
     prev_key: int
     prev_key_until: int
     capabilities: Cell | None
-    pending_vault: Address | None
-    pending_cumulative: int
     balance: int
 
     @property
@@ -166,8 +164,6 @@ def parse_provider_data(stack: list[Any]) -> ProviderData:
         prev_key=s.int(),
         prev_key_until=s.int(),
         capabilities=s.cell_opt(),
-        pending_vault=s.address_opt(),
-        pending_cumulative=s.int(),
         balance=s.int(),
     )
 

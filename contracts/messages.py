@@ -429,12 +429,13 @@ class SlashBounty(_Body):
 
 @dataclass(frozen=True, slots=True)
 class PayoutRequest(_Body):
-    """payout_request#56410002 query_id:uint64 claimed_before:Coins owner:MsgAddressInt
-    seq:uint32 signed:^SignedPayout = PayoutRequest;"""
+    """payout_request#56410002 query_id:uint64 claimed_before:Coins cumulative:Coins
+    owner:MsgAddressInt seq:uint32 signed:^SignedPayout = PayoutRequest;"""
 
     OP: ClassVar[int] = OP_PAYOUT_REQUEST
     query_id: int = _f(U64)
     claimed_before: int = _f("coins")
+    cumulative: int = _f("coins")
     owner: Address = _f("address")
     seq: int = _f(U32)
     signed: SignedPayout = _f(("refobj", SignedPayout))
@@ -442,7 +443,8 @@ class PayoutRequest(_Body):
 
 @dataclass(frozen=True, slots=True)
 class PayoutPaid(_Body):
-    """payout_paid#56410003 query_id:uint64 amount:Coins cumulative:Coins = PayoutPaid;"""
+    """payout_paid#56410003 query_id:uint64 amount:Coins cumulative:Coins = PayoutPaid;
+    (Vault -> the provider's owner)"""
 
     OP: ClassVar[int] = OP_PAYOUT_PAID
     query_id: int = _f(U64)
