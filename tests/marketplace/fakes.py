@@ -64,6 +64,7 @@ class FakeNode:
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     url: str = ""
     jobs_seen: list[str] = field(default_factory=list)
+    sent: dict[str, bytearray] = field(default_factory=dict)  # job id → bytes written
     released: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
@@ -152,6 +153,12 @@ class FakeNode:
         sealer = ResponseSealer(bytes.fromhex(req.response_key), bytes.fromhex(job_id))
         out = web.StreamResponse(headers={"Content-Type": "application/x-imago-frames"})
         await out.prepare(request)
+        sent = self.sent.setdefault(job_id, bytearray())
+
+        async def write(frame: bytes) -> None:
+            sent.extend(frame)
+            await out.write(frame)
+
         prompt_tokens = len(prompt.split())
         pieces = [f"echo {i}: {prompt}" for i in range(self.chunks)]
         try:
@@ -161,11 +168,8 @@ class FakeNode:
                     "choices": [{"delta": {"content": piece}}],
                 }
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": i + 1}
-                await out.write(
-                    sealer.seal(
-                        FrameType.DATA, json.dumps({"chunk": chunk, "usage": usage}).encode()
-                    )
-                )
+                payload = json.dumps({"chunk": chunk, "usage": usage}).encode()
+                await write(sealer.seal(FrameType.DATA, payload))
                 if self.mode == "midstream":
                     await asyncio.sleep(0.05)
                     request.transport.close()
@@ -198,7 +202,7 @@ class FakeNode:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
-        await out.write(envelope.encode_frame(FrameType.END, end.model_dump_json().encode()))
+        await write(envelope.encode_frame(FrameType.END, end.model_dump_json().encode()))
         await out.write_eof()
         return out
 
@@ -294,7 +298,10 @@ class FakeClient:
         body = {
             "voucher": base64.b64encode(voucher.to_boc()).decode(),
             "signature": signature.hex(),
-            "spend_public": self.spend_key.public_key().public_bytes_raw().hex(),
+            "spend_public": (kwargs.get("key") or self.spend_key)
+            .public_key()
+            .public_bytes_raw()
+            .hex(),
             "job_ids": job_ids,
         }
         async with self.session.post(f"{self.url}/v1/vouchers", json=body) as resp:

@@ -1,0 +1,281 @@
+"""Relay and metering against fake nodes, on SQLite and (marked ``postgres``) PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from sqlalchemy import select
+
+from contracts.protocol import envelope
+from contracts.protocol.api import RelayRequest
+from contracts.protocol.envelope import FrameDecoder, FrameType
+from contracts.protocol.signed import Receipt
+from marketplace.db import JobRecord, SpendVoucherRecord
+from tests.marketplace.conftest import admit
+from tests.marketplace.fakes import ESCROW, MARKER, MODEL
+
+JOBS = JobRecord.__table__
+VOUCHERS = SpendVoucherRecord.__table__
+
+
+async def jobs(matcher) -> dict[str, dict]:
+    rows = await matcher.ledger.call(lambda c: c.execute(select(JOBS)).mappings().all())
+    return {row["job_id"]: dict(row) for row in rows}
+
+
+async def setup(start_matcher, start_node, session, database_url, *modes, price=100, **config):
+    matcher = await start_matcher(database_url=database_url, **config)
+    nodes = []
+    for i, mode in enumerate(modes):
+        # Ascending prices: the matcher prefers the nodes in the order given.
+        node = await start_node(mode=mode, models={MODEL: (price + i, 2 * price + i)})
+        assert await admit(session, matcher.url, node) == 200
+        nodes.append(node)
+    return matcher, nodes
+
+
+async def test_relay_passes_frames_byte_for_byte_and_meters(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    result = await client.relay([node])
+    assert result.status == 200
+    assert result.raw == bytes(node.sent[result.job_id])  # verbatim, END included
+    assert [t for t, _ in result.frames] == [FrameType.DATA] * 3 + [FrameType.END]
+    assert all(MARKER in text for text in result.texts)  # the client can open it all
+    receipt = Receipt.from_boc(base64.b64decode(result.end.receipt))
+    job = (await jobs(matcher))[result.job_id]
+    assert job["status"] == "completed"
+    assert job["node_id"] == node.node_id and job["escrow"] == ESCROW.to_str(False)
+    assert job["model"] == MODEL
+    assert (job["prompt_tokens"], job["completion_tokens"]) == (
+        receipt.prompt_tokens,
+        receipt.completion_tokens,
+    )
+    assert job["amount"] == receipt.amount > 0
+    assert job["receipt_boc"] == result.end.receipt
+    assert job["response_bytes"] == len(result.raw) and job["request_bytes"] > 0
+    assert job["ttft_ms"] > 0 and job["duration_ms"] >= job["ttft_ms"]
+    assert matcher.ledger.counts["completed"] == 1 and matcher.ledger.counts["in_flight"] == 0
+
+
+@pytest.mark.parametrize("failure", ["error500", "die", "slow"])
+async def test_failover_before_first_byte(
+    session, start_matcher, start_node, client_for, database_url, failure
+):
+    matcher, (bad, good) = await setup(
+        start_matcher, start_node, session, database_url, failure, "ok", first_byte_timeout_s=0.5
+    )
+    result = await client_for(matcher).relay([bad, good])
+    assert result.status == 200 and result.relay_error is None
+    assert result.raw == bytes(good.sent[result.job_id])
+    assert bad.jobs_seen == [result.job_id]
+    job = (await jobs(matcher))[result.job_id]
+    assert job["status"] == "completed"
+    assert job["node_id"] == good.node_id  # the failed node is charged nothing
+    assert job["failed_nodes"] == bad.node_id
+    receipt = Receipt.from_boc(base64.b64decode(result.end.receipt))
+    assert job["amount"] == receipt.amount and receipt.price_prompt == 101
+
+
+async def test_every_node_fails_before_first_byte(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, nodes = await setup(
+        start_matcher, start_node, session, database_url, "error500", "die"
+    )
+    result = await client_for(matcher).relay(nodes)
+    assert result.status == 200
+    assert [t for t, _ in result.frames] == [FrameType.RELAY_ERROR]
+    assert result.relay_error["code"] == "no_node_available"
+    job = (await jobs(matcher))[result.job_id]
+    assert job["status"] == "failed_before_first_byte" and job["amount"] == 0
+    assert job["node_id"] is None
+
+
+async def test_midstream_failure_appends_relay_error(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "midstream")
+    client = client_for(matcher)
+    result = await client.relay([node])
+    types = [t for t, _ in result.frames]
+    assert types == [FrameType.DATA, FrameType.RELAY_ERROR]
+    assert result.raw.startswith(bytes(node.sent[result.job_id]))
+    assert result.relay_error["status"] == 502
+    assert result.relay_error["code"] == "node_failed_midstream"
+    job = (await jobs(matcher))[result.job_id]
+    assert job["status"] == "failed_midstream" and job["node_id"] == node.node_id
+    # The client pays for what it received; the matcher learns the amount from the voucher.
+    resp = await client.post_voucher(7, [result.job_id])
+    assert resp.status == 200
+    job = (await jobs(matcher))[result.job_id]
+    assert job["amount"] == 7 and job["voucher_cumulative"] == 7
+
+
+async def test_forged_receipt_marks_job_errored(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (forger, liar) = await setup(
+        start_matcher, start_node, session, database_url, "forge", "bad_hash"
+    )
+    client = client_for(matcher)
+    for node in (forger, liar):
+        result = await client.relay([node])
+        types = [t for t, _ in result.frames]
+        assert types == [FrameType.DATA] * 3 + [FrameType.RELAY_ERROR]
+        assert result.end is None and result.relay_error["code"] == "invalid_receipt"
+        job = (await jobs(matcher))[result.job_id]
+        assert job["status"] == "errored" and job["receipt_boc"] is None
+        assert "receipt does not verify" in job["error"]
+
+
+async def test_duplicate_job_id_refused(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    job_id = envelope.new_job_id()
+    first = await client.relay([node], job_id=job_id)
+    assert first.status == 200
+    again = await client.relay([node], job_id=job_id)
+    assert again.status == 409
+    assert json.loads(again.raw)["error"]["code"] == "duplicate_job"
+    assert node.jobs_seen == [job_id.hex()]  # the node never saw the replay
+    # Concurrent duplicates: exactly one wins.
+    job_id = envelope.new_job_id()
+    results = await asyncio.gather(*(client.relay([node], job_id=job_id) for _ in range(4)))
+    assert sorted(r.status for r in results) == [200, 409, 409, 409]
+
+
+async def test_vouchers(session, start_matcher, start_node, client_for, database_url):
+    matcher, (node,) = await setup(
+        start_matcher, start_node, session, database_url, "ok", price=10**6
+    )
+    client = client_for(matcher)
+    a = await client.relay([node])
+    b = await client.relay([node])
+    amount_a = Receipt.from_boc(base64.b64decode(a.end.receipt)).amount
+    amount_b = Receipt.from_boc(base64.b64decode(b.end.receipt)).amount
+    assert (await client.post_voucher(amount_a, [a.job_id])).status == 200
+    stored_before = client.cumulative
+    # Replays and lower cumulatives are refused; so are bad signatures and other keys.
+    assert (await client.post_voucher(0, [b.job_id])).status == 409
+    assert (await client.post_voucher(0, [b.job_id], cumulative=stored_before - 1)).status == 409
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = Ed25519PrivateKey.generate()
+    resp = await client.post_voucher(amount_b, [b.job_id], key=other)
+    assert resp.status == 403  # signed by a key that is not this escrow's spend key
+    # A voucher that does not cover its receipts, a job of someone else, an unknown job.
+    assert (await client.post_voucher(amount_b - 1, [b.job_id])).status == 402
+    assert (await client.post_voucher(amount_b, ["00" * 32])).status == 404
+    assert (await client.post_voucher(amount_a, [a.job_id])).status == 409  # vouched
+    resp = await client.post_voucher(amount_b, [b.job_id])
+    assert resp.status == 200
+    rows = await matcher.ledger.call(lambda c: c.execute(select(VOUCHERS)).mappings().all())
+    assert len(rows) == 1 and rows[0]["cumulative"] == amount_a + amount_b
+    table = await jobs(matcher)
+    assert table[a.job_id]["voucher_cumulative"] == amount_a
+    assert table[b.job_id]["voucher_cumulative"] == amount_a + amount_b
+    async with session.post(
+        f"{matcher.url}/v1/vouchers",
+        json={"voucher": "AAAA", "signature": "00", "spend_public": "11", "job_ids": []},
+    ) as resp:
+        assert resp.status == 400 and "error" in await resp.json()
+
+
+async def test_bad_voucher_signature_refused(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    voucher, signature, _ = client.voucher(5)
+    body = {
+        "voucher": base64.b64encode(voucher.to_boc()).decode(),
+        "signature": (bytes([signature[0] ^ 1]) + signature[1:]).hex(),
+        "spend_public": client.spend_key.public_key().public_bytes_raw().hex(),
+        "job_ids": [],
+    }
+    async with session.post(f"{matcher.url}/v1/vouchers", json=body) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "bad_signature"
+
+
+async def test_client_disconnect_cancels_node_request(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "hang")
+    client = client_for(matcher)
+    job_id = envelope.new_job_id()
+    _, sealed = client.seal([node], "hello", job_id)
+    body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
+    resp = await session.post(f"{matcher.url}/v1/relay", data=body.model_dump_json())
+    frames = []
+    decoder = FrameDecoder()
+    while not frames:
+        frames += list(decoder.feed(await resp.content.readany()))
+    resp.close()  # the client goes away mid-stream
+    await asyncio.wait_for(node.cancelled.wait(), 5)
+    for _ in range(50):
+        job = (await jobs(matcher))[job_id.hex()]
+        if job["status"] != "in_flight":
+            break
+        await asyncio.sleep(0.05)
+    assert job["status"] == "failed_midstream" and "client disconnected" in job["error"]
+
+
+async def test_node_refusal_is_relayed_as_an_error(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "refuse")
+    result = await client_for(matcher).relay([node])
+    assert result.relay_error["status"] == 409
+    assert "already seen" in result.relay_error["message"]
+    assert (await jobs(matcher))[result.job_id]["status"] == "errored"
+
+
+async def test_relay_request_errors_record_nothing(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    unknown = await client.relay([node], model="unknown-model")
+    assert unknown.status == 404
+    body = {"job_id": "zz", "model": MODEL, "escrow": "x", "sealed": {}}
+    async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
+        assert resp.status == 400
+    body = {"job_id": "11" * 32, "model": MODEL, "escrow": "not-an-address", "sealed": {}}
+    async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
+        assert resp.status == 400
+    body = {"job_id": "11" * 32, "model": MODEL, "escrow": ESCROW.to_str(), "sealed": {}}
+    async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
+        assert resp.status == 503  # sealed for nobody the matcher admitted
+    assert await jobs(matcher) == {}
+
+
+async def test_privacy_no_plaintext_in_stream_or_database(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    results = [await client.relay([node]) for _ in range(3)]
+    marker = MARKER.encode()
+    for result in results:
+        assert any(MARKER in t for t in result.texts)  # the client sees it...
+        assert marker not in result.raw  # ...the relayed bytes never carry it
+        await client.post_voucher(
+            Receipt.from_boc(base64.b64decode(result.end.receipt)).amount, [result.job_id]
+        )
+    await matcher.ledger.call(lambda c: None)  # everything queued is committed
+    if database_url is None:
+        db = matcher.config.state_dir / "matcher.db"
+        blob = b"".join(p.read_bytes() for p in db.parent.glob("matcher.db*"))
+        assert len(blob) > 0 and marker not in blob
+    for table in (JOBS, VOUCHERS):
+        rows = await matcher.ledger.call(lambda c, t=table: c.execute(select(t)).all())
+        assert rows and MARKER not in repr(rows)
