@@ -916,7 +916,12 @@ def _result(status: int, text: str, url: str) -> Any:
 
 
 def _addr(address: Address | str) -> Address:
-    return address if isinstance(address, Address) else Address(address)
+    if isinstance(address, Address):
+        return address
+    try:
+        return Address(address)
+    except Exception as e:  # pytoniq_core raises several types
+        raise ToncenterError(416, f"Incorrect address: {address!r}") from e
 
 
 def _raw(addr: Address) -> str:

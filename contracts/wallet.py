@@ -346,6 +346,12 @@ class OutMessage:
         )
 
 
+def _valid_until(chain_now: int, ttl: int = 120) -> int:
+    """Expiry for a signed transfer: from wall time, or from chain time if that is ahead
+    (a devnet whose clock was moved forward)."""
+    return max(int(time.time()), chain_now) + ttl
+
+
 class Wallet:
     """A wallet v5r1 (subwallet 0) driven through the toncenter adapter."""
 
@@ -465,7 +471,9 @@ class Wallet:
         if info.state == "frozen":
             raise WalletError(f"wallet {self.friendly_address} is frozen")
         seqno = 0 if deploy else await self._read_seqno()
-        boc = self.build_external(msgs, seqno=seqno, deploy=deploy)
+        boc = self.build_external(
+            msgs, seqno=seqno, deploy=deploy, valid_until=_valid_until(info.sync_utime)
+        )
         try:
             sent = await self.client.send_boc_return_hash(boc)
         except ToncenterError as e:
@@ -506,7 +514,9 @@ class Wallet:
             return None
         if info.balance == 0:
             raise WalletError(f"wallet {self.friendly_address} has no balance to deploy with")
-        boc = self.build_external([], seqno=0, deploy=True)
+        boc = self.build_external(
+            [], seqno=0, deploy=True, valid_until=_valid_until(info.sync_utime)
+        )
         sent = await self.client.send_boc_return_hash(boc)
         root = await self.client.wait_for_message(
             sent, self.address, after_lt=info.last_transaction_lt, timeout=timeout, on_poll=on_poll

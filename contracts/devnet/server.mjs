@@ -49,18 +49,22 @@ class Devnet {
         this.history = new Map(); // raw address -> [{lt, hash, boc, tx?}] oldest first
         this.seqno = 1;
         this.pinnedNow = null;
+        this.highWater = 0; // chain time never goes backwards, pinned or not
         this.faucet = null;
         this.txCount = 0;
     }
 
+    /** Chain time: the pinned time or wall time, but never before an executed transaction. */
     now() {
-        return this.pinnedNow ?? Math.floor(Date.now() / 1000);
+        return Math.max(this.pinnedNow ?? Math.floor(Date.now() / 1000), this.highWater);
     }
 
     /** Execute a message and its whole chain; record every transaction. */
     async execute(message) {
-        this.bc.now = this.now();
+        const now = this.now();
+        this.bc.now = now;
         const result = await this.bc.sendMessage(message);
+        if (result.transactions.length > 0) this.highWater = Math.max(this.highWater, now);
         this.bc.transactions = []; // the sandbox keeps every tx forever; we keep our own bounded history
         this.record(result.transactions);
         return result.transactions;
@@ -474,7 +478,8 @@ const devApi = {
             }
             dn.store.schedule();
         }
-        return { now: dn.now(), pinned: dn.pinnedNow !== null };
+        // a pin before the last transaction's time is clamped: chain time is monotonic
+        return { now: dn.now(), pinned: dn.pinnedNow !== null, requested: dn.pinnedNow };
     },
 
     async flush(dn) {

@@ -56,6 +56,7 @@ export class StateStore {
             lt: dn.bc.lt.toString(),
             seqno: dn.seqno,
             pinned_now: dn.pinnedNow,
+            high_water: dn.highWater,
             tx_count: dn.txCount,
             accounts,
         });
@@ -106,6 +107,7 @@ export class StateStore {
         dn.bc.currentLt = BigInt(state.lt);
         dn.seqno = state.seqno;
         dn.pinnedNow = state.pinned_now ?? null;
+        dn.highWater = state.high_water ?? 0;
         dn.txCount = state.tx_count ?? 0;
         for (const [raw, rows] of Object.entries(state.history ?? {})) {
             dn.history.set(
