@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--vault", help="the operator's Vault address vouchers must name")
     serve.add_argument("--instance", help="this replica's name in the jobs table")
+    serve.add_argument(
+        "--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+        help="on SIGTERM, let relays finish this long, then abort them",
+    )  # fmt: skip
     serve.add_argument("--log-file", type=Path, help="log to this file instead of stderr")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
@@ -80,6 +84,7 @@ def serve_command(args: argparse.Namespace) -> int:
             port=args.port,
             access_log=None,
             handler_cancellation=True,
+            shutdown_timeout=args.shutdown_grace,
             print=lambda *_: print(f"matcher listening on http://{args.host}:{args.port}"),
         )
     except OSError as e:
