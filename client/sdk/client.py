@@ -248,6 +248,8 @@ class ImagoClient:
     # -- lifetime ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._ledger.is_open:  # restarted after close()
+            self._ledger = SpendLedger.open(self._ledger.path, self.escrow_str, self.vault_str)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
@@ -270,6 +272,7 @@ class ImagoClient:
                 await self._voucher_task
             self._voucher_task = None
         self._ledger.save()
+        self._ledger.close()
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -698,7 +701,7 @@ class ImagoClient:
         self._spend(amount, job.job_id.hex())
 
     def _spend(self, amount: int, job_id: str) -> None:
-        self._ledger.add(amount, job_id)  # durable before any voucher for it exists
+        self._ledger.add(amount, job_id)  # journaled now; snapshotted before any voucher
         self._wake_vouchers()
 
     def _wake_vouchers(self) -> None:
@@ -712,11 +715,12 @@ class ImagoClient:
             self._voucher_wakeup.clear()
             ledger = self._ledger
             while ledger.cumulative > ledger.posted or ledger.pending_jobs:
-                cumulative = ledger.cumulative
-                job_ids = list(ledger.pending_jobs)
+                snapshot = ledger.snapshot()
+                # durable (fsync) before any voucher for this cumulative exists
+                await asyncio.to_thread(ledger.save, snapshot)
+                cumulative, job_ids = snapshot["cumulative"], snapshot["pending_jobs"]
                 if await self._post_voucher(cumulative, job_ids):
                     ledger.acknowledge(cumulative, job_ids)
-                    ledger.save()
                     backoff = 0.1
                     self.last_voucher_error = None
                 else:

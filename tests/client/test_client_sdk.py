@@ -3,6 +3,7 @@ route caching and the cumulative spend ledger."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -27,7 +28,7 @@ from client.sdk import (
 )
 from contracts.protocol.api import AttestationDoc
 from contracts.protocol.attestation import AttestationPolicy
-from contracts.protocol.signed import cost_nanoton
+from contracts.protocol.signed import SpendVoucher, cost_nanoton
 from tests.client.client_fakes import FakeMatcher
 from tests.client.conftest import ESCROW, VAULT, make_client
 
@@ -260,15 +261,27 @@ async def test_vouchers_are_cumulative_across_restarts(fake_matcher, tmp_path: P
         await client.flush_vouchers()
         assert client.acknowledged_spend == 3 * FULL_COST
     assert matcher.latest[ESCROW] == 3 * FULL_COST
-    cumulatives = [json.loads(json.dumps(v.voucher)) for v in matcher.vouchers]
-    assert len(cumulatives) >= 3
+    cumulatives = [
+        SpendVoucher.from_boc(base64.b64decode(v.voucher)).cumulative for v in matcher.vouchers
+    ]
+    assert cumulatives == sorted(cumulatives) and cumulatives[-1] == 3 * FULL_COST
 
 
 async def test_ledger_refuses_another_escrow(tmp_path: Path) -> None:
-    SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT).add(5, "ab")
+    ledger = SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT)
+    ledger.add(5, "ab")
+    ledger.add(7, "cd")
+    ledger.close()  # a crash: the spends are only in the journal
     with pytest.raises(LedgerError):
         SpendLedger.open(tmp_path / "l.json", "0:" + "00" * 32, VAULT)
-    assert SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT).cumulative == 5
+    with open(tmp_path / "l.json.journal", "ab") as journal:
+        journal.write(b'{"s":3,"a":1')  # a torn last line
+    reopened = SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT)
+    assert (reopened.cumulative, reopened.pending_jobs, reopened.seq) == (12, ["ab", "cd"], 2)
+    assert (tmp_path / "l.json.journal").read_bytes() == b""  # compacted into the snapshot
+    reopened.add(1, "ef")
+    reopened.close()
+    assert SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT).cumulative == 13
 
 
 def test_keystore(tmp_path: Path) -> None:
