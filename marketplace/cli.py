@@ -26,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--devnet", action="store_true", help="accept dev attestations (devnet only)"
     )
     serve.add_argument(
-        "--allow-mr-td", nargs="+", default=[], metavar="HEX", help="allowed TDX mr_td values"
+        "--allow-mr-td",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="HEX",
+        help="allowed TDX mr_td values",
     )
     serve.add_argument(
         "--accept-tcb-status", nargs="+", default=["UpToDate"], metavar="STATUS",

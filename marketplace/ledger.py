@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -92,6 +93,8 @@ class Ledger:
         self._task: asyncio.Task | None = None
         self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
         self.commits = 0
+        self._sql_cache: dict[tuple, tuple[str, tuple | None]] = {}
+        self._raw = None  # the writer thread's DBAPI connection
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_raw)
         self._executor.shutdown(wait=True)
 
     def _recover(self) -> tuple[int, Counter[str]]:
@@ -194,69 +198,141 @@ class Ledger:
                 self._queue.task_done()
 
     def _apply(self, batch: list[_Op]) -> list[Any]:
+        """One group commit. Job and node rows go through a raw DBAPI connection with
+        statements compiled once (the hot path); vouchers and calls, rare, through
+        SQLAlchemy Core in a second transaction right after, in queue order."""
         results: list[Any] = [None] * len(batch)
-        with self.engine.begin() as conn:
-            opens = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "open"]
-            if opens:
-                self._apply_opens(conn, opens, results)
-            for i, op in enumerate(batch):
-                if op.kind == "open":
-                    continue
-                try:
-                    if op.kind == "close":
-                        self._apply_close(conn, op.payload)
-                    elif op.kind == "node":
-                        self._apply_node(conn, op.payload)
-                    elif op.kind == "voucher":
-                        results[i] = self._apply_voucher(conn, op.payload)
-                    elif op.kind == "call":
-                        with conn.begin_nested():
-                            results[i] = op.payload(conn)
-                except (VoucherRejected, LedgerError) as e:
-                    results[i] = e
-                except Exception as e:
-                    if op.kind in ("call", "voucher"):
+        fast = [(i, op) for i, op in enumerate(batch) if op.kind in ("open", "close", "node")]
+        slow = [(i, op) for i, op in enumerate(batch) if op.kind in ("voucher", "call")]
+        if fast:
+            self._apply_fast(fast, results)
+        if slow:
+            with self.engine.begin() as conn:
+                for i, op in slow:
+                    try:
+                        if op.kind == "voucher":
+                            results[i] = self._apply_voucher(conn, op.payload)
+                        else:
+                            with conn.begin_nested():
+                                results[i] = op.payload(conn)
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
                         results[i] = e
-                    else:
-                        raise
         return results
 
-    def _apply_opens(self, conn: Connection, opens: list[tuple[int, dict]], results) -> None:
-        seen: set[str] = set()
-        rows = []
-        for i, row in opens:
-            if row["job_id"] in seen:
-                results[i] = DuplicateJob(row["job_id"])
+    # --- the hot path: raw DBAPI, compiled statements ----------------------------------
+
+    def _sql(self, key: tuple, build: Callable[[], Any]) -> tuple[str, tuple | None]:
+        cached = self._sql_cache.get(key)
+        if cached is None:
+            compiled = build().compile(dialect=self.engine.dialect)
+            order = tuple(compiled.positiontup) if compiled.positional else None
+            cached = self._sql_cache[key] = (compiled.string, order)
+        return cached
+
+    @staticmethod
+    def _with_defaults(table, row: dict) -> dict:
+        """Column defaults for what ``row`` leaves out (SQLAlchemy would add them)."""
+        out = dict(row)
+        for column in table.columns:
+            if column.name not in out and column.default is not None and column.default.is_scalar:
+                out[column.name] = column.default.arg
+        return out
+
+    @staticmethod
+    def _bind(order: tuple | None, params: dict) -> Any:
+        clean = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in params.items()}
+        return [clean[k] for k in order] if order is not None else clean
+
+    def _raw_connection(self):
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+        return self._raw
+
+    def _close_raw(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.invalidate() if hasattr(self._raw, "invalidate") else None
+            with contextlib.suppress(Exception):
+                self._raw.close()
+            self._raw = None
+
+    def _apply_fast(self, ops: list[tuple[int, _Op]], results: list[Any]) -> None:
+        raw = self._raw_connection()
+        sqlite_db = self.engine.dialect.name == "sqlite"
+        try:
+            cur = raw.cursor()
+            if sqlite_db:
+                cur.execute("BEGIN IMMEDIATE")
+            seen: set[str] = set()
+            for i, op in ops:
+                if op.kind == "open":
+                    job_id = op.payload["job_id"]
+                    if job_id in seen or not self._insert_job(cur, op.payload):
+                        results[i] = DuplicateJob(job_id)
+                    seen.add(job_id)
+                elif op.kind == "close":
+                    self._update_job(cur, op.payload)
+                else:
+                    self._upsert_node(cur, op.payload)
+            if sqlite_db:
+                cur.execute("COMMIT")
             else:
-                seen.add(row["job_id"])
-                rows.append(row)
-        stmt = (
-            self._insert(JOBS)
-            .on_conflict_do_nothing(index_elements=["job_id"])
-            .returning(JOBS.c.job_id)
-        )
-        inserted = set(conn.execute(stmt, rows).scalars().all()) if rows else set()
-        for i, row in opens:
-            if results[i] is None and row["job_id"] not in inserted:
-                results[i] = DuplicateJob(row["job_id"])
+                raw.commit()
+            cur.close()
+        except Exception:
+            with contextlib.suppress(Exception):
+                if sqlite_db:
+                    raw.cursor().execute("ROLLBACK")
+                else:
+                    raw.rollback()
+            self._close_raw()
+            raise
 
-    def _apply_close(self, conn: Connection, fields: dict) -> None:
-        values = {k: bindparam(k) for k in fields if k != "job_id"}
-        stmt = (
-            update(JOBS)
-            .where(JOBS.c.job_id == bindparam("b_job_id"), JOBS.c.status == JobStatus.IN_FLIGHT)
-            .values(values)
+    def _insert_job(self, cur, row: dict) -> bool:
+        row = self._with_defaults(JOBS, row)
+        cols = tuple(sorted(row))
+        sql, order = self._sql(
+            ("open", cols),
+            lambda: (
+                self._insert(JOBS)
+                .values({c: bindparam(c) for c in cols})
+                .on_conflict_do_nothing(index_elements=["job_id"])
+                .returning(JOBS.c.job_id)
+            ),
         )
-        params = {k: v for k, v in fields.items() if k != "job_id"}
-        conn.execute(stmt, {**params, "b_job_id": fields["job_id"]})
+        cur.execute(sql, self._bind(order, row))
+        return cur.fetchone() is not None
 
-    def _apply_node(self, conn: Connection, fields: dict) -> None:
-        stmt = self._insert(NODES).values(fields)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["node_id"],
-            set_={k: stmt.excluded[k] for k in fields if k != "node_id"},
+    def _update_job(self, cur, fields: dict) -> None:
+        cols = tuple(sorted(k for k in fields if k != "job_id"))
+        sql, order = self._sql(
+            ("close", cols),
+            lambda: (
+                update(JOBS)
+                .where(JOBS.c.job_id == bindparam("b_job_id"), JOBS.c.status == bindparam("b_from"))
+                .values({c: bindparam(c) for c in cols})
+            ),
         )
-        conn.execute(stmt)
+        params = {k: fields[k] for k in cols}
+        params.update(b_job_id=fields["job_id"], b_from=JobStatus.IN_FLIGHT.value)
+        cur.execute(sql, self._bind(order, params))
+
+    def _upsert_node(self, cur, fields: dict) -> None:
+        given = tuple(sorted(fields))
+        fields = self._with_defaults(NODES, fields)
+        cols = tuple(sorted(fields))
+
+        def build():
+            stmt = self._insert(NODES).values({c: bindparam(c) for c in cols})
+            return stmt.on_conflict_do_update(
+                index_elements=["node_id"],
+                set_={c: stmt.excluded[c] for c in given if c != "node_id"},
+            )
+
+        sql, order = self._sql(("node", given, cols), build)
+        cur.execute(sql, self._bind(order, fields))
+
+    # --- vouchers ----------------------------------------------------------------------
 
     def _apply_voucher(self, conn: Connection, v: VoucherUpdate) -> dict:
         try:
