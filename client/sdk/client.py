@@ -201,6 +201,8 @@ class ImagoClient:
     ``state_path``: the local spend ledger (cumulative spend, survives restarts).
     ``session``: an aiohttp session to share; one is made (and closed) otherwise.
     ``fanout``: how many top candidates get a sealed copy (the matcher fails over).
+    ``voucher_interval``: at most one voucher post per interval (seconds); the jobs in
+    between share one cumulative voucher, so the matcher is not hit twice per request.
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class ImagoClient:
         session: aiohttp.ClientSession | None = None,
         fanout: int = 2,
         read_timeout: float = 300.0,
+        voucher_interval: float = 0.05,
     ) -> None:
         if policy.allow_dev and not devnet:
             raise ValueError("dev attestations are accepted only in devnet mode")
@@ -237,6 +240,7 @@ class ImagoClient:
         self._session = session
         self._own_session = session is None
         self._read_timeout = read_timeout
+        self.voucher_interval = voucher_interval
         self._routes: dict[tuple[str, int, int], _Cached] = {}
         self._attested: dict[tuple[str, str, str], _Cached] = {}
         self._voucher_wakeup = asyncio.Event()
@@ -244,6 +248,7 @@ class ImagoClient:
         self._voucher_idle = asyncio.Event()
         self._voucher_idle.set()
         self.last_voucher_error: str | None = None
+        self._flushing = False
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -302,6 +307,13 @@ class ImagoClient:
 
     async def flush_vouchers(self, timeout: float = 5.0) -> None:
         """Wait until the matcher holds a voucher for the whole cumulative spend."""
+        self._flushing = True
+        try:
+            await self._flush(timeout)
+        finally:
+            self._flushing = False
+
+    async def _flush(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
             while self._ledger.cumulative > self._ledger.posted or self._ledger.pending_jobs:
                 self._voucher_idle.clear()
@@ -723,6 +735,8 @@ class ImagoClient:
                     ledger.acknowledge(cumulative, job_ids)
                     backoff = 0.1
                     self.last_voucher_error = None
+                    if self.voucher_interval > 0 and not self._flushing:
+                        await asyncio.sleep(self.voucher_interval)  # let spends coalesce
                 else:
                     self._voucher_idle.set()
                     await asyncio.sleep(backoff)
