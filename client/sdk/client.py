@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pytoniq_core import Address
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from pytoniq_core import Address, Cell
 
 from client.sdk.errors import (
     AttestationRejected,
@@ -690,10 +694,17 @@ class ImagoClient:
         try:
             boc = base64.b64decode(end.receipt or "", validate=True)
             signature = bytes.fromhex(end.signature or "")
-            receipt = Receipt.from_boc(boc)
+            cell = Cell.one_from_boc(boc)
+            receipt = Receipt.from_cell(cell)
         except (ValueError, SignedObjectError) as e:
             raise ReceiptRejected(f"malformed receipt: {e}") from e
-        problems = _receipt_problems(receipt, signature, end, job, node, self.escrow, model, caps)
+        except Exception as e:  # pytoniq raises bare errors on a malformed BOC
+            raise ReceiptRejected(f"malformed receipt BOC: {e}") from e
+        # the signature covers the hash of the cell as received (what a contract checks),
+        # whose fields are exactly those parsed (from_cell refuses trailing data)
+        problems = _receipt_problems(
+            receipt, cell.hash, signature, end, job, node, self.escrow, model, caps
+        )
         if problems:
             log.warning("job %s: receipt rejected: %s", job.job_id.hex(), "; ".join(problems))
             raise ReceiptRejected("receipt rejected: " + "; ".join(problems))
@@ -850,8 +861,19 @@ def _synthesize_usage_chunk(last: dict[str, Any] | None) -> dict[str, Any]:
     return chunk
 
 
+def _signature_valid(signature: bytes, message: bytes, public_key: bytes) -> bool:
+    if len(signature) != 64 or len(public_key) != 32:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
 def _receipt_problems(
     receipt: Receipt,
+    cell_hash: bytes,
     signature: bytes,
     end: EndFrame,
     job: _JobState,
@@ -861,7 +883,7 @@ def _receipt_problems(
     caps: PriceCaps,
 ) -> list[str]:
     problems: list[str] = []
-    if not receipt.verify(signature, node.ed25519_public):
+    if not _signature_valid(signature, cell_hash, node.ed25519_public):
         problems.append(f"signature is not by the attested key of node {node.node_id[:16]}")
     if receipt.job_id != int.from_bytes(job.job_id, "big"):
         problems.append("job id is not this job's")

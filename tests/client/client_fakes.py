@@ -247,7 +247,10 @@ class FakeNode:
         signature = receipt.sign(signer)
         if fault == "forge_signature":
             signature = bytes([signature[0] ^ 1]) + signature[1:]
-        return _end(receipt.to_boc(), signature, prompt_tokens, completion_tokens)
+        boc = receipt.to_boc()
+        if fault == "garbage_receipt":
+            boc = boc[:-7]
+        return _end(boc, signature, prompt_tokens, completion_tokens)
 
 
 def _end(boc: bytes | None, signature: bytes | None, prompt: int, completion: int) -> bytes:

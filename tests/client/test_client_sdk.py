@@ -69,6 +69,7 @@ async def test_complete_returns_verified_receipt(imago: ImagoClient, fake_matche
         ("wrong_response_hash", "response_hash"),
         ("truncate", "response_hash"),
         ("price_above_offer", "prices differ from the node's offer"),
+        ("garbage_receipt", "malformed receipt"),
     ],
 )
 @pytest.mark.parametrize("streaming", [False, True])
