@@ -94,6 +94,15 @@ GAS_CONSTANTS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+class _BenchWallet(Wallet):
+    """Transfers valid for a day: the bench moves the devnet clock ahead of wall time."""
+
+    def build_external(self, messages, *, seqno, deploy=False, valid_until=None):  # type: ignore[override]
+        return super().build_external(
+            messages, seqno=seqno, deploy=deploy, valid_until=int(time.time()) + 86400
+        )
+
+
 class _Key:
     def __init__(self) -> None:
         self.private = Ed25519PrivateKey.generate()
@@ -132,11 +141,11 @@ class _Recorder:
 async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     """Run every operation once on ``chain`` and return the bench JSON object."""
     rec = _Recorder()
-    start = int(time.time())
-    await chain.set_clock(start)
+    # chain time is monotonic: start from the later of wall time and chain time
+    start = await chain.set_clock(max(int(time.time()), (await chain.clock())[0]))
 
     async def wallet() -> Wallet:
-        w = Wallet(chain, WalletKeys.generate(mnemonic=False))
+        w = _BenchWallet(chain, WalletKeys.generate(mnemonic=False))
         await chain.faucet(w.address, 1000 * TON)
         await w.deploy()
         return w

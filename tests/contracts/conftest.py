@@ -19,11 +19,12 @@ from contracts.wallet import Wallet, WalletKeys
 
 TON = 1_000_000_000
 
-# Short delays so that tests can move the clock past them.
+# Short delays so that tests can move the clock past them (wallets sign messages valid for
+# 120 s of wall time, so the devnet clock may run at most that far ahead).
 TEST_PARAMS = RegistryParams(
     min_provider_stake=2 * TON,
-    unbonding_delay=3600,
-    escrow_close_delay=600,
+    unbonding_delay=40,
+    escrow_close_delay=20,
     protocol_fee_bps=200,
     slash_bounty_bps=1000,
     min_vault_stake=2 * TON,
@@ -60,10 +61,22 @@ async def chain(devnet: DevnetProcess) -> AsyncIterator[DevnetClient]:
 WalletFactory = Callable[..., Awaitable[Wallet]]
 
 
+class TestWallet(Wallet):
+    """Signs transfers valid for a day: the tests move the devnet clock ahead of wall time
+    (chain time is monotonic), and a 120 s validity would expire."""
+
+    def build_external(self, messages, *, seqno, deploy=False, valid_until=None):
+        import time
+
+        return super().build_external(
+            messages, seqno=seqno, deploy=deploy, valid_until=int(time.time()) + 86400
+        )
+
+
 @pytest.fixture(scope="session")
 def make_wallet(chain: DevnetClient) -> WalletFactory:
     async def make(amount: int = 100 * TON) -> Wallet:
-        w = Wallet(chain, WalletKeys.generate(mnemonic=False))
+        w = TestWallet(chain, WalletKeys.generate(mnemonic=False))
         await chain.faucet(w.address, amount)
         await w.deploy()
         return w
@@ -91,6 +104,25 @@ async def contracts_set(chain: DevnetClient, make_wallet: WalletFactory) -> Cont
     )
     vault = Address(next(iter(dep.vaults.values())))
     return ContractSet(gov, operator, key, Address(dep.registry), vault, TEST_PARAMS)
+
+
+@pytest.fixture
+async def clock(chain: DevnetClient):
+    """Pin the devnet clock to wall time; ``await clock.advance(s)`` moves it forward."""
+    import time
+
+    class Clock:
+        now = 0
+
+        async def advance(self, seconds: int) -> int:
+            self.now = await chain.set_clock(self.now + seconds)
+            return self.now
+
+    c = Clock()
+    # chain time never goes back: start from the later of wall time and chain time
+    c.now = await chain.set_clock(max(int(time.time()), (await chain.clock())[0]))
+    yield c
+    await chain.set_clock(None)
 
 
 __all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "roles"]
