@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from contracts.protocol.api import (
@@ -97,6 +98,7 @@ class NodeState:
 
     def __post_init__(self) -> None:
         self.set_status(self.status)
+        self.verify_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.node_id))
 
     def set_status(self, status: NodeStatus) -> None:
         self.status = status

@@ -27,8 +27,9 @@ import time
 
 import aiohttp
 from aiohttp import web
+from cryptography.exceptions import InvalidSignature
 from pydantic import ValidationError
-from pytoniq_core import Address
+from pytoniq_core import Address, Cell
 
 from contracts.protocol.api import EndFrame, RelayRequest
 from contracts.protocol.envelope import EnvelopeError, FrameDecoder, FrameType, encode_frame
@@ -246,6 +247,7 @@ class Relay:
         decoder = FrameDecoder()
         transcript = hashlib.sha256()
         end_payload: bytes | None = None
+        tail = bytearray()  # frames that arrived with END
         sent = 0
         common = {"node_id": node.node_id, "failed_nodes": ",".join(failed), "ttft_ms": ttft_ms}
 
@@ -283,7 +285,9 @@ class Relay:
                         pending += frame
                 except EnvelopeError as e:
                     broken = f"node sent a malformed stream: {e}"
-                if pending:
+                if end_payload is not None and not broken:
+                    tail += pending  # goes out with END in one write, after the check
+                elif pending:
                     await out.write(pending)
                     sent += len(pending)
                 if broken:
@@ -311,7 +315,10 @@ class Relay:
                 else "node closed the stream inside a frame"
             )
             node.stats.record_failure()
-            await self._write_last(out, relay_error_frame(502, reason, "node_failed_midstream"))
+            await self._write_last(
+                out, tail + relay_error_frame(502, reason, "node_failed_midstream")
+            )
+            sent += len(tail)
             finish(JobStatus.FAILED_MIDSTREAM, reason)
             return out
 
@@ -324,13 +331,14 @@ class Relay:
             node.stats.record_failure()
             message = f"the node's receipt does not verify: {e}"
             log.warning("job %s: %s", job_id[:12], message)
-            await self._write_last(out, relay_error_frame(502, message, "invalid_receipt"))
+            await self._write_last(out, tail + relay_error_frame(502, message, "invalid_receipt"))
+            sent += len(tail)
             finish(JobStatus.ERRORED, message)
             return out
 
         end_frame = encode_frame(FrameType.END, end_payload)
-        await self._write_last(out, end_frame)
-        sent += len(end_frame)
+        sent += len(tail) + len(end_frame)
+        # Queue the record before the client can see END (and send its voucher).
         if end.receipt is None:
             finish(JobStatus.ERRORED, "the node served nothing (error before any token)")
         else:
@@ -338,14 +346,13 @@ class Relay:
                 ttft_ms, (time.perf_counter() - started) * 1000, end.completion_tokens
             )
             finish(JobStatus.COMPLETED, **fields)
+        await self._write_last(out, tail + end_frame)
         return out
 
     async def _write_last(self, out: web.StreamResponse, frame: bytes) -> None:
-        try:
-            await out.write(frame)
-            await out.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            pass  # the client left; the job's record does not depend on it
+        # If the client left, the job's record does not depend on it.
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await out.write_eof(bytes(frame))
 
     def _check_receipt(
         self,
@@ -365,9 +372,16 @@ class Relay:
             raise ValueError("the receipt is not signed")
         boc = base64.b64decode(end.receipt, validate=True)
         signature = bytes.fromhex(end.signature)
-        receipt = Receipt.from_boc(boc)
-        if not receipt.verify(signature, bytes.fromhex(node.node_id)):
-            raise ValueError("bad signature by the node key")
+        try:
+            cell = Cell.one_from_boc(boc)
+        except Exception as e:  # pytoniq raises bare errors
+            raise ValueError(f"the receipt is not a BOC: {e}") from e
+        receipt = Receipt.from_cell(cell)
+        # The signature is over the cell's hash: that of the parsed cell, not rebuilt.
+        try:
+            node.verify_key.verify(signature, cell.hash)
+        except InvalidSignature as e:
+            raise ValueError("bad signature by the node key") from e
         checks = (
             (receipt.job_id == job_int, "job id"),
             (receipt.escrow.to_str(is_user_friendly=False) == escrow, "escrow"),
