@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from nacl.signing import SigningKey
 from pytoniq.contract.contract import Contract
 from pytoniq.contract.wallets.wallet_v5 import WALLET_V5_R1_CODE, WalletV5R1, WalletV5WalletID
 from pytoniq.liteclient.client import RunGetMethodError
@@ -179,8 +179,7 @@ class WalletKeys:
             seed = seed[:32]
         if len(seed) != 32:
             raise WalletError("a private key is 32 bytes (seed) or 64 bytes (NaCl secret key)")
-        sk = SigningKey(seed)
-        public = bytes(sk.verify_key)
+        public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
         return cls(private_key=seed + public, public_key=public)
 
     def secret_payload(self) -> dict[str, Any]:
