@@ -61,7 +61,7 @@ async def chain(devnet: DevnetProcess) -> AsyncIterator[DevnetClient]:
 WalletFactory = Callable[..., Awaitable[Wallet]]
 
 
-class TestWallet(Wallet):
+class LongValidityWallet(Wallet):
     """Signs transfers valid for a day: the tests move the devnet clock ahead of wall time
     (chain time is monotonic), and a 120 s validity would expire."""
 
@@ -76,7 +76,7 @@ class TestWallet(Wallet):
 @pytest.fixture(scope="session")
 def make_wallet(chain: DevnetClient) -> WalletFactory:
     async def make(amount: int = 100 * TON) -> Wallet:
-        w = TestWallet(chain, WalletKeys.generate(mnemonic=False))
+        w = LongValidityWallet(chain, WalletKeys.generate(mnemonic=False))
         await chain.faucet(w.address, amount)
         await w.deploy()
         return w

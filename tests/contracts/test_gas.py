@@ -27,5 +27,18 @@ async def test_gas_constants_match_measurement(chain):
     for op, target in bench.TARGETS.items():
         assert result["operations"][op]["gas"] <= target, (op, result["operations"][op])
     # every operation of the issue is measured
-    for op in ["registry_deploy", "provider_register", "provider_unstake", "provider_withdraw", "provider_slash", "vault_deploy", "escrow_open", "escrow_deposit", "escrow_charge", "escrow_close", "provider_claim", "vault_epoch_commit"]:
+    for op in [
+        "registry_deploy",
+        "provider_register",
+        "provider_unstake",
+        "provider_withdraw",
+        "provider_slash",
+        "vault_deploy",
+        "escrow_open",
+        "escrow_deposit",
+        "escrow_charge",
+        "escrow_close",
+        "provider_claim",
+        "vault_epoch_commit",
+    ]:
         assert result["operations"][op]["transactions"] >= 1

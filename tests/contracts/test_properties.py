@@ -1,0 +1,187 @@
+"""Property tests: random operation sequences against the real contracts on the devnet.
+
+After every step: no escrow pays more than was deposited; counters never fall; the vault
+pays out at most what it was charged minus fees plus its stake; TON is conserved (the
+balances of every account involved plus the fees of every transaction stay constant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pytoniq_core import Address
+
+from contracts import deploy, getters, roles
+from contracts.devnet import DevnetClient
+from contracts.messages import Capabilities, RegistryParams
+from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
+from contracts.toncenter import Trace
+from contracts.wallet import WalletKeys
+
+from .conftest import TON, Key, LongValidityWallet
+
+CENT = TON // 100
+PARAMS = RegistryParams(2 * TON, 40, 20, 300, 1000, 2 * TON)
+
+amounts = st.integers(min_value=1, max_value=150).map(lambda c: c * CENT)
+operations = st.one_of(
+    st.tuples(st.just("deposit"), amounts),
+    st.tuples(st.just("charge"), st.sampled_from(["ok", "ok", "replay", "wrong_key"]), amounts),
+    st.tuples(st.just("close")),
+    st.tuples(st.just("withdraw"), st.booleans()),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("claim"), amounts),
+    st.tuples(st.just("withdraw_fees"), st.integers(min_value=1, max_value=100)),
+)
+
+
+def trace_cost(trace: Trace) -> int:
+    """What a trace took out of the accounts: fees of every transaction plus the forward
+    fees still carried by the messages they sent."""
+    return sum(t.fee for t in trace.transactions) + sum(
+        m.fwd_fee for t in trace.transactions for m in t.out_msgs if m.destination
+    )
+
+
+class World:
+    """One Registry, Vault and Provider shared by every example; one fresh escrow each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, chain: DevnetClient):
+        self.loop, self.chain = loop, chain
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    async def setup(self) -> None:
+        c = self.chain
+
+        async def wallet() -> LongValidityWallet:
+            w = LongValidityWallet(c, WalletKeys.generate(mnemonic=False))
+            await c.faucet(w.address, 10_000 * TON)
+            await w.deploy()
+            return w
+
+        self.gov, self.operator, self.node, self.client = [await wallet() for _ in range(4)]
+        self.operator_key, self.node_key = Key(), Key()
+        self.registry, _ = await deploy.deploy_registry(self.gov, PARAMS)
+        self.vault = await roles.deploy_vault(
+            self.operator, self.registry, self.operator_key.int, 3 * TON, client=c
+        )
+        self.provider, _ = await roles.register_provider(
+            self.node, c, self.registry, self.node_key.public, 2 * TON, Capabilities("a", 1, 1, "b")
+        )
+        self.claimed = 0
+        self.last_vault = await getters.get_vault_data(c, self.vault)
+
+    async def new_escrow(self) -> None:
+        self.spend = Key()
+        self.escrow, tr = await roles.escrow_open(
+            self.client, self.vault, self.spend.public, TON, PARAMS.escrow_close_delay
+        )
+        self.charged = 0
+        self.paid_to_vault = 0
+        self.last_escrow = await getters.get_escrow_data(self.chain, self.escrow)
+        self.total = await self.balances()
+
+    @property
+    def accounts(self) -> list[Address]:
+        return [
+            self.operator.address,
+            self.node.address,
+            self.client.address,
+            self.escrow,
+            self.vault,
+            self.provider,
+        ]
+
+    async def balances(self) -> int:
+        return sum([await self.chain.get_balance(a) for a in self.accounts])
+
+    async def step(self, op: tuple) -> None:
+        c = self.chain
+        kind = op[0]
+        if kind == "deposit":
+            trace = await roles.escrow_deposit(self.client, self.escrow, op[1], check=False)
+        elif kind == "charge":
+            _, how, delta = op
+            cumulative = self.charged if how == "replay" else self.charged + delta
+            v = SpendVoucher(self.escrow, self.vault, cumulative)
+            key = Key() if how == "wrong_key" else self.spend
+            trace = await roles.escrow_charge(
+                self.operator, self.escrow, v, key.sign(v), check=False
+            )
+        elif kind == "close":
+            trace = await roles.escrow_close(self.client, self.escrow, check=False)
+        elif kind == "withdraw":
+            if op[1]:
+                now = (await c.clock())[0]
+                await c.set_clock(now + PARAMS.escrow_close_delay + 1)
+            trace = await roles.escrow_withdraw(self.client, self.escrow, check=False)
+            await c.set_clock(None)
+        elif kind == "commit":
+            v = await getters.get_vault_data(c, self.vault)
+            commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
+            trace = await roles.vault_commit_epoch(
+                self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
+            )
+        elif kind == "claim":
+            v = await getters.get_vault_data(c, self.vault)
+            pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, self.claimed + op[1])
+            trace = await roles.provider_claim(
+                self.node, self.provider, pv, self.operator_key.sign(pv), check=False
+            )
+            self.claimed = await getters.get_provider_claimed(c, self.provider, self.vault)
+        else:  # withdraw_fees
+            v = await getters.get_vault_data(c, self.vault)
+            amount = (v.fees_accrued - v.fees_withdrawn) * op[1] // 100
+            trace = await roles.vault_withdraw_fees(self.operator, self.vault, amount, check=False)
+        await self.check(trace)
+
+    async def check(self, trace: Trace) -> None:
+        c = self.chain
+        e = await getters.get_escrow_data(c, self.escrow)
+        v = await getters.get_vault_data(c, self.vault)
+        # invariant 1: an escrow never pays more than deposited; its charge only rises
+        assert e.charged <= e.deposited
+        assert e.charged >= self.last_escrow.charged and e.deposited >= self.last_escrow.deposited
+        self.paid_to_vault += e.charged - self.last_escrow.charged
+        assert self.paid_to_vault == e.charged
+        # counters never fall
+        for f in ("charged_in", "paid_out", "fees_accrued", "fees_withdrawn", "last_epoch"):
+            assert getattr(v, f) >= getattr(self.last_vault, f), f
+        # invariant 3: paid out <= charged - fees + stake; fee withdrawals within the fees
+        assert v.paid_out <= v.charged_in - v.fees_accrued + v.stake
+        assert v.fees_withdrawn <= v.fees_accrued
+        assert v.balance >= v.charged_in - v.paid_out - v.fees_withdrawn + v.stake - TON // 10
+        # TON conservation over the accounts involved
+        total = await self.balances()
+        assert total + trace_cost(trace) == self.total, (total, trace_cost(trace), self.total)
+        self.total = total
+        self.last_escrow, self.last_vault = e, v
+
+
+@settings(
+    max_examples=int(os.environ.get("IMAGO_PROP_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(operations, min_size=1, max_size=5))
+def test_random_operation_sequences(world, ops):
+    world.run(world.new_escrow())
+    for op in ops:
+        world.run(world.step(op))
+
+
+@pytest.fixture(scope="module")
+def world(devnet):
+    loop = asyncio.new_event_loop()
+    chain = DevnetClient(devnet.url)
+    w = World(loop, chain)
+    w.run(w.setup())
+    yield w
+    w.run(chain.close())
+    loop.close()
