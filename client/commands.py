@@ -58,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--state-dir", type=Path, help="default $IMAGO_HOME/client")
     serve.add_argument("--api-key", help="require this bearer key from local apps")
+    serve.add_argument(
+        "--tdx-measurement",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="an allowed TDX mr_td (repeatable; default from stack.json)",
+    )
     serve.add_argument("--max-price-prompt", type=int, help="nanoTON per million tokens")
     serve.add_argument("--max-price-completion", type=int, help="nanoTON per million tokens")
     serve.set_defaults(func=cmd_serve)
@@ -123,7 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.max_price_completion, config.get("max_price_completion"), DEFAULT_CAP
         ),
     )
-    measurements = frozenset(bytes.fromhex(m) for m in config.get("tdx_measurements", []))
+    try:
+        measurements = frozenset(
+            bytes.fromhex(m) for m in (args.tdx_measurement or config.get("tdx_measurements", []))
+        )
+    except ValueError as e:
+        return _fail(f"a TDX measurement is hex: {e}")
     policy = AttestationPolicy(allow_dev=devnet, allowed_measurements=measurements)
     ledger = state_dir / f"spend-{hashlib.sha256(escrow_raw.encode()).hexdigest()[:16]}.json"
     matcher = args.matcher or config.get("matcher_url") or DEFAULT_MATCHER
