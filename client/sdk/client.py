@@ -246,6 +246,7 @@ class ImagoClient:
         self._read_timeout = read_timeout
         self.voucher_interval = voucher_interval
         self._routes: dict[tuple[str, int, int], _Cached] = {}
+        self._route_fetches: dict[tuple[str, int, int], asyncio.Future[RouteResponse]] = {}
         self._attested: dict[tuple[str, str, str], _Cached] = {}
         self._voucher_wakeup = asyncio.Event()
         self._voucher_task: asyncio.Task[None] | None = None
@@ -394,6 +395,21 @@ class ImagoClient:
         cached = self._routes.get(key)
         if cached is not None and cached.expires > now:
             return cached.value, True
+        inflight = self._route_fetches.get(key)
+        if inflight is None:  # one fetch per key, however many requests wait for it
+            inflight = asyncio.ensure_future(self._fetch_route(key, model, caps))
+            self._route_fetches[key] = inflight
+            inflight.add_done_callback(lambda done: self._route_fetched(key, done))
+        return await asyncio.shield(inflight), False
+
+    def _route_fetched(self, key: tuple[str, int, int], done: asyncio.Future[Any]) -> None:
+        self._route_fetches.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: the waiters may all have gone
+
+    async def _fetch_route(
+        self, key: tuple[str, int, int], model: str, caps: PriceCaps
+    ) -> RouteResponse:
         payload = {
             "model": model,
             "max_price_prompt": caps.prompt,
@@ -409,8 +425,8 @@ class ImagoClient:
         except ValueError as e:
             raise MatcherError(f"matcher sent a malformed route: {e}", status=502) from e
         if route.ttl_seconds > 0:
-            self._routes[key] = _Cached(route, now + route.ttl_seconds)
-        return route, False
+            self._routes[key] = _Cached(route, time.monotonic() + route.ttl_seconds)
+        return route
 
     def _forget_route(self, model: str, caps: PriceCaps) -> None:
         self._routes.pop((model, caps.prompt, caps.completion), None)

@@ -3,6 +3,7 @@ route caching and the cumulative spend ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -182,6 +183,17 @@ async def test_route_is_cached_and_refetched_on_failure(imago: ImagoClient, fake
     # the cached route failed before the first byte: re-routed once, then gave up
     assert matcher.route_calls == 2 and matcher.relay_calls == 4
     assert imago.cumulative_spend == 2 * FULL_COST
+
+
+async def test_concurrent_requests_share_one_route_fetch(imago: ImagoClient, fake_matcher) -> None:
+    matcher, _ = fake_matcher
+    results = await asyncio.gather(*(imago.complete("chat/completions", CHAT) for _ in range(16)))
+    assert matcher.route_calls == 1
+    assert len({r.job_id for r in results}) == 16
+    assert imago.cumulative_spend == 16 * FULL_COST
+    await imago.flush_vouchers()
+    assert matcher.latest[ESCROW] == 16 * FULL_COST
+    assert len(matcher.vouchers) < 16  # spends coalesce into fewer vouchers
 
 
 async def test_failover_to_second_candidate(imago: ImagoClient, fake_matcher) -> None:
