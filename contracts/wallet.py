@@ -43,9 +43,9 @@ from pytoniq_core.tlb.account import (
     StorageUsed,
 )
 from pytoniq_core.tlb.block import CurrencyCollection
-from pytoniq_core.tlb.custom.wallet import WalletMessage
+from pytoniq_core.tlb.custom.wallet import WalletMessage, WalletV5R1Data
 
-from .toncenter import SentMessage, ToncenterClient, ToncenterError, Trace
+from .toncenter import AddressInfo, SentMessage, ToncenterClient, ToncenterError, Trace
 
 __all__ = [
     "MAINNET_GLOBAL_ID",
@@ -469,7 +469,7 @@ class Wallet:
         deploy = info.state != "active"
         if info.state == "frozen":
             raise WalletError(f"wallet {self.friendly_address} is frozen")
-        seqno = 0 if deploy else await self._read_seqno()
+        seqno = 0 if deploy else await self._seqno_of(info)
         boc = self.build_external(
             msgs, seqno=seqno, deploy=deploy, valid_until=_valid_until(info.sync_utime)
         )
@@ -522,7 +522,13 @@ class Wallet:
         )
         return await self.client.wait_for_trace(root, timeout=timeout, on_poll=on_poll)
 
-    async def _read_seqno(self) -> int:
+    async def _seqno_of(self, info: AddressInfo) -> int:
+        """Seqno from the account data we already have (a get-method call as fallback)."""
+        if info.data is not None:
+            try:
+                return WalletV5R1Data.deserialize(info.data.begin_parse()).seqno
+            except Exception:  # not v5r1 data: ask the contract
+                pass
         res = await self.client.run_get_method(self.address, "seqno")
         if not res.ok:
             raise WalletError(f"seqno get-method failed with exit code {res.exit_code}")
