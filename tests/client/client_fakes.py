@@ -284,6 +284,8 @@ class FakeMatcher:
     tamper_frame: int | None = None  # index of a frame whose ciphertext is flipped
     dead_nodes: set[str] = field(default_factory=set)  # fail before their first byte
     reject_vouchers: bool = False
+    replay_receipts: bool = False  # answer with the END frame of the previous job
+    last_end: bytes | None = None
     route_calls: int = 0
     relay_calls: int = 0
     vouchers: list[VoucherSubmission] = field(default_factory=list)
@@ -349,6 +351,10 @@ class FakeMatcher:
                         return response
                     if self.tamper_frame == relayed:
                         payload = bytes([payload[0] ^ 0x01]) + payload[1:]
+                    if frame_type is FrameType.END:
+                        previous, self.last_end = self.last_end, payload
+                        if self.replay_receipts and previous is not None:
+                            payload = previous
                     frame = encode_frame(frame_type, payload)
                     self.relayed += frame
                     await response.write(frame)

@@ -94,6 +94,17 @@ async def test_bad_receipts_are_rejected_and_unpaid(
     assert matcher.vouchers == []
 
 
+async def test_replayed_receipt_is_rejected(imago: ImagoClient, fake_matcher) -> None:
+    matcher, _ = fake_matcher
+    await imago.complete("chat/completions", CHAT)
+    paid = imago.cumulative_spend
+    matcher.replay_receipts = True  # the previous job's valid, node-signed receipt again
+    with pytest.raises(ReceiptRejected) as info:
+        await imago.complete("chat/completions", CHAT)
+    assert "job id is not this job's" in info.value.message
+    assert imago.cumulative_spend == paid
+
+
 async def test_receipt_above_cap_is_rejected(fake_matcher, tmp_path: Path) -> None:
     matcher, url = fake_matcher
     for node in matcher.nodes:
