@@ -18,6 +18,7 @@ from .toncenter import Trace
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "PRODUCTION_PARAMS",
     "ChildCodes",
     "Deployment",
     "DeployError",
@@ -40,14 +41,25 @@ __all__ = [
 
 TON = 1_000_000_000
 
-# Defaults for a devnet; governance changes them with UpdateParams.
+# Defaults for the devnet (short delays, so that a new user sees the whole cycle);
+# governance changes them with UpdateParams.
 DEFAULT_PARAMS = RegistryParams(
     min_provider_stake=10 * TON,
+    unbonding_delay=300,
+    escrow_close_delay=30,
+    protocol_fee_bps=200,
+    slash_bounty_bps=1000,
+    min_vault_stake=10 * TON,
+)
+
+# Defaults for testnet and mainnet.
+PRODUCTION_PARAMS = RegistryParams(
+    min_provider_stake=100 * TON,
     unbonding_delay=7 * 24 * 3600,
     escrow_close_delay=24 * 3600,
     protocol_fee_bps=200,
     slash_bounty_bps=1000,
-    min_vault_stake=10 * TON,
+    min_vault_stake=1000 * TON,
 )
 
 
