@@ -186,7 +186,7 @@ def _params_given(args: argparse.Namespace) -> bool:
 
 
 async def _registry_deploy(args: argparse.Namespace) -> int:
-    base = DEFAULT_PARAMS if args.chain == "devnet" else PRODUCTION_PARAMS
+    base = PRODUCTION_PARAMS if args.chain in ("testnet", "mainnet") else DEFAULT_PARAMS
     params = _params_from_args(args, base)
     async with open_chain(args) as client:
         gov = open_wallet(args, client)

@@ -1,0 +1,70 @@
+"""The README flow through the `imago` CLI, on a devnet of its own."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from client.cli import main
+from contracts.devnet import DevnetProcess
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory, monkeypatch_module):
+    home = tmp_path_factory.mktemp("imago-home")
+    monkeypatch_module.setenv("IMAGO_HOME", str(home))
+    with DevnetProcess(tmp_path_factory.mktemp("cli-devnet"), port=0) as dn:
+        yield dn.url
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def imago(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    code = main([*argv])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def test_readme_flow(cli_env, capsys):
+    chain = ["--chain", cli_env, "--json"]
+    imago(capsys, "wallet", "new", *chain)
+    imago(capsys, "wallet", "faucet", "300", *chain)
+    dep = imago(
+        capsys, "registry", "deploy", "--all", "--escrow-close-delay", "3", "--vault-stake", "20",
+        *chain,
+    )  # fmt: skip
+    assert dep["vault"] and dep["registry"]
+    status = imago(capsys, "registry", "status", *chain)
+    assert all(status["code_matches_build"].values())
+    imago(capsys, "registry", "allow-model", "smollm2", *chain)
+
+    p = imago(capsys, "provider", "register", "--stake", "12", "--model", "smollm2:100:200", *chain)
+    assert p["state"] == "active" and p["stake"] == "12"
+    p = imago(capsys, "provider", "status", *chain)
+    assert p["capabilities"]["models"][0]["price_prompt"] == 100
+
+    e = imago(capsys, "escrow", "open", "--amount", "5", *chain)
+    assert e["state"] == "open" and float(e["deposited"]) > 4.99
+    e = imago(capsys, "escrow", "deposit", "1", *chain)
+    assert float(e["available"]) > 5.98
+    e = imago(capsys, "escrow", "close", *chain)
+    assert e["state"] == "closing"
+    time.sleep(4)
+    e = imago(capsys, "escrow", "withdraw", *chain)
+    assert e["state"] == "closed" and float(e["returned"]) > 5.9
+
+    v = imago(capsys, "vault", "status", *chain)
+    assert float(v["stake"]) > 19.9
+    imago(capsys, "provider", "unstake", *chain)
+    assert main(["provider", "withdraw", *chain]) == 1  # still unbonding
