@@ -559,7 +559,8 @@ class ImagoClient:
                     continue
                 raise error
             retry = False
-            frames = self._frames(resp, job, body, caps, result, include_usage)
+            usage_mode = ("include" if include_usage else "strip") if streaming else "keep"
+            frames = self._frames(resp, job, body, caps, result, usage_mode)
             try:
                 async for item in frames:
                     if item is None:  # failed before any byte: a fresh route may help
@@ -586,10 +587,10 @@ class ImagoClient:
         body: dict[str, Any],
         caps: PriceCaps,
         result: CompletionStream,
-        include_usage: bool,
+        usage_mode: str,
     ) -> AsyncIterator[dict[str, Any] | None]:
         try:
-            async for item in self._frames_checked(resp, job, body, caps, result, include_usage):
+            async for item in self._frames_checked(resp, job, body, caps, result, usage_mode):
                 yield item
         except (ResponseTampered, ReceiptRejected):
             job.paid = True  # an integrity failure: nothing is owed for this transcript
@@ -602,8 +603,10 @@ class ImagoClient:
         body: dict[str, Any],
         caps: PriceCaps,
         result: CompletionStream,
-        include_usage: bool,
+        usage_mode: str,
     ) -> AsyncIterator[dict[str, Any] | None]:
+        """``usage_mode``: "keep" (a non-streaming response), "include" (a stream that
+        asked for usage: null on content chunks, a final usage chunk) or "strip"."""
         decoder = FrameDecoder()
         end: EndFrame | None = None
         upstream_error: ImagoError | None = None
@@ -633,8 +636,13 @@ class ImagoClient:
                     if _is_usage_only(chunk):
                         usage_chunk = chunk  # re-sent at the end with the receipt
                         continue
-                    if not include_usage and streaming_usage_present(chunk):
-                        chunk.pop("usage", None)
+                    if usage_mode != "keep" and "usage" in chunk:
+                        # engines with continuous usage put it on every chunk; OpenAI
+                        # has null there (include_usage) or no field at all
+                        if usage_mode == "include":
+                            chunk["usage"] = None
+                        else:
+                            del chunk["usage"]
                     last_chunk = chunk
                     delivered = True
                     yield chunk
@@ -682,7 +690,7 @@ class ImagoClient:
         result.cost_nanoton = r.amount
         if upstream_error is not None:
             raise upstream_error
-        if include_usage:
+        if usage_mode == "include":
             final = usage_chunk or _synthesize_usage_chunk(last_chunk)
             final["choices"] = []
             final["usage"] = {**(final.get("usage") or {}), **usage}
@@ -856,12 +864,6 @@ def _data_chunk(plaintext: bytes, job: _JobState) -> dict[str, Any]:
 
 def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return chunk.get("choices") == [] and chunk.get("usage") is not None
-
-
-def streaming_usage_present(chunk: dict[str, Any]) -> bool:
-    return chunk.get("object") in ("chat.completion.chunk", "text_completion") and (
-        "usage" in chunk
-    )
 
 
 def _synthesize_usage_chunk(last: dict[str, Any] | None) -> dict[str, Any]:

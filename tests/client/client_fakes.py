@@ -140,6 +140,12 @@ class FakeNode:
                     "model": self.offer.id,
                     "choices": [choice],
                 }
+                if self.fault == "continuous_usage":  # as vLLM's continuous_usage_stats
+                    chunk["usage"] = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": i + 1,
+                        "total_tokens": prompt_tokens + i + 1,
+                    }
                 frame = sealer.seal(
                     FrameType.DATA,
                     json.dumps(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import aiohttp
 import openai
@@ -69,6 +70,35 @@ async def test_chat_streaming_without_usage(stack: Stack) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ANSWER
     await stack.client.flush_vouchers()
     assert stack.matcher.latest[ESCROW] == expected_cost(stack, 6, 7)
+
+
+async def test_continuous_engine_usage_is_normalized(stack: Stack) -> None:
+    for node in stack.nodes:
+        node.fault = "continuous_usage"
+    for include in (False, True):
+        raw = []
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{stack.gateway_url}/v1/chat/completions",
+                json={
+                    "model": "fake-model",
+                    "messages": QUESTION,
+                    "stream": True,
+                    "stream_options": {"include_usage": include},
+                },
+            ) as resp,
+        ):
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    raw.append(json.loads(line[6:]))
+        content = [c for c in raw if c["choices"]]
+        assert len(content) == 7
+        if include:
+            assert all(c["usage"] is None for c in content)
+            assert raw[-1]["choices"] == [] and raw[-1]["usage"]["cost_nanoton"] > 0
+        else:
+            assert all("usage" not in c for c in raw)
 
 
 async def test_completions_both_modes(stack: Stack) -> None:
