@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from client.sdk import (
     CompletionStream,
@@ -57,7 +57,7 @@ class _Open(BaseModel):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class ChatMessage(_Open):
@@ -67,7 +67,7 @@ class ChatMessage(_Open):
 
 class _CommonRequest(_Open):
     model: str = Field(min_length=1)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1)

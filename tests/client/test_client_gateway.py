@@ -140,7 +140,14 @@ async def test_malformed_requests_are_400(stack: Stack) -> None:
             model="fake-model", messages=QUESTION, max_tokens=0
         )
     async with aiohttp.ClientSession() as session:
-        for data in (b"{not json", b"[1, 2]", b'{"messages": []}'):
+        for data in (
+            b"{not json",
+            b"[1, 2]",
+            b'{"messages": []}',
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+            b' "stream": "yes"}',
+            b'{"model": "fake-model", "messages": [{"content": "x"}]}',
+        ):
             async with session.post(
                 f"{stack.gateway_url}/v1/chat/completions",
                 data=data,
