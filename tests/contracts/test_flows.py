@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from contracts import getters, roles
 from contracts.messages import Capabilities, ModelPrice
@@ -71,3 +72,54 @@ async def test_full_flow(chain, contracts_set, make_wallet):
     assert await reporter.balance() - rb > 3 * TON // 10 - TON // 20
     p = await getters.get_provider_data(chain, provider)
     assert p.state_name == "slashed"
+
+
+async def test_registry_admin_happy_paths(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    await roles.allow_image(cs.gov, cs.registry, 0xABC)
+    assert await getters.is_image_allowed(chain, cs.registry, 0xABC)
+    await roles.allow_image(cs.gov, cs.registry, 0xABC, allowed=False)
+    assert not await getters.is_image_allowed(chain, cs.registry, 0xABC)
+    await roles.allow_model(cs.gov, cs.registry, "llama")
+    assert await getters.is_model_allowed(chain, cs.registry, model_hash("llama"))
+    await roles.allow_model(cs.gov, cs.registry, "llama", allowed=False)
+    assert not await getters.is_model_allowed(chain, cs.registry, model_hash("llama"))
+    await roles.update_params(cs.gov, cs.registry, replace(cs.params, protocol_fee_bps=250))
+    assert (await getters.get_registry_data(chain, cs.registry)).protocol_fee_bps == 250
+    await roles.update_params(cs.gov, cs.registry, cs.params)
+    other = await make_wallet()
+    await roles.change_owner(cs.gov, cs.registry, other.address)
+    assert (await getters.get_registry_data(chain, cs.registry)).owner == other.address
+    await roles.change_owner(other, cs.registry, cs.gov.address)
+    assert (await getters.get_registry_data(chain, cs.registry)).owner == cs.gov.address
+
+
+async def test_provider_and_vault_maintenance(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    owner, key = await make_wallet(), Key()
+    provider, _ = await roles.register_provider(
+        owner, chain, cs.registry, key.public, 2 * TON, CAPS
+    )
+    await roles.provider_top_up(owner, provider, TON)
+    p = await getters.get_provider_data(chain, provider)
+    assert 2 * TON + TON - TON // 100 < p.stake < 3 * TON
+    caps = Capabilities("A100", 40, 2, "us", ())
+    await roles.provider_update_capabilities(owner, provider, caps)
+    p = await getters.get_provider_data(chain, provider)
+    assert Capabilities.from_cell(p.capabilities) == caps
+    new_key = Key()
+    await roles.provider_rotate_key(owner, provider, new_key.public)
+    p = await getters.get_provider_data(chain, provider)
+    assert p.node_key == new_key.int and p.prev_key == key.int and p.prev_key_until > 0
+
+    v0 = await getters.get_vault_data(chain, cs.vault)
+    await roles.vault_top_up_stake(cs.operator, cs.vault, TON)
+    v1 = await getters.get_vault_data(chain, cs.vault)
+    assert TON - TON // 100 < v1.stake - v0.stake < TON
+    if v1.fees_accrued > v1.fees_withdrawn:
+        amount = v1.fees_accrued - v1.fees_withdrawn
+        before = await cs.operator.balance()
+        await roles.vault_withdraw_fees(cs.operator, cs.vault, amount)
+        v2 = await getters.get_vault_data(chain, cs.vault)
+        assert v2.fees_withdrawn == v1.fees_accrued
+        assert await cs.operator.balance() - before > amount - TON // 50

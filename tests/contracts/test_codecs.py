@@ -1,0 +1,107 @@
+"""Python codecs: message round trips, and child addresses computed in Python equal the
+ones the contracts compute."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pytoniq_core import Address, begin_cell
+
+from contracts import deploy, getters, messages
+from contracts.messages import Capabilities, MessageError, ModelPrice, RegistryParams
+from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
+
+from .conftest import Key
+
+A = Address("0:" + "ab" * 32)
+B = Address("0:" + "cd" * 32)
+SIG = bytes(range(64))
+R = Receipt(A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
+
+SAMPLES = [
+    messages.ReturnExcess(1),
+    messages.UpdateParams(2, RegistryParams(1, 2, 3, 4, 5, 6)),
+    messages.SetImage(3, 2**255, True),
+    messages.SetModel(4, 7, False),
+    messages.ChangeOwner(5, A),
+    messages.RegisterProvider(6, 1, 2**256 - 1, Capabilities("H100", 80, 8, "eu").to_cell()),
+    messages.DeployVault(7, 42),
+    messages.SlashedStake(8, A, 3),
+    messages.ForwardedFunds(9),
+    messages.ProviderInit(10, 10**9, 5, 60, 1000, begin_cell().end_cell()),
+    messages.ProviderTopUp(11),
+    messages.RotateKey(12, 99),
+    messages.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),
+    messages.Unstake(14),
+    messages.WithdrawStake(15),
+    messages.Claim(16, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 10))),
+    messages.Slash(17, messages.SignedReceipt(SIG, R), messages.SignedReceipt(SIG, R)),
+    messages.ProviderPayout(18, 5),
+    messages.StakeReturned(19, 6),
+    messages.SlashBounty(20, 7),
+    messages.PayoutRequest(21, 1, 2, A, 3, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 2))),
+    messages.PayoutPaid(22, 1, 2),
+    messages.CommitEpoch(23, SIG, EpochCommit(A, 1, b"\3" * 32, 1, 2, 3, 4)),
+    messages.WithdrawFees(24, 5),
+    messages.TopUpStake(25),
+    messages.FeesPaid(26, 1),
+    messages.Deposit(27),
+    messages.Charge(28, SIG, SpendVoucher(A, B, 5)),
+    messages.Close(29),
+    messages.EscrowWithdraw(30),
+    messages.EscrowCharged(31, 5, A, 7, B),
+    messages.EscrowRefund(32, 8),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    cell = msg.to_cell()
+    assert type(msg).from_cell(cell) == msg
+    assert messages.parse_body(cell) == msg
+
+
+def test_every_message_is_sampled_and_opcodes_unique():
+    assert {type(m) for m in SAMPLES} == set(messages.MESSAGES.values())
+    assert len(messages.MESSAGES) == len(SAMPLES)
+
+
+def test_malformed_cells_are_rejected():
+    with pytest.raises(MessageError):
+        messages.Charge.from_cell(messages.Deposit(1).to_cell())
+    with pytest.raises(MessageError):
+        messages.Deposit.from_cell(begin_cell().store_uint(messages.OP_DEPOSIT, 32).end_cell())
+    with pytest.raises(MessageError):
+        messages.parse_body(begin_cell().store_uint(0xDEAD, 32).end_cell())
+    assert messages.parse_body(begin_cell().end_cell()) is None
+
+
+def test_capabilities_round_trip():
+    c = Capabilities("RTX 4090", 24, 2, "eu-west", (ModelPrice(1, 2, 3), ModelPrice(4, 5, 6)))
+    assert Capabilities.from_cell(c.to_cell()) == c
+    with pytest.raises(MessageError):
+        Capabilities("x" * 200, 1, 1, "r").to_cell()
+
+
+async def test_python_addresses_equal_contract_addresses(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    owner = await make_wallet()
+    for seq in (0, 1, 2**32 - 1):
+        on_chain = await getters.get_registry_provider_address(
+            chain, cs.registry, owner.address, seq
+        )
+        assert on_chain == deploy.provider_address(cs.registry, owner.address, seq)
+        via_vault = await getters.get_vault_provider_address(chain, cs.vault, owner.address, seq)
+        assert via_vault == on_chain
+    k = Key().int
+    on_chain = await getters.get_registry_vault_address(chain, cs.registry, owner.address, k)
+    assert on_chain == deploy.vault_address(cs.registry, owner.address, k, cs.params)
+    assert cs.vault == deploy.vault_address(
+        cs.registry, cs.operator.address, cs.operator_key.int, cs.params
+    )
+    spend = int.from_bytes(os.urandom(32), "big")
+    on_chain = await getters.get_vault_escrow_address(chain, cs.vault, owner.address, spend)
+    assert on_chain == deploy.escrow_address(
+        cs.vault, owner.address, spend, cs.params.escrow_close_delay
+    )
