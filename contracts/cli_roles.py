@@ -369,7 +369,8 @@ async def _registry_status(args: argparse.Namespace) -> int:
             )
             for n, ok in data["code_matches_build"].items():
                 lines.append(
-                    f"{n} code {data['code_hashes'][n][:16]}… {'matches' if ok else 'DIFFERS from'} build"
+                    f"{n} code {data['code_hashes'][n][:16]}… "
+                    + ("matches the build" if ok else "DIFFERS from the build")
                 )
         for op, v in data.get("vaults", {}).items():
             lines.append(f"vault {v} (operator {op})")
@@ -392,7 +393,8 @@ def _capabilities(args: argparse.Namespace) -> Capabilities:
             )
         except ValueError:
             raise CliError(
-                f"--model {spec!r}: expected NAME:PROMPT_PRICE:COMPLETION_PRICE (nanoTON per million tokens)"
+                f"--model {spec!r}: expected NAME:PROMPT_PRICE:COMPLETION_PRICE "
+                "(nanoTON per million tokens)"
             ) from None
     return Capabilities(args.gpu_model, args.gpu_memory, args.gpu_count, args.region, tuple(models))
 
@@ -654,7 +656,8 @@ async def _escrow_status(args: argparse.Namespace) -> int:
         info = await client.get_address_information(escrow)
         if info.state != "active":
             raise CliError(
-                f"escrow {_friendly(args, escrow)} is not deployed ({info.state}); open it with `imago escrow open`"
+                f"escrow {_friendly(args, escrow)} is not deployed ({info.state}); "
+                "open it with `imago escrow open`"
             )
         e = await getters.get_escrow_data(client, escrow)
     data = {"escrow": _friendly(args, escrow), **_escrow_json(e)}

@@ -355,7 +355,8 @@ class RotateKey(_Body):
 
 @dataclass(frozen=True, slots=True)
 class UpdateCapabilities(_Body):
-    """update_capabilities#50520012 query_id:uint64 capabilities:^Capabilities = UpdateCapabilities;"""
+    """update_capabilities#50520012 query_id:uint64 capabilities:^Capabilities
+    = UpdateCapabilities;"""
 
     OP: ClassVar[int] = OP_UPDATE_CAPABILITIES
     query_id: int = _f(U64)

@@ -13,7 +13,7 @@ payouts) but not the initiating wallet's own transaction, as tolk-bench counts i
 jetton transfer from a treasury.
 
     python scripts/bench_gas.py                          # print the JSON
-    python scripts/bench_gas.py --update-snapshot "desc" # also append to contracts/gas-snapshot.json
+    python scripts/bench_gas.py --update-snapshot "desc" # and append to contracts/gas-snapshot.json
 """
 
 from __future__ import annotations
