@@ -9,6 +9,7 @@ defaults to ``~/.imago``) when it exists: ``matcher_url``, ``gateway_url``, ``es
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import logging
@@ -166,6 +167,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    try:  # optional: a faster event loop when installed
+        import uvloop  # type: ignore[import-not-found]
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     web.run_app(
         create_app(client, api_key=api_key),
         sock=sock,
