@@ -185,6 +185,9 @@ class NodeRegistry:
             except (ValidationError, ValueError) as e:
                 raise AdmissionError(f"the node answered malformed JSON: {e}", "bad_node") from e
             node = NodeState(node_id, url, identity, doc, verified, status)
+            previous = self.nodes.get(node_id)
+            if previous is not None:  # a re-registration keeps what was measured
+                node.stats = previous.stats
             self.nodes[node_id] = node
             self._save(node, "admitted", admitted=True)
             log.info("admitted node %s at %s (%s)", node_id[:16], url, doc.kind)

@@ -61,6 +61,13 @@ def relay_error_frame(status: int, message: str, code: str, type: str = "relay_e
     return encode_frame(FrameType.RELAY_ERROR, payload.encode())
 
 
+class _FrameStream(web.StreamResponse):
+    """Headers leave with the first frames (one send, not two): aiohttp's
+    ``web.Response`` does the same."""
+
+    _send_headers_immediately = False
+
+
 class _NodeFailed(Exception):
     """The node failed before its first byte: try the next one."""
 
@@ -243,7 +250,7 @@ class Relay:
         ttft_ms = (time.perf_counter() - started) * 1000
         self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
         self.metrics.bytes_relayed["request"] += len(data)
-        out = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
+        out = _FrameStream(headers={"Content-Type": FRAMES_CONTENT_TYPE})
         decoder = FrameDecoder()
         transcript = hashlib.sha256()
         end_payload: bytes | None = None
