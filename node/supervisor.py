@@ -24,6 +24,7 @@ import aiohttp
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "ENGINE_VENV_NAME",
     "EngineLaunch",
     "Supervisor",
     "default_engine_home",
