@@ -8,6 +8,7 @@ import base64
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -40,69 +41,123 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeLink:
+    """A TCP relay between the matcher and a node that a test can cut, as if the node
+    machine died (a fake, named as one)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 @dataclass
 class RealStack:
     client: ImagoClient
     openai: openai.AsyncOpenAI
     node_id: str
+    link: FakeLink
+    servers: list[TestServer]
+
+    async def close(self) -> None:
+        await self.openai.close()
+        await self.link.close()
+        for server in reversed(self.servers):
+            await server.close()
+
+
+async def start_real_stack(tmp: Path, options: FixtureOptions) -> RealStack:
+    servers: list[TestServer] = []
+    upstream = TestServer(create_fixture_upstream(options))
+    await upstream.start_server()
+    servers.append(upstream)
+    matcher = TestServer(
+        create_matcher(MatcherConfig(state_dir=tmp / "matcher", devnet=True, vault=VAULT))
+    )
+    await matcher.start_server()
+    servers.append(matcher)
+    matcher_url = str(matcher.make_url("")).rstrip("/")
+    node_port = free_port()
+    link = FakeLink(node_port)
+    await link.start()
+    node_app = create_node(
+        NodeConfig(
+            state_dir=tmp / "node",
+            devnet=True,
+            upstream=str(upstream.make_url("")).rstrip("/"),
+            matcher=matcher_url,
+            public_url=f"http://127.0.0.1:{link.port}",  # the matcher reaches it via the link
+            price_prompt=PRICES[0],
+            price_completion=PRICES[1],
+        )
+    )
+    node = TestServer(node_app, port=node_port)
+    await node.start_server()
+    servers.append(node)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            async with session.get(f"{matcher_url}/health") as resp:
+                if (await resp.json())["nodes"] >= 1:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the node never registered with the matcher")
+        async with session.get(f"http://127.0.0.1:{node_port}/v1/identity") as resp:
+            node_id = (await resp.json())["ed25519_public"]
+    client = make_client(
+        matcher_url,
+        tmp / "spend.json",
+        Ed25519PrivateKey.generate(),
+        caps=PriceCaps(prompt=100_000_000, completion=100_000_000),
+    )
+    gateway = TestServer(create_gateway(client), handler_cancellation=True)
+    await gateway.start_server()
+    servers.append(gateway)
+    oa = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key="unused", max_retries=0)
+    return RealStack(client=client, openai=oa, node_id=node_id, link=link, servers=servers)
 
 
 @pytest.fixture(scope="module")
 async def real_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RealStack]:
-    tmp = tmp_path_factory.mktemp("integration")
-    servers: list[TestServer] = []
-    try:
-        upstream = TestServer(create_fixture_upstream(FixtureOptions()))
-        await upstream.start_server()
-        servers.append(upstream)
-        matcher = TestServer(
-            create_matcher(MatcherConfig(state_dir=tmp / "matcher", devnet=True, vault=VAULT))
-        )
-        await matcher.start_server()
-        servers.append(matcher)
-        matcher_url = str(matcher.make_url("")).rstrip("/")
-        node_port = free_port()
-        node_app = create_node(
-            NodeConfig(
-                state_dir=tmp / "node",
-                devnet=True,
-                upstream=str(upstream.make_url("")).rstrip("/"),
-                matcher=matcher_url,
-                public_url=f"http://127.0.0.1:{node_port}",
-                price_prompt=PRICES[0],
-                price_completion=PRICES[1],
-            )
-        )
-        node = TestServer(node_app, port=node_port)
-        await node.start_server()
-        servers.append(node)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                async with session.get(f"{matcher_url}/health") as resp:
-                    if (await resp.json())["nodes"] >= 1:
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the node never registered with the matcher")
-            async with session.get(f"http://127.0.0.1:{node_port}/v1/identity") as resp:
-                node_id = (await resp.json())["ed25519_public"]
-        client = make_client(
-            matcher_url,
-            tmp / "spend.json",
-            Ed25519PrivateKey.generate(),
-            caps=PriceCaps(prompt=100_000_000, completion=100_000_000),
-        )
-        gateway = TestServer(create_gateway(client), handler_cancellation=True)
-        await gateway.start_server()
-        servers.append(gateway)
-        oa = openai.AsyncOpenAI(
-            base_url=str(gateway.make_url("/v1")), api_key="unused", max_retries=0
-        )
-        yield RealStack(client=client, openai=oa, node_id=node_id)
-        await oa.close()
-    finally:
-        for server in reversed(servers):
-            await server.close()
+    stack = await start_real_stack(tmp_path_factory.mktemp("integration"), FixtureOptions())
+    yield stack
+    await stack.close()
 
 
 async def test_real_path_non_streaming(real_stack: RealStack) -> None:
@@ -163,3 +218,27 @@ async def test_real_path_errors(real_stack: RealStack) -> None:
             model="fixture-model", messages=QUESTION, max_tokens=100_000
         )
     assert real_stack.client.cumulative_spend == before
+
+
+async def test_node_dies_mid_stream(tmp_path: Path) -> None:
+    """The client sees the chunks that arrived, then an error, and pays only for them."""
+    stack = await start_real_stack(tmp_path, FixtureOptions(chunk_delay=0.1))
+    try:
+        stream = await stack.openai.chat.completions.create(
+            model="fixture-model", messages=QUESTION, stream=True
+        )
+        received = ""
+        with pytest.raises(openai.APIError):
+            async for chunk in stream:
+                received += chunk.choices[0].delta.content or ""
+                if len(received.split()) == 2:
+                    stack.link.cut()  # the node machine "dies" after two words
+        assert received.split() == ANSWER.split()[:2]
+        paid = stack.client.cumulative_spend
+        full = cost_nanoton(chat_prompt_tokens(QUESTION), len(ANSWER.split()), *PRICES)
+        assert 0 < paid < full
+        assert paid == cost_nanoton(chat_prompt_tokens(QUESTION), 2, *PRICES)
+        await stack.client.flush_vouchers()  # the matcher takes the partial voucher
+        assert stack.client.acknowledged_spend == paid
+    finally:
+        await stack.close()
