@@ -234,6 +234,20 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response(await request.app[CLIENT].models(), dumps=_DUMPS)
 
 
+async def model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model"]
+    for entry in (await request.app[CLIENT].models()).get("data", []):
+        if entry.get("id") == model_id:
+            return web.json_response(entry, dumps=_DUMPS)
+    raise ImagoError(
+        f"The model `{model_id}` does not exist.",
+        status=404,
+        error_type="not_found_error",
+        code="model_not_found",
+        param="model",
+    )
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -257,5 +271,6 @@ def create_app(client: ImagoClient, *, api_key: str | None = None) -> web.Applic
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/health", health)
     return app

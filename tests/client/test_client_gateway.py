@@ -130,6 +130,9 @@ async def test_models_from_matcher(stack: Stack) -> None:
     models = await stack.openai.models.list()
     assert [m.id for m in models.data] == ["fake-model"]
     assert (models.data[0].model_extra or {})["imago_nodes"] == 2
+    assert (await stack.openai.models.retrieve("fake-model")).id == "fake-model"
+    with pytest.raises(openai.NotFoundError):
+        await stack.openai.models.retrieve("no-such-model")
 
 
 async def test_malformed_requests_are_400(stack: Stack) -> None:
