@@ -33,6 +33,7 @@ class MatcherConfig:
     instance: str = field(default_factory=lambda: f"matcher@{socket.gethostname()}")
     vault: str | None = None  # the operator's Vault address; vouchers must name it
     sqlite_synchronous: str = "NORMAL"  # FULL: a commit also survives a power cut
+    attestation_now: int | None = None  # pin the attestation clock (tests only)
     # node admission and monitoring
     reattest_interval_s: float = 600.0
     status_interval_s: float = 3.0
@@ -56,4 +57,5 @@ class MatcherConfig:
             allow_dev=self.devnet,
             allowed_measurements=self.allowed_mr_td,
             accepted_tcb_statuses=self.accepted_tcb_statuses,
+            now=self.attestation_now,
         )

@@ -57,6 +57,7 @@ class FakeNode:
     models: dict[str, tuple[int, int]] = field(default_factory=lambda: {MODEL: (100, 200)})
     mode: str = "ok"
     attest_mode: str = "good"
+    tdx_sample: tuple[bytes, dict] | None = None  # a real quote + collateral to present
     chunks: int = 3
     max_concurrent: int = 4
     active_jobs: int = 0
@@ -95,7 +96,7 @@ class FakeNode:
         body = NodeIdentity(
             ed25519_public=self.ed_public.hex(),
             x25519_public=self.x_public.hex(),
-            attestation_kind="dev",
+            attestation_kind="tdx" if self.tdx_sample else "dev",
         )
         return web.json_response(body.model_dump())
 
@@ -119,6 +120,18 @@ class FakeNode:
             nonce = os.urandom(32)
         key = Ed25519PrivateKey.generate() if self.attest_mode == "wrong_key" else self.key
         data = report_data(self.ed_public, self.x_public, nonce)
+        if self.tdx_sample is not None:  # a real quote, bound to someone else's keys
+            quote, collateral = self.tdx_sample
+            doc = AttestationDoc(
+                kind="tdx",
+                ed25519_public=self.ed_public.hex(),
+                x25519_public=self.x_public.hex(),
+                nonce=nonce.hex(),
+                evidence=base64.b64encode(quote).decode(),
+                collateral=collateral,
+                issued_at=int(time.time()),
+            )
+            return web.json_response(doc.model_dump())
         doc = AttestationDoc(
             kind="dev",
             ed25519_public=self.ed_public.hex(),

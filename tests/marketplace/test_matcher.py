@@ -183,3 +183,44 @@ async def test_models_health_metrics(session, start_matcher, start_node):
     assert "# TYPE imago_relay_seconds histogram" in text
     async with session.get(f"{matcher.url}/nope") as resp:
         assert resp.status == 404 and "error" in await resp.json()
+
+
+async def test_tdx_admission_goes_through_the_quote_verifier(session, start_matcher, start_node):
+    """A node presenting the real TDX quote: the matcher verifies it with dcap-qvl.
+
+    At the real time its collateral has expired; with the clock pinned and its mr_td
+    allowlisted, every check passes except the binding to this node's keys and nonce.
+    """
+    import json
+
+    import pytest
+
+    from tests.marketplace.test_tdx import MR_TD_OFFSET, TDX_DIR, _pinned_now
+
+    if TDX_DIR is None:
+        pytest.skip("the real TDX quote is absent (shared/testdata/tdx)")
+    quote = (TDX_DIR / "tdx_quote").read_bytes()
+    collateral = json.loads((TDX_DIR / "tdx_quote_collateral.json").read_text())
+    node = await start_node(tdx_sample=(quote, collateral))
+    mr_td = quote[MR_TD_OFFSET : MR_TD_OFFSET + 48]
+
+    async def register(matcher) -> dict:
+        async with session.post(
+            f"{matcher.url}/v1/nodes", json={"url": node.url, "ed25519_public": node.node_id}
+        ) as resp:
+            assert resp.status == 403
+            return (await resp.json())["error"]
+
+    live = await start_matcher(devnet=False, allowed_mr_td=frozenset({mr_td}))
+    assert "collateral is not valid" in (await register(live))["message"]
+    pinned = await start_matcher(
+        devnet=False,
+        allowed_mr_td=frozenset({mr_td}),
+        attestation_now=_pinned_now(collateral),
+        state_dir=live.config.state_dir.parent / "pinned",
+    )
+    assert "report_data does not match" in (await register(pinned))["message"]
+    other = await start_matcher(
+        attestation_now=_pinned_now(collateral), state_dir=live.config.state_dir.parent / "o"
+    )
+    assert "not in the allowlist" in (await register(other))["message"]

@@ -49,14 +49,18 @@ REPORT_DATA_OFFSET = HEADER + 584 - 64
 BODY_END = HEADER + 584
 
 
+def _pinned_now(collateral: dict) -> int:
+    """One hour after the collateral's tcbInfo issue date."""
+    issued = json.loads(collateral["tcb_info"])["issueDate"]
+    return int(datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()) + 3600
+
+
 @pytest.fixture(scope="module")
 def sample() -> tuple[bytes, dict, int]:
     assert TDX_DIR is not None
     quote = (TDX_DIR / "tdx_quote").read_bytes()
     collateral = json.loads((TDX_DIR / "tdx_quote_collateral.json").read_text())
-    issued = json.loads(collateral["tcb_info"])["issueDate"]
-    now = int(datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()) + 3600
-    return quote, collateral, now
+    return quote, collateral, _pinned_now(collateral)
 
 
 def _verify(quote: bytes, collateral: dict, now: int, **overrides):
