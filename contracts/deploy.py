@@ -339,6 +339,13 @@ async def deploy_all(
     )
     if operator is not None and operator_key is not None:
         stake = vault_stake if vault_stake is not None else params.min_vault_stake
-        vault = await roles.deploy_vault(operator, registry, operator_key, stake, params=params)
+        vault = await roles.deploy_vault(
+            operator,
+            registry,
+            operator_key,
+            stake,
+            client=getattr(operator, "client", None),
+            params=params,
+        )
         dep.vaults[_raw(operator.address)] = _raw(vault)
     return dep

@@ -12,6 +12,7 @@ from typing import Any
 
 from pytoniq_core import Address, Cell, Slice
 
+from .deploy import ChildCodes
 from .toncenter import GetMethodResult, ToncenterClient
 
 __all__ = [
@@ -22,7 +23,9 @@ __all__ = [
     "ProviderData",
     "RegistryData",
     "VaultData",
+    "get_child_codes",
     "get_escrow_data",
+    "get_vault_code_hashes",
     "get_provider_claimed",
     "get_provider_data",
     "get_registry_data",
@@ -280,6 +283,12 @@ async def get_registry_vault_address(
     return _Stack(r.stack).address()
 
 
+async def get_child_codes(client: ToncenterClient, registry: Address | str) -> ChildCodes:
+    """The provider, vault and escrow code cells the Registry deploys and authenticates."""
+    s = _Stack((await _run(client, registry, "child_codes")).stack)
+    return ChildCodes(provider=s.cell(), vault=s.cell(), escrow=s.cell())
+
+
 async def get_provider_data(client: ToncenterClient, provider: Address | str) -> ProviderData:
     return parse_provider_data((await _run(client, provider, "provider_data")).stack)
 
@@ -306,6 +315,14 @@ async def get_vault_provider_address(
 ) -> Address:
     r = await _run(client, vault, "provider_address", [owner, seq])
     return _Stack(r.stack).address()
+
+
+async def get_vault_code_hashes(
+    client: ToncenterClient, vault: Address | str
+) -> tuple[bytes, bytes]:
+    """(escrow code hash, provider code hash) the Vault authenticates its senders with."""
+    s = _Stack((await _run(client, vault, "code_hashes")).stack)
+    return s.int().to_bytes(32, "big"), s.int().to_bytes(32, "big")
 
 
 async def get_escrow_data(client: ToncenterClient, escrow: Address | str) -> EscrowData:

@@ -105,3 +105,14 @@ async def test_python_addresses_equal_contract_addresses(chain, contracts_set, m
     assert on_chain == deploy.escrow_address(
         cs.vault, owner.address, spend, cs.params.escrow_close_delay
     )
+
+
+async def test_code_getters_match_the_build(chain, contracts_set):
+    from contracts import artifacts
+
+    codes = await getters.get_child_codes(chain, contracts_set.registry)
+    assert codes.provider.hash == artifacts.load("provider").code_hash
+    assert codes.vault.hash == artifacts.load("vault").code_hash
+    assert codes.escrow.hash == artifacts.load("escrow").code_hash
+    escrow_hash, provider_hash = await getters.get_vault_code_hashes(chain, contracts_set.vault)
+    assert escrow_hash == codes.escrow.hash and provider_hash == codes.provider.hash

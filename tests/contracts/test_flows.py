@@ -123,3 +123,21 @@ async def test_provider_and_vault_maintenance(chain, contracts_set, make_wallet)
         v2 = await getters.get_vault_data(chain, cs.vault)
         assert v2.fees_withdrawn == v1.fees_accrued
         assert await cs.operator.balance() - before > amount - TON // 50
+
+
+async def test_registering_twice_refunds(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    owner = await make_wallet()
+    provider, _ = await roles.register_provider(
+        owner, chain, cs.registry, Key().public, 2 * TON, CAPS
+    )
+    before = await owner.balance()
+    again, _ = await roles.register_provider(owner, chain, cs.registry, Key().public, 3 * TON, CAPS)
+    assert again == provider
+    assert before - await owner.balance() < TON // 20  # the 3 TON came back
+    assert (await getters.get_provider_data(chain, provider)).stake == 2 * TON
+    other, _ = await roles.register_provider(
+        owner, chain, cs.registry, Key().public, 2 * TON, CAPS, seq=1
+    )
+    assert other != provider
+    assert (await getters.get_provider_data(chain, other)).seq == 1
