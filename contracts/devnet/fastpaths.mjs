@@ -1,10 +1,11 @@
 // Faster drop-ins for two hot spots of @ton/core in a long-running devnet.
 //
 // Profiling the devnet under load showed most CPU outside the TVM: cell hashing
-// through @ton/crypto's pure-JS SHA-256 (jssha over hex strings) and
-// BitBuilder.writeBits copying bit by bit. Both are replaced here by equivalent
-// code (node's native SHA-256; a byte copy when both sides are byte-aligned), and
-// checked against the originals at startup: results are bit-for-bit the same.
+// through @ton/crypto's pure-JS SHA-256 (jssha over hex strings), BitBuilder.writeBits
+// copying bit by bit and a bitwise CRC-32C on every BOC. They are replaced here by
+// equivalent code (node's native SHA-256; a byte copy when both sides are
+// byte-aligned; a table-driven CRC-32C), checked against the originals at startup:
+// results are bit-for-bit the same. IMAGO_DEVNET_NO_FASTPATHS=1 turns them off.
 import { createHash, randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
 
@@ -64,7 +65,30 @@ function patchWriteBits() {
     BitBuilder.prototype.writeBits = writeBits;
 }
 
+function patchCrc32c() {
+    const mod = require('@ton/core/dist/utils/crc32c.js');
+    const original = mod.crc32c;
+    const table = new Int32Array(256);
+    for (let n = 0; n < 256; n++) {
+        let c = n;
+        for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
+        table[n] = c;
+    }
+    function crc32c(source) {
+        let crc = -1;
+        for (let n = 0; n < source.length; n++) crc = table[(crc ^ source[n]) & 0xff] ^ (crc >>> 8);
+        const res = Buffer.alloc(4);
+        res.writeInt32LE(crc ^ -1);
+        return res;
+    }
+    for (const probe of [Buffer.alloc(0), Buffer.from('123456789'), randomBytes(1000)]) {
+        if (!original(probe).equals(crc32c(probe))) throw new Error('crc32c fast path mismatch');
+    }
+    mod.crc32c = crc32c;
+}
+
 if (process.env.IMAGO_DEVNET_NO_FASTPATHS !== '1') {
     patchSha256();
     patchWriteBits();
+    patchCrc32c();
 }

@@ -23,7 +23,12 @@ from contracts.wallet import Wallet, WalletKeys
 
 TON = 1_000_000_000
 
-__all__ = ["TON", "DevnetFixture", "chain", "devnet", "make_wallet"]
+__all__ = ["TON", "DevnetFixture", "about", "chain", "devnet", "make_wallet"]
+
+
+def about(balance: int, expected: int, storage_slack: int = 10_000) -> bool:
+    """A balance equal to ``expected`` up to the storage fee an account pays as time passes."""
+    return expected - storage_slack <= balance <= expected
 
 
 @dataclass

@@ -19,7 +19,7 @@ from contracts.toncenter import (
     external_message_hash_norm,
 )
 from contracts.wallet import OutMessage, Wallet, WalletKeys
-from tests.chain.fixtures import TON, DevnetFixture
+from tests.chain.fixtures import TON, DevnetFixture, about
 
 
 async def raw(
@@ -94,7 +94,7 @@ async def test_wallet_deploy_transfer_gas_and_wallet_information(
     assert trace.root.gas_used == 4939  # wallet v5r1 transfer
     assert trace.root.exit_code == 0 and trace.root.fee > 0
     assert trace.transactions[1].in_msg.value == TON
-    assert await devnet.chain.get_balance(dest) == TON
+    assert about(await devnet.chain.get_balance(dest), TON)
 
     info = await devnet.chain.get_wallet_information(w.address)
     assert info.is_wallet and info.seqno == 2 and info.wallet_type == "wallet v5 r1"
@@ -217,12 +217,12 @@ async def test_send_boc_return_hash_and_send_boc(devnet: DevnetFixture, make_wal
     assert r["@type"] == "raw.extMessageInfo"
     assert base64.b64decode(r["hash"]) == Cell.one_from_boc(boc).hash
     assert base64.b64decode(r["hash_norm"]) == external_message_hash_norm(boc)
-    assert await devnet.chain.get_balance(dest) == TON
+    assert about(await devnet.chain.get_balance(dest), TON)
 
     boc = w.build_external([OutMessage(dest, TON, bounce=False)], seqno=await w.seqno())
     status, body = await raw(devnet, "sendBoc", {"boc": base64.b64encode(boc).decode()}, post=True)
     assert status == 200 and body["ok"] is True and body["result"]["@type"] == "ok"
-    assert await devnet.chain.get_balance(dest) == 2 * TON
+    assert about(await devnet.chain.get_balance(dest), 2 * TON)
 
     # a replay (same seqno) is rejected by the wallet, as toncenter reports it
     with pytest.raises(ToncenterError) as err:
@@ -396,4 +396,4 @@ async def test_concurrent_clients(devnet: DevnetFixture, make_wallet) -> None:
     dest = fresh_address()
     traces = await asyncio.gather(*(w.transfer(dest, TON // 2, bounce=False) for w in wallets))
     assert all(t.root.success for t in traces)
-    assert await devnet.chain.get_balance(dest) == 3 * TON
+    assert about(await devnet.chain.get_balance(dest), 3 * TON)
