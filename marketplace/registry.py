@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 EWMA = 0.2  # weight of the newest sample
 UNHEALTHY_AFTER_POLL_FAILURES = 2
+MAX_PARALLEL_CHECKS = 64
 
 
 class AdmissionError(Exception):
@@ -225,8 +226,23 @@ class NodeRegistry:
 
     # --- periodic checks (APScheduler jobs) -------------------------------------------
 
+    async def _bounded(self, check, nodes: list[NodeState]) -> None:
+        """Run ``check`` over ``nodes``, at most MAX_PARALLEL_CHECKS at a time."""
+        semaphore = asyncio.Semaphore(MAX_PARALLEL_CHECKS)
+
+        async def one(node: NodeState) -> None:
+            async with semaphore:
+                if self.session.closed:
+                    return
+                try:
+                    await check(node)
+                except Exception:  # one node's surprise must not stop the round
+                    log.exception("check of node %s failed", node.node_id[:16])
+
+        await asyncio.gather(*(one(node) for node in nodes))
+
     async def reattest_all(self) -> None:
-        await asyncio.gather(*(self.reattest(node) for node in list(self.nodes.values())))
+        await self._bounded(self.reattest, list(self.nodes.values()))
 
     async def reattest(self, node: NodeState) -> None:
         try:
@@ -245,7 +261,7 @@ class NodeRegistry:
         self._save(node, "admitted")
 
     async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll(node) for node in list(self.nodes.values())))
+        await self._bounded(self.poll, list(self.nodes.values()))
 
     async def poll(self, node: NodeState) -> None:
         try:

@@ -148,13 +148,41 @@ class Relay:
             raise ApiError(503, f"metering is unavailable: {e}", type="server_error") from e
 
         failed: list[str] = []
+        streaming: list[bool] = []  # set once _relay_to owns the job's record
+        try:
+            return await self._try_nodes(
+                request, order, sealed, job_id, job_int, escrow, body.model, started, failed,
+                streaming,
+            )  # fmt: skip
+        except BaseException as e:
+            if not streaming:  # cut before any node answered: the client pays nothing
+                if self.stopping:
+                    status, error = JobStatus.ABORTED_BY_RESTART, "the matcher stopped"
+                elif isinstance(e, asyncio.CancelledError | ConnectionError):
+                    status = JobStatus.FAILED_BEFORE_FIRST_BYTE
+                    error = "client disconnected before the first byte"
+                else:
+                    status, error = JobStatus.ERRORED, f"relay error: {e!r}"
+                self.ledger.close_job(
+                    job_id,
+                    status,
+                    failed_nodes=",".join(failed),
+                    error=error[:500],
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+            raise
+
+    async def _try_nodes(
+        self, request, order, sealed, job_id, job_int, escrow, model, started, failed, streaming
+    ) -> web.StreamResponse:
         for node in order:
             data = sealed[node.node_id]
             node.stats.inflight += 1
             try:
                 return await self._relay_to(
-                    request, node, job_id, job_int, escrow, body.model, data, started, failed
-                )
+                    request, node, job_id, job_int, escrow, model, data, started, failed,
+                    streaming,
+                )  # fmt: skip
             except _NodeFailed as e:
                 failed.append(node.node_id)
                 node.stats.record_failure()
@@ -167,6 +195,7 @@ class Relay:
                 )
             except _NodeRefused as e:
                 self.metrics.attempts["refused"] += 1
+                streaming.append(True)
                 self.ledger.close_job(
                     job_id,
                     JobStatus.ERRORED,
@@ -178,6 +207,7 @@ class Relay:
                 return await self._error_stream(request, e.status, str(e), "node_refused")
             finally:
                 node.stats.inflight -= 1
+        streaming.append(True)
         self.ledger.close_job(
             job_id,
             JobStatus.FAILED_BEFORE_FIRST_BYTE,
@@ -245,8 +275,10 @@ class Relay:
         data: bytes,
         started: float,
         failed: list[str],
+        streaming: list[bool],
     ) -> web.StreamResponse:
         resp, first = await self._open(node, job_id, data)
+        streaming.append(True)
         ttft_ms = (time.perf_counter() - started) * 1000
         self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
         self.metrics.bytes_relayed["request"] += len(data)

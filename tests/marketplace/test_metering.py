@@ -279,3 +279,29 @@ async def test_privacy_no_plaintext_in_stream_or_database(
     for table in (JOBS, VOUCHERS):
         rows = await matcher.ledger.call(lambda c, t=table: c.execute(select(t)).all())
         assert rows and MARKER not in repr(rows)
+
+
+async def test_client_disconnect_before_first_byte(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(
+        start_matcher, start_node, session, database_url, "slow", first_byte_timeout_s=30
+    )
+    client = client_for(matcher)
+    job_id = envelope.new_job_id()
+    _, sealed = client.seal([node], "hello", job_id)
+    body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
+    task = asyncio.create_task(session.post(f"{matcher.url}/v1/relay", data=body.model_dump_json()))
+    for _ in range(100):
+        if node.jobs_seen:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()  # the client goes away while the node is still silent
+    for _ in range(100):
+        job = (await jobs(matcher)).get(job_id.hex())
+        if job and job["status"] != "in_flight":
+            break
+        await asyncio.sleep(0.05)
+    assert job["status"] == "failed_before_first_byte"
+    assert job["error"] == "client disconnected before the first byte"
+    assert matcher.ledger.counts["in_flight"] == 0
