@@ -1,13 +1,6 @@
 """The Imago client SDK: confidential, attested, receipt-checked inference."""
 
-from client.sdk.client import (
-    Completion,
-    CompletionStream,
-    Endpoint,
-    ImagoClient,
-    PriceCaps,
-    VerifiedReceipt,
-)
+from client.sdk.client import Completion, CompletionStream, Endpoint, ImagoClient
 from client.sdk.errors import (
     AttestationRejected,
     ImagoError,
@@ -19,6 +12,7 @@ from client.sdk.errors import (
     UpstreamError,
 )
 from client.sdk.ledger import LedgerError, SpendLedger
+from client.sdk.receipts import PriceCaps, VerifiedReceipt
 
 __all__ = [
     "AttestationRejected",

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
 )
-from pytoniq_core import Address, Cell
+from pytoniq_core import Address
 
 from client.sdk.errors import (
     AttestationRejected,
@@ -39,6 +37,7 @@ from client.sdk.errors import (
     UpstreamError,
 )
 from client.sdk.ledger import SpendLedger
+from client.sdk.receipts import Expected, PriceCaps, VerifiedReceipt, verify_receipt
 from contracts.protocol.api import (
     EndFrame,
     ModelOffer,
@@ -61,21 +60,11 @@ from contracts.protocol.envelope import (
     seal_request,
 )
 from contracts.protocol.signed import (
-    Receipt,
-    SignedObjectError,
     SpendVoucher,
     cost_nanoton,
-    model_hash,
 )
 
-__all__ = [
-    "Completion",
-    "CompletionStream",
-    "Endpoint",
-    "ImagoClient",
-    "PriceCaps",
-    "VerifiedReceipt",
-]
+__all__ = ["Completion", "CompletionStream", "Endpoint", "ImagoClient"]
 
 log = logging.getLogger("imago.client")
 
@@ -83,39 +72,6 @@ Endpoint = Literal["chat/completions", "completions"]
 ENDPOINTS: frozenset[str] = frozenset({"chat/completions", "completions"})
 ATTESTATION_CACHE_SECONDS = 3600.0
 VOUCHER_BACKOFF_MAX = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class PriceCaps:
-    """The most this client pays, in nanoTON per million tokens."""
-
-    prompt: int
-    completion: int
-
-    def __post_init__(self) -> None:
-        if self.prompt < 0 or self.completion < 0:
-            raise ValueError("price caps are not negative")
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedReceipt:
-    """A node receipt that passed every check, with the evidence to show for it."""
-
-    receipt: Receipt
-    boc: bytes
-    signature: bytes
-    node_id: str
-
-    @property
-    def amount(self) -> int:
-        return self.receipt.amount
-
-    def as_usage_extension(self) -> dict[str, str]:
-        return {
-            "boc": base64.b64encode(self.boc).decode(),
-            "signature": self.signature.hex(),
-            "node": self.node_id,
-        }
 
 
 @dataclass(slots=True)
@@ -715,24 +671,23 @@ class ImagoClient:
     ) -> VerifiedReceipt:
         node = job.serving
         assert node is not None  # checked by the caller
-        try:
-            boc = base64.b64decode(end.receipt or "", validate=True)
-            signature = bytes.fromhex(end.signature or "")
-            cell = Cell.one_from_boc(boc)
-            receipt = Receipt.from_cell(cell)
-        except (ValueError, SignedObjectError) as e:
-            raise ReceiptRejected(f"malformed receipt: {e}") from e
-        except Exception as e:  # pytoniq raises bare errors on a malformed BOC
-            raise ReceiptRejected(f"malformed receipt BOC: {e}") from e
-        # the signature covers the hash of the cell as received (what a contract checks),
-        # whose fields are exactly those parsed (from_cell refuses trailing data)
-        problems = _receipt_problems(
-            receipt, cell.hash, signature, end, job, node, self.escrow, model, caps
+        expected = Expected(
+            node_id=node.node_id,
+            node_ed25519=node.ed25519_public,
+            job_id=job.job_id,
+            escrow=self.escrow,
+            model=model,
+            offer=node.offer,
+            caps=caps,
+            request_hash=node.request_hash,
+            transcript_hash=node.opener.transcript_hash,
+            usage=job.last_usage,
         )
-        if problems:
-            log.warning("job %s: receipt rejected: %s", job.job_id.hex(), "; ".join(problems))
-            raise ReceiptRejected("receipt rejected: " + "; ".join(problems))
-        return VerifiedReceipt(receipt=receipt, boc=boc, signature=signature, node_id=node.node_id)
+        try:
+            return verify_receipt(end, expected)
+        except ReceiptRejected as e:
+            log.warning("job %s: %s", job.job_id.hex(), e.message)
+            raise
 
     # -- paying -----------------------------------------------------------------------
 
@@ -877,54 +832,3 @@ def _synthesize_usage_chunk(last: dict[str, Any] | None) -> dict[str, Any]:
     if "system_fingerprint" in last:
         chunk["system_fingerprint"] = last["system_fingerprint"]
     return chunk
-
-
-def _signature_valid(signature: bytes, message: bytes, public_key: bytes) -> bool:
-    if len(signature) != 64 or len(public_key) != 32:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _receipt_problems(
-    receipt: Receipt,
-    cell_hash: bytes,
-    signature: bytes,
-    end: EndFrame,
-    job: _JobState,
-    node: _Copy,
-    escrow: Address,
-    model: str,
-    caps: PriceCaps,
-) -> list[str]:
-    problems: list[str] = []
-    if not _signature_valid(signature, cell_hash, node.ed25519_public):
-        problems.append(f"signature is not by the attested key of node {node.node_id[:16]}")
-    if receipt.job_id != int.from_bytes(job.job_id, "big"):
-        problems.append("job id is not this job's")
-    if receipt.escrow != escrow:
-        problems.append("escrow is not this client's")
-    if receipt.model != model_hash(model):
-        problems.append(f"model is not {model!r}")
-    if (receipt.price_prompt, receipt.price_completion) != (
-        node.offer.price_prompt,
-        node.offer.price_completion,
-    ):
-        problems.append("prices differ from the node's offer")
-    if receipt.price_prompt > caps.prompt or receipt.price_completion > caps.completion:
-        problems.append("prices exceed the client's caps")
-    if receipt.amount != receipt.priced_amount:
-        problems.append(f"amount {receipt.amount} is not tokens × prices ({receipt.priced_amount})")
-    if receipt.request_hash != node.request_hash:
-        problems.append("request_hash is not the hash of the sealed request")
-    if receipt.response_hash != node.opener.transcript_hash:
-        problems.append("response_hash does not match the frames received (truncated or spliced)")
-    tokens = (receipt.prompt_tokens, receipt.completion_tokens)
-    if tokens != job.last_usage:
-        problems.append(f"tokens {tokens} differ from the usage received {job.last_usage}")
-    if tokens != (end.prompt_tokens, end.completion_tokens):
-        problems.append("tokens differ from the END frame's")
-    return problems
