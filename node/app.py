@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from contracts.protocol.api import NodeIdentity, NodeRegistration, NodeStatus
-from node.attest import Attester, make_provider
+from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
 from node.keys import NodeKeys, load_or_create_keys
@@ -44,6 +44,7 @@ class NodeConfig:
     state_dir: Path
     devnet: bool = False
     attestation: str | None = None  # None: "dev" on the devnet, "tdx" elsewhere
+    pccs_url: str = DEFAULT_PCCS_URL  # where a TDX node fetches its DCAP collateral
     passphrase: str | None = field(default=None, repr=False)
     # engine: attach to `upstream`, or supervise vLLM on `model_dir`
     upstream: str | None = None
@@ -117,7 +118,13 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     state = NodeState(
         config=config,
         keys=keys,
-        attester=Attester(keys, provider),
+        attester=Attester(
+            keys,
+            provider,
+            collateral_fetcher=pccs_collateral_fetcher(config.pccs_url)
+            if provider.kind == "tdx"
+            else None,
+        ),
         offers=OfferBook(config.price_prompt, config.price_completion),
         seen=SeenJobs(config.state_dir / "jobs.seen"),
         engine_ready=asyncio.Event(),

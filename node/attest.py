@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -32,9 +34,11 @@ __all__ = [
     "EvidenceProvider",
     "TdxEvidenceProvider",
     "make_provider",
+    "pccs_collateral_fetcher",
 ]
 
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
+DEFAULT_PCCS_URL = "https://api.trustedservices.intel.com"  # Intel PCS
 
 
 class AttestationUnavailable(RuntimeError):
@@ -143,31 +147,81 @@ def make_provider(kind: str, keys: NodeKeys, *, devnet: bool) -> EvidenceProvide
     return provider
 
 
-class Attester:
-    """Produces AttestationDocs for verifiers' nonces."""
+CollateralFetcher = Callable[[bytes], Awaitable[dict]]
 
-    def __init__(self, keys: NodeKeys, provider: EvidenceProvider) -> None:
+
+def pccs_collateral_fetcher(pccs_url: str) -> CollateralFetcher:
+    """Fetch DCAP collateral for a quote from a PCCS or Intel's PCS (dcap-qvl)."""
+
+    async def fetch(quote: bytes) -> dict:
+        import dcap_qvl  # compiled extension: loaded only on TDX nodes
+
+        collateral = await dcap_qvl.get_collateral(pccs_url, quote)
+        return json.loads(collateral.to_json())
+
+    return fetch
+
+
+class Attester:
+    """Produces AttestationDocs for verifiers' nonces.
+
+    A TDX doc carries its DCAP collateral (public, from a PCCS or Intel's PCS) so that
+    verifiers check it offline. The collateral belongs to the platform, not the quote,
+    so it is cached for ``collateral_ttl`` seconds.
+    """
+
+    def __init__(
+        self,
+        keys: NodeKeys,
+        provider: EvidenceProvider,
+        *,
+        collateral_fetcher: CollateralFetcher | None = None,
+        collateral_ttl: float = 3600.0,
+    ) -> None:
         self._keys = keys
         self._provider = provider
+        self._fetch_collateral = collateral_fetcher
+        self._collateral_ttl = collateral_ttl
+        self._collateral: dict | None = None
+        self._collateral_at = 0.0
+        if provider.kind == "tdx" and collateral_fetcher is None:
+            self._fetch_collateral = pccs_collateral_fetcher(DEFAULT_PCCS_URL)
 
     @property
     def kind(self) -> Literal["tdx", "dev"]:
         return self._provider.kind
 
-    def attest_sync(self, nonce: bytes) -> AttestationDoc:
-        ed, x = self._keys.ed25519_public, self._keys.x25519_public
-        evidence = self._provider.evidence(report_data(ed, x, nonce))
+    def _doc(self, nonce: bytes, evidence: bytes, collateral: dict | None) -> AttestationDoc:
         return AttestationDoc(
             kind=self._provider.kind,
-            ed25519_public=ed.hex(),
-            x25519_public=x.hex(),
+            ed25519_public=self._keys.ed25519_public.hex(),
+            x25519_public=self._keys.x25519_public.hex(),
             nonce=nonce.hex(),
             evidence=base64.b64encode(evidence).decode(),
-            collateral=None,
+            collateral=collateral,
             issued_at=int(time.time()),
         )
 
+    def _report_data(self, nonce: bytes) -> bytes:
+        return report_data(self._keys.ed25519_public, self._keys.x25519_public, nonce)
+
     async def attest(self, nonce: bytes) -> AttestationDoc:
-        if self._provider.kind == "dev":
-            return self.attest_sync(nonce)  # one signature: cheaper than a thread hop
-        return await asyncio.to_thread(self.attest_sync, nonce)
+        data = self._report_data(nonce)
+        if self._provider.kind == "dev":  # one signature: cheaper than a thread hop
+            return self._doc(nonce, self._provider.evidence(data), None)
+        quote = await asyncio.to_thread(self._provider.evidence, data)
+        return self._doc(nonce, quote, await self._collateral_for(quote))
+
+    async def _collateral_for(self, quote: bytes) -> dict | None:
+        if self._fetch_collateral is None:
+            return None
+        now = time.monotonic()
+        if self._collateral is None or now - self._collateral_at > self._collateral_ttl:
+            try:
+                self._collateral = await self._fetch_collateral(quote)
+            except Exception as e:
+                if self._collateral is None:
+                    raise AttestationUnavailable(f"cannot fetch DCAP collateral: {e}") from e
+                return self._collateral  # keep serving the cached one; it may still be valid
+            self._collateral_at = now
+        return self._collateral

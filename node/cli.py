@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="evidence kind (default: dev with --devnet, tdx otherwise)",
     )
+    p.add_argument(
+        "--pccs-url",
+        default=None,
+        help="PCCS (or Intel PCS) a TDX node fetches its DCAP collateral from (default Intel PCS)",
+    )
     engine = p.add_mutually_exclusive_group()
     engine.add_argument(
         "--upstream",
@@ -142,6 +147,7 @@ def serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir or _default_state_dir(),
         devnet=args.devnet,
         attestation=args.attestation,
+        **({"pccs_url": args.pccs_url} if args.pccs_url else {}),
         passphrase=passphrase,
         upstream=args.upstream,
         upstream_api_key=api_key,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from contracts.protocol.api import AttestationDoc
 from contracts.protocol.attestation import (
     AttestationError,
     AttestationPolicy,
+    report_data,
     verify_attestation,
 )
 from node.app import NodeConfig, create_app
@@ -125,3 +128,54 @@ async def test_identity_status_health(node):
     assert "openai-compatible" in status["engine"]
     async with node.session.get(node.url + "/health") as r:
         assert r.status == 200
+
+
+TDX_SAMPLE = Path("/work/shared/testdata/tdx")
+
+
+class _SampleQuoteProvider:
+    """FIXTURE: stands in for configfs-tsm by returning a real (foreign) TDX quote."""
+
+    kind = "tdx"
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+    def check(self) -> None:
+        return None
+
+    def evidence(self, data: bytes) -> bytes:
+        self.requests.append(data)
+        return (TDX_SAMPLE / "tdx_quote").read_bytes()
+
+
+@pytest.mark.skipif(not (TDX_SAMPLE / "tdx_quote").exists(), reason="no TDX sample quote")
+async def test_tdx_doc_carries_cached_collateral_that_verifies():
+    keys = NodeKeys.generate()
+    collateral = json.loads((TDX_SAMPLE / "tdx_quote_collateral.json").read_text())
+    fetches = []
+
+    async def fetch(quote: bytes) -> dict:
+        fetches.append(quote)
+        return collateral
+
+    provider = _SampleQuoteProvider()
+    attester = Attester(keys, provider, collateral_fetcher=fetch)
+    nonce = os.urandom(32)
+    doc = await attester.attest(nonce)
+    await attester.attest(os.urandom(32))
+    assert len(fetches) == 1  # the platform's collateral is cached
+    assert provider.requests[0] == report_data(keys.ed25519_public, keys.x25519_public, nonce)
+    assert doc.kind == "tdx" and doc.collateral == collateral
+    # Quote, chain and collateral verify; only report_data gives away that this sample
+    # quote was not made for this node's keys.
+    issued = 1750328163 + 3600  # one hour after the collateral's tcbInfo issue date
+    quote = base64.b64decode(doc.evidence)
+    mr_td = quote[48 + 136 : 48 + 184]
+    policy = AttestationPolicy(
+        allowed_measurements=frozenset({mr_td}),
+        now=issued,
+        accepted_tcb_statuses=frozenset({"UpToDate"}),
+    )
+    with pytest.raises(AttestationError, match="tdx: report_data does not match"):
+        verify_attestation(doc, policy, expected_nonce=nonce)
