@@ -1,10 +1,10 @@
-"""Fixtures for the contract tests: one devnet for the session, funded wallets, a deployed
-contract set (Registry owned by `gov`, a Vault of `operator`)."""
+"""Fixtures for the contract tests: the session devnet (tests/chain/fixtures.py), funded
+wallets, a deployed contract set (Registry owned by `gov`, a Vault of `operator`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pytoniq_core import Address
 
 from contracts import deploy, roles
-from contracts.devnet import DevnetClient, DevnetProcess
+from contracts.devnet import DevnetClient
 from contracts.messages import RegistryParams
 from contracts.wallet import Wallet, WalletKeys
+from tests.chain import fixtures as _chain_fixtures
 
 TON = 1_000_000_000
 
@@ -46,17 +47,9 @@ class Key:
         return obj.sign(self.private)
 
 
-@pytest.fixture(scope="session")
-def devnet(tmp_path_factory: pytest.TempPathFactory):
-    with DevnetProcess(tmp_path_factory.mktemp("devnet"), port=0) as dn:
-        yield dn
-
-
-@pytest.fixture(scope="session")
-async def chain(devnet: DevnetProcess) -> AsyncIterator[DevnetClient]:
-    async with devnet.client() as client:
-        yield client
-
+# The devnet and its adapter come from the chain tests' reusable fixtures.
+devnet = _chain_fixtures.devnet
+chain = _chain_fixtures.chain
 
 WalletFactory = Callable[..., Awaitable[Wallet]]
 
