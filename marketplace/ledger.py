@@ -48,6 +48,12 @@ MAX_BATCH = 512
 FAST_KINDS = frozenset({"open", "close", "node"})
 CHECKPOINT_EVERY_COMMITS = 1000
 CHECKPOINT_IDLE_S = 1.0
+INLINE_BUSY_TIMEOUT_MS = 2
+THREAD_BUSY_TIMEOUT_MS = 30_000
+
+
+class _Busy(Exception):
+    """SQLite is locked by another connection; retry the batch on the writer thread."""
 
 
 class LedgerError(RuntimeError):
@@ -100,6 +106,7 @@ class Ledger:
         self._sql_cache: dict[tuple, tuple[str, tuple | None]] = {}
         self._raw = None  # the writer's DBAPI connection
         self._inline = engine.dialect.name == "sqlite"
+        self._busy_ms = 0
         self._checkpointed = 0
         self._checkpoint_at = time.monotonic()
 
@@ -194,7 +201,10 @@ class Ledger:
                 if self._inline and all(op.kind in FAST_KINDS for op in batch):
                     # A local SQLite commit (WAL, no checkpoint) takes tens of µs:
                     # cheaper on the loop than two thread hand-offs.
-                    results = self._apply(batch)
+                    try:
+                        results = self._apply(batch, inline=True)
+                    except _Busy:  # another connection holds the lock: wait off the loop
+                        results = await loop.run_in_executor(self._executor, self._apply, batch)
                 else:
                     results = await loop.run_in_executor(self._executor, self._apply, batch)
             except Exception as e:  # the whole transaction failed
@@ -219,7 +229,7 @@ class Ledger:
                 with contextlib.suppress(Exception):
                     await loop.run_in_executor(self._executor, self._checkpoint)
 
-    def _apply(self, batch: list[_Op]) -> list[Any]:
+    def _apply(self, batch: list[_Op], inline: bool = False) -> list[Any]:
         """One group commit. Job and node rows go through a raw DBAPI connection with
         statements compiled once (the hot path); vouchers and calls, rare, through
         SQLAlchemy Core in a second transaction right after, in queue order."""
@@ -227,7 +237,7 @@ class Ledger:
         fast = [(i, op) for i, op in enumerate(batch) if op.kind in FAST_KINDS]
         slow = [(i, op) for i, op in enumerate(batch) if op.kind in ("voucher", "call")]
         if fast:
-            self._apply_fast(fast, results)
+            self._apply_fast(fast, results, inline)
         if slow:
             with self.engine.begin() as conn:
                 for i, op in slow:
@@ -280,6 +290,7 @@ class Ledger:
         cursor.close()
 
     def _close_raw(self) -> None:
+        self._busy_ms = 0
         if self._raw is not None:
             with contextlib.suppress(Exception):
                 self._raw.invalidate() if hasattr(self._raw, "invalidate") else None
@@ -287,13 +298,27 @@ class Ledger:
                 self._raw.close()
             self._raw = None
 
-    def _apply_fast(self, ops: list[tuple[int, _Op]], results: list[Any]) -> None:
+    def _apply_fast(self, ops: list[tuple[int, _Op]], results: list[Any], inline: bool) -> None:
         raw = self._raw_connection()
         sqlite_db = self.engine.dialect.name == "sqlite"
-        try:
+        if sqlite_db:
+            # On the loop, never wait for a lock: hand the batch to the thread instead.
+            busy_ms = INLINE_BUSY_TIMEOUT_MS if inline else THREAD_BUSY_TIMEOUT_MS
             cur = raw.cursor()
-            if sqlite_db:
+            if self._busy_ms != busy_ms:
+                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+                self._busy_ms = busy_ms
+            try:
                 cur.execute("BEGIN IMMEDIATE")
+            except Exception as e:
+                cur.close()
+                if inline and ("locked" in str(e) or "busy" in str(e)):
+                    raise _Busy from e
+                self._close_raw()
+                raise
+        try:
+            if not sqlite_db:
+                cur = raw.cursor()
             seen: set[str] = set()
             for i, op in ops:
                 if op.kind == "open":

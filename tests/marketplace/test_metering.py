@@ -305,3 +305,30 @@ async def test_client_disconnect_before_first_byte(
     assert job["status"] == "failed_before_first_byte"
     assert job["error"] == "client disconnected before the first byte"
     assert matcher.ledger.counts["in_flight"] == 0
+
+
+async def test_sqlite_lock_held_elsewhere_never_blocks_the_loop(
+    session, start_matcher, start_node, client_for
+):
+    """Another connection holds SQLite's write lock: relays wait for it on the writer
+    thread while the event loop keeps answering."""
+    import sqlite3
+    import time
+
+    matcher, (node,) = await setup(start_matcher, start_node, session, None, "ok")
+    client = client_for(matcher)
+    other = sqlite3.connect(matcher.config.state_dir / "matcher.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    relay = asyncio.create_task(client.relay([node]))
+    await asyncio.sleep(0.1)
+    started = time.perf_counter()
+    async with session.get(f"{matcher.url}/health") as resp:
+        assert resp.status == 200
+    assert time.perf_counter() - started < 0.5  # the loop was free
+    assert not relay.done()  # the in-flight row waits for the lock: nothing reached a node
+    assert node.jobs_seen == []
+    other.execute("COMMIT")
+    other.close()
+    result = await asyncio.wait_for(relay, 10)
+    assert result.end is not None
+    assert (await jobs(matcher))[result.job_id]["status"] == "completed"
