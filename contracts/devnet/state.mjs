@@ -16,6 +16,7 @@ export class StateStore {
         this.writing = null;
         this.dirtyHistory = new Set();
         this.historyJson = new Map(); // raw address -> serialized history list
+        this.accounts = new Map(); // raw address -> ShardAccount BOC (base64)
     }
 
     attach(dn) {
@@ -36,7 +37,10 @@ export class StateStore {
 
     serialize() {
         const dn = this.dn;
+        const contracts = dn.bc.storage.contracts;
         for (const raw of this.dirtyHistory) {
+            const sc = contracts.get(Address.parseRaw(raw).toString());
+            if (sc !== undefined) this.accounts.set(raw, sc._account);
             const list = dn.history.get(raw) ?? [];
             const rows = list.map((e) => {
                 if (e.boc === null) e.boc = e.tx ? e.tx.raw.toBoc().toString('base64') : e.json.data;
@@ -45,11 +49,7 @@ export class StateStore {
             this.historyJson.set(raw, JSON.stringify(rows));
         }
         this.dirtyHistory.clear();
-        const accounts = {};
-        for (const sc of dn.bc.storage.knownContracts()) {
-            if (sc.lastTransactionLt === 0n && sc.balance === 0n) continue;
-            accounts[sc.address.toRawString()] = sc._account;
-        }
+        const accounts = Object.fromEntries(this.accounts);
         const head = JSON.stringify({
             format: FORMAT,
             saved_at: Math.floor(Date.now() / 1000),
@@ -103,6 +103,7 @@ export class StateStore {
         for (const [raw, b64] of Object.entries(state.accounts)) {
             const account = loadShardAccount(Cell.fromBase64(b64).beginParse());
             await dn.bc.setShardAccount(Address.parseRaw(raw), account);
+            this.accounts.set(raw, b64);
         }
         dn.bc.currentLt = BigInt(state.lt);
         dn.seqno = state.seqno;
