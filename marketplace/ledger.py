@@ -436,8 +436,9 @@ class Ledger:
                 raise VoucherRejected(404, "unknown_job", f"job {job_id} is not known")
             if job.escrow != v.escrow:
                 raise VoucherRejected(400, "wrong_escrow", f"job {job_id} is for another escrow")
-            if job.voucher_cumulative is not None:
-                raise VoucherRejected(409, "job_already_vouched", f"job {job_id} is vouched")
+        # A job an earlier voucher already covers stays linked to it: a client whose
+        # acknowledgement got lost lists it again with its next, higher voucher.
+        jobs = [job for job in jobs if job.voucher_cumulative is None]
         delta = v.cumulative - previous
         owed = sum(int(job.amount) for job in jobs if job.status == JobStatus.COMPLETED)
         if delta < owed:
