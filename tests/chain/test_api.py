@@ -397,3 +397,18 @@ async def test_concurrent_clients(devnet: DevnetFixture, make_wallet) -> None:
     traces = await asyncio.gather(*(w.transfer(dest, TON // 2, bounce=False) for w in wallets))
     assert all(t.root.success for t in traces)
     assert about(await devnet.chain.get_balance(dest), 3 * TON)
+
+
+async def test_api_v2_prefix_and_json_rpc(devnet: DevnetFixture) -> None:
+    a = raw_addr(fresh_address())
+    status, body = await raw(devnet, "api/v2/getAddressBalance", {"address": a})
+    assert status == 200 and body == {"ok": True, "result": "0"}
+    status, body = await raw(
+        devnet,
+        "jsonRPC",
+        {"id": 7, "jsonrpc": "2.0", "method": "getAddressBalance", "params": {"address": a}},
+        post=True,
+    )
+    assert status == 200 and body["result"] == "0" and body["id"] == 7
+    status, body = await raw(devnet, "jsonRPC", {"id": 1, "method": "nope"}, post=True)
+    assert status == 404 and body["ok"] is False
