@@ -459,8 +459,9 @@ class _Job:
             with contextlib.suppress(BaseException):
                 await prompt_task
         tail.append(self._end(served))
-        await response.write(b"".join(tail))
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # gone before the end: nothing to do
+            await response.write(b"".join(tail))
+            await response.write_eof()
         return response
 
 

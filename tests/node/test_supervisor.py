@@ -113,7 +113,7 @@ async def test_engine_dies_with_a_killed_node(tmp_path):
     """)
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
-        await _wait(pidfile.exists, 30)
+        await _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), 30)
         engine = int(pidfile.read_text())
         assert _alive(engine)
         parent.kill()
@@ -123,6 +123,6 @@ async def test_engine_dies_with_a_killed_node(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        if pidfile.exists():
+        if pidfile.exists() and pidfile.read_text().strip():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pidfile.read_text()), signal.SIGKILL)
