@@ -141,3 +141,15 @@ async def test_registering_twice_refunds(chain, contracts_set, make_wallet):
     )
     assert other != provider
     assert (await getters.get_provider_data(chain, other)).seq == 1
+
+
+async def test_plain_transfer_to_an_escrow_is_a_deposit(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    client, spend = await make_wallet(), Key()
+    escrow, _ = await roles.escrow_open(
+        client, cs.vault, spend.public, TON, cs.params.escrow_close_delay
+    )
+    e0 = await getters.get_escrow_data(chain, escrow)
+    await client.transfer(escrow, TON, None, bounce=True)
+    e1 = await getters.get_escrow_data(chain, escrow)
+    assert TON - TON // 100 < e1.deposited - e0.deposited < TON
