@@ -46,6 +46,8 @@ __all__ = [
     "Transaction",
     "WalletInfo",
     "chain_url",
+    "decode_stack",
+    "encode_stack",
     "external_message_hash_norm",
 ]
 
