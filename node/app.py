@@ -217,9 +217,9 @@ async def _watch_engine(state: NodeState) -> None:
             if served is not None:
                 by_id = {m.get("id"): m.get("max_model_len") for m in served}
                 wanted = state.config.model_ids or list(by_id)
-                state.offers.set_models(
-                    (m, by_id.get(m) or state.config.max_model_len) for m in wanted
-                )
+                # An attached engine that does not say its context length: unknown.
+                fallback = None if state.config.upstream else state.config.max_model_len
+                state.offers.set_models((m, by_id.get(m) or fallback) for m in wanted)
                 state.engine_ready.set()
                 log.info("engine ready: %s serving %s", backend.describe(), ", ".join(wanted))
         elif not healthy and state.engine_ready.is_set():

