@@ -800,7 +800,8 @@ class ToncenterClient:
             if lt is not None and page and page[0].lt == lt:
                 page = page[1:]
             out.extend(t for t in page if t.lt > after_lt)
-            if not full or not page:
+            # after_lt=0 means "any": the newest page is enough (no walk through history)
+            if not full or not page or not after_lt or len(out) >= 1000:
                 return out
             lt, h = page[-1].lt, page[-1].hash
 
