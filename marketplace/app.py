@@ -228,7 +228,9 @@ async def metrics(request: web.Request) -> web.Response:
         nodes_admitted=len(registry.nodes),
         nodes_healthy=sum(1 for n in registry.nodes.values() if n.routable),
     )
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    return web.Response(
+        body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 # --- the factory ------------------------------------------------------------------------

@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from marketplace.config import default_state_dir
+from marketplace.config import default_state_dir, imago_home
+
+DEFAULT_LOG = Path("<imago-home>/logs/matcher.log")  # resolved when the command runs
 
 __all__ = ["register"]
 
@@ -43,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
         help="on SIGTERM, let relays finish this long, then abort them",
     )  # fmt: skip
-    serve.add_argument("--log-file", type=Path, help="log to this file instead of stderr")
+    serve.add_argument(
+        "--log-file", type=Path, nargs="?", const=DEFAULT_LOG, metavar="PATH",
+        help="log to this file instead of stderr (alone: $IMAGO_HOME/logs/matcher.log)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
@@ -55,6 +60,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from marketplace.config import MatcherConfig
 
     handlers: list[logging.Handler]
+    if args.log_file is DEFAULT_LOG:
+        args.log_file = imago_home() / "logs" / "matcher.log"
     if args.log_file:
         args.log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(args.log_file)]
@@ -65,6 +72,7 @@ def serve_command(args: argparse.Namespace) -> int:
         handlers=handlers,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per poll otherwise
     try:
         mr_td = frozenset(bytes.fromhex(h) for h in args.allow_mr_td)
     except ValueError:

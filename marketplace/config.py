@@ -9,11 +9,15 @@ from pathlib import Path
 
 from contracts.protocol.attestation import AttestationPolicy
 
-__all__ = ["MatcherConfig", "default_state_dir"]
+__all__ = ["MatcherConfig", "default_state_dir", "imago_home"]
+
+
+def imago_home() -> Path:
+    return Path(os.environ.get("IMAGO_HOME", Path.home() / ".imago"))
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("IMAGO_HOME", Path.home() / ".imago")) / "matcher"
+    return imago_home() / "matcher"
 
 
 @dataclass(frozen=True)
