@@ -412,3 +412,17 @@ async def test_api_v2_prefix_and_json_rpc(devnet: DevnetFixture) -> None:
     assert status == 200 and body["result"] == "0" and body["id"] == 7
     status, body = await raw(devnet, "jsonRPC", {"id": 1, "method": "nope"}, post=True)
     assert status == 404 and body["ok"] is False
+
+
+async def test_wait_for_transaction_pages_past_fifty(devnet: DevnetFixture) -> None:
+    a = fresh_address()
+    first = await devnet.chain.faucet(a, TON)
+    for i in range(60):
+        await devnet.chain.faucet(a, TON + i + 1)
+    # the oldest match after first.lt is 61 transactions back: beyond one page of 50
+    tx = await devnet.chain.wait_for_transaction(
+        a, after_lt=first.lt, predicate=lambda t: t.in_msg.value == TON + 1, timeout=5
+    )
+    assert tx.in_msg.value == TON + 1
+    newest = await devnet.chain.wait_for_transaction(a, timeout=5)
+    assert newest.lt > first.lt
