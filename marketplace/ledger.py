@@ -109,6 +109,9 @@ class Ledger:
         self._busy_ms = 0
         self._checkpointed = 0
         self._checkpoint_at = time.monotonic()
+        self._checkpoint_executor = ThreadPoolExecutor(1, thread_name_prefix="imago-wal")
+        self._checkpoint_future: asyncio.Future | None = None
+        self._checkpoint_raw = None
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -129,7 +132,12 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_raw)
+        loop = asyncio.get_running_loop()
+        if self._checkpoint_future is not None:
+            await self._checkpoint_future
+        await loop.run_in_executor(self._checkpoint_executor, self._close_checkpointer)
+        self._checkpoint_executor.shutdown(wait=True)
+        await loop.run_in_executor(self._executor, self._close_raw)
         self._executor.shutdown(wait=True)
 
     def _recover(self) -> tuple[int, Counter[str]]:
@@ -223,11 +231,7 @@ class Ledger:
                 or (self._queue.empty() and self.commits > self._checkpointed)
                 and time.monotonic() - self._checkpoint_at > CHECKPOINT_IDLE_S
             ):
-                # The WAL is folded into the database off the loop, between batches.
-                self._checkpointed = self.commits
-                self._checkpoint_at = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await loop.run_in_executor(self._executor, self._checkpoint)
+                self._start_checkpoint(loop)
 
     def _apply(self, batch: list[_Op], inline: bool = False) -> list[Any]:
         """One group commit. Job and node rows go through a raw DBAPI connection with
@@ -284,10 +288,30 @@ class Ledger:
                 cursor.close()
         return self._raw
 
+    def _start_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fold the WAL into the database on its own thread and connection, while the
+        writer goes on (a PASSIVE checkpoint takes no write lock); one at a time."""
+        if self._checkpoint_future is not None and not self._checkpoint_future.done():
+            return
+        self._checkpointed = self.commits
+        self._checkpoint_at = time.monotonic()
+        self._checkpoint_future = loop.run_in_executor(self._checkpoint_executor, self._checkpoint)
+
     def _checkpoint(self) -> None:
-        cursor = self._raw_connection().cursor()
-        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        cursor.close()
+        try:
+            if self._checkpoint_raw is None:
+                self._checkpoint_raw = self.engine.raw_connection()
+            cursor = self._checkpoint_raw.cursor()
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cursor.close()
+        except Exception:  # the next one retries; the WAL only grows meanwhile
+            log.exception("WAL checkpoint failed")
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_raw is not None:
+            with contextlib.suppress(Exception):
+                self._checkpoint_raw.close()
+            self._checkpoint_raw = None
 
     def _close_raw(self) -> None:
         self._busy_ms = 0

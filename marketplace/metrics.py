@@ -7,7 +7,26 @@ from collections import Counter
 
 __all__ = ["Histogram", "Metrics"]
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 
 
 class Histogram:
@@ -40,6 +59,7 @@ class Metrics:
     def __init__(self) -> None:
         self.relay_seconds = Histogram()
         self.first_byte_seconds = Histogram()
+        self.record_seconds = Histogram()  # the durable in-flight insert
         self.bytes_relayed: Counter[str] = Counter()  # "request" / "response"
         self.attempts: Counter[str] = Counter()  # node attempts by outcome
 
@@ -82,5 +102,8 @@ class Metrics:
             "# HELP imago_relay_first_byte_seconds Time to the node's first byte.",
             "# TYPE imago_relay_first_byte_seconds histogram",
             *self.first_byte_seconds.render("imago_relay_first_byte_seconds"),
+            "# HELP imago_job_record_seconds Time to commit a job's in-flight row.",
+            "# TYPE imago_job_record_seconds histogram",
+            *self.record_seconds.render("imago_job_record_seconds"),
         ]
         return "\n".join(out) + "\n"

@@ -133,6 +133,7 @@ class Relay:
             raise ApiError(400, f"malformed job id or sealed request: {e}") from e
         escrow = normalize_escrow(body.escrow)
         order = self._order(body.model_copy(update={"sealed": sealed}))
+        opening = time.perf_counter()
         try:
             await self.ledger.open_job(
                 {
@@ -146,6 +147,7 @@ class Relay:
             raise ApiError(409, str(e), code="duplicate_job", param="job_id") from e
         except LedgerError as e:
             raise ApiError(503, f"metering is unavailable: {e}", type="server_error") from e
+        self.metrics.record_seconds.observe(time.perf_counter() - opening)
 
         failed: list[str] = []
         streaming: list[bool] = []  # set once _relay_to owns the job's record
