@@ -124,7 +124,7 @@ class Relay:
         if len(job_id) != 64:
             raise ApiError(400, "job_id is 32 bytes of hex", param="job_id")
         try:
-            job_int = int(job_id, 16)
+            job_int = int.from_bytes(bytes.fromhex(job_id), "big")
             sealed = {
                 node_id.lower(): base64.b64decode(b64, validate=True)
                 for node_id, b64 in body.sealed.items()

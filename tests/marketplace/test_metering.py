@@ -246,9 +246,10 @@ async def test_relay_request_errors_record_nothing(
     client = client_for(matcher)
     unknown = await client.relay([node], model="unknown-model")
     assert unknown.status == 404
-    body = {"job_id": "zz", "model": MODEL, "escrow": "x", "sealed": {}}
-    async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
-        assert resp.status == 400
+    for bad in ("zz", "0x" + "11" * 31):
+        body = {"job_id": bad, "model": MODEL, "escrow": "x", "sealed": {}}
+        async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
+            assert resp.status == 400
     body = {"job_id": "11" * 32, "model": MODEL, "escrow": "not-an-address", "sealed": {}}
     async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
         assert resp.status == 400
