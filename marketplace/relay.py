@@ -99,21 +99,28 @@ class Relay:
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
 
-    def _order(self, body: RelayRequest) -> list[NodeState]:
+    def _order(self, model: str, sealed: dict[str, bytes]) -> list[NodeState]:
         """The provided candidates in the matcher's current preference; nodes out of
         rotation last (better a retry than a refusal), unknown nodes dropped."""
-        provided = [n for n in self.registry.serving(body.model) if n.node_id in body.sealed]
+        nodes = self.registry.nodes
+        provided = [
+            node
+            for node_id in sealed
+            if (node := nodes.get(node_id)) is not None and model in node.offers
+        ]
         if not provided:
-            if not self.registry.serving(body.model):
-                raise ApiError(404, f"no node serves {body.model!r}", code="model_not_found")
+            if not self.registry.serving(model):
+                raise ApiError(404, f"no node serves {model!r}", code="model_not_found")
             raise ApiError(
                 503,
                 "none of the nodes the request was sealed for is admitted; fetch a new route",
                 type="service_unavailable",
                 code="no_admitted_candidate",
             )
+        if len(provided) == 1:
+            return provided
         try:
-            ranked = [r.node for r in rank(provided, body.model)]
+            ranked = [r.node for r in rank(provided, model)]
         except NoRoute:
             ranked = []
         return ranked + [n for n in provided if n not in ranked]
@@ -132,7 +139,7 @@ class Relay:
         except (ValueError, binascii.Error) as e:
             raise ApiError(400, f"malformed job id or sealed request: {e}") from e
         escrow = normalize_escrow(body.escrow)
-        order = self._order(body.model_copy(update={"sealed": sealed}))
+        order = self._order(body.model, sealed)
         opening = time.perf_counter()
         try:
             await self.ledger.open_job(
@@ -235,7 +242,7 @@ class Relay:
         try:
             async with asyncio.timeout(self.config.first_byte_timeout_s):
                 resp = await self.session.post(
-                    f"{node.url}/v1/jobs",
+                    node.jobs_url,
                     data=data,
                     headers={"X-Imago-Job": job_id, "Content-Type": "application/octet-stream"},
                     timeout=self.timeout,
