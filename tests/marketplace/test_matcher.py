@@ -151,7 +151,7 @@ async def test_scheduler_polls_status(session, start_matcher, start_node):
     node = await start_node()
     await admit(session, matcher.url, node)
     node.models = {MODEL: (1, 2), "other-model": (3, 4)}
-    for _ in range(50):
+    for _ in range(200):
         await asyncio.sleep(0.05)
         if "other-model" in matcher.registry.nodes[node.node_id].offers:
             break

@@ -68,7 +68,7 @@ async def test_failover_before_first_byte(
     session, start_matcher, start_node, client_for, database_url, failure
 ):
     matcher, (bad, good) = await setup(
-        start_matcher, start_node, session, database_url, failure, "ok", first_byte_timeout_s=0.5
+        start_matcher, start_node, session, database_url, failure, "ok", first_byte_timeout_s=1.0
     )
     result = await client_for(matcher).relay([bad, good])
     assert result.status == 200 and result.relay_error is None
@@ -220,8 +220,8 @@ async def test_client_disconnect_cancels_node_request(
     while not frames:
         frames += list(decoder.feed(await resp.content.readany()))
     resp.close()  # the client goes away mid-stream
-    await asyncio.wait_for(node.cancelled.wait(), 5)
-    for _ in range(50):
+    await asyncio.wait_for(node.cancelled.wait(), 15)
+    for _ in range(200):
         job = (await jobs(matcher))[job_id.hex()]
         if job["status"] != "in_flight":
             break
@@ -293,12 +293,12 @@ async def test_client_disconnect_before_first_byte(
     _, sealed = client.seal([node], "hello", job_id)
     body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
     task = asyncio.create_task(session.post(f"{matcher.url}/v1/relay", data=body.model_dump_json()))
-    for _ in range(100):
+    for _ in range(300):
         if node.jobs_seen:
             break
         await asyncio.sleep(0.02)
     task.cancel()  # the client goes away while the node is still silent
-    for _ in range(100):
+    for _ in range(300):
         job = (await jobs(matcher)).get(job_id.hex())
         if job and job["status"] != "in_flight":
             break
@@ -325,7 +325,7 @@ async def test_sqlite_lock_held_elsewhere_never_blocks_the_loop(
     started = time.perf_counter()
     async with session.get(f"{matcher.url}/health") as resp:
         assert resp.status == 200
-    assert time.perf_counter() - started < 0.5  # the loop was free
+    assert time.perf_counter() - started < 2.0  # the loop was free
     assert not relay.done()  # the in-flight row waits for the lock: nothing reached a node
     assert node.jobs_seen == []
     other.execute("COMMIT")

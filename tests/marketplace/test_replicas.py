@@ -52,7 +52,7 @@ async def test_replicas_share_postgres(session, start_matcher, start_node, datab
     _, sealed = client_b.seal([hang], "wait", job_id)
     body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
     pending = asyncio.create_task(session.post(f"{b.url}/v1/relay", data=body.model_dump_json()))
-    for _ in range(100):
+    for _ in range(300):
         if hang.jobs_seen:
             break
         await asyncio.sleep(0.02)

@@ -53,7 +53,7 @@ class MatcherProcess:
         if self.database_url:
             args += ["--database-url", self.database_url]
         self.proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        for _ in range(200):
+        for _ in range(600):
             try:
                 async with session.get(f"{self.url}/health") as resp:
                     if resp.status == 200:
