@@ -77,7 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the answer"
     )
-    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (the default) answers deterministically"
+    )
     chat.add_argument("--api-key", help="the gateway's key, if it requires one")
     chat.set_defaults(func=cmd_chat)
 
@@ -242,9 +245,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         model = args.model or config.get("model") or _first_model(client)
         messages = [{"role": "user", "content": args.question}]
-        extra: dict[str, Any] = {}
-        if args.max_tokens is not None:
-            extra["max_tokens"] = args.max_tokens
+        extra: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
         usage = None
         if args.stream:
             stream = client.chat.completions.create(

@@ -1,9 +1,12 @@
 """`imago up` and `imago down`: the whole system on loopback, for a developer's machine.
 
-`up` starts, in order, the devnet, the matcher, one node with the embedded model and
-the client gateway, each as a detached process logging to ``$IMAGO_HOME/logs/``. It
+`up` starts, in order, the devnet (and deploys the contracts, funds dev wallets and
+opens the client's escrow on it), the matcher, one node with the embedded model
+(registered on-chain as a Provider with stake), and the client gateway paying from
+that escrow. Each runs as a detached process logging to ``$IMAGO_HOME/logs/``. It
 waits for each to answer, records what runs in ``$IMAGO_HOME/stack.json`` (which the
-`chat` command and `down` read) and prints where everything is.
+`chat` command and `down` read) and prints where everything is. The devnet's state,
+the deployment and the wallets persist in ``$IMAGO_HOME`` across `down` and `up`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class StackState:
     escrow: str = ""
     vault: str = ""
     chain_url: str = ""
+    provider: str = ""
 
     @classmethod
     def path(cls, home: Path) -> Path:
@@ -204,6 +208,8 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     state.matcher_url = launcher.url("matcher")
     state.gateway_url = launcher.url("gateway")
     launcher.say("Starting Imago on loopback:")
+    start_devnet(launcher)
+    setup_chain(launcher)
     launcher.spawn(
         "matcher",
         [
@@ -224,16 +230,117 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     launcher.spawn("node", node_args, lambda: matcher_has_nodes(state.matcher_url))
     models = http_json(f"{state.matcher_url}/v1/models")["data"]
     state.model = models[0]["id"]
+    register_provider(launcher)
     launcher.spawn(
         "gateway",
         [
             "client", "serve", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["gateway"]),
             "--matcher", state.matcher_url, "--state-dir", str(home / "client"),
+            "--escrow", state.escrow, "--vault", state.vault,
         ],
         lambda: http_ok(f"{state.gateway_url}/v1/models"),
     )  # fmt: skip
     state.save(home)
+
+
+OPERATOR_FUNDS_TON = "300"
+CLIENT_FUNDS_TON = "50"
+CLIENT_ESCROW_TON = "20"
+PROVIDER_FUNDS_TON = "50"
+PROVIDER_STAKE_TON = "12"
+
+
+def run_imago(home: Path, *args: str) -> dict:
+    """Run one `imago … --json` command against this home and return its JSON."""
+    result = subprocess.run(
+        [sys.executable, "-m", "client.cli", *args, "--json"],
+        env={**os.environ, "IMAGO_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise StackError(f"`imago {' '.join(args)}` failed: {result.stderr.strip()}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def try_imago(home: Path, *args: str) -> dict:
+    """Like run_imago, but a failure (e.g. a contract not deployed yet) gives {}."""
+    try:
+        return run_imago(home, *args)
+    except StackError:
+        return {}
+
+
+def start_devnet(launcher: StackLauncher) -> None:
+    port = str(launcher.ports["devnet"])
+    devnet = run_imago(launcher.home, "devnet", "up", "--port", port)
+    service = Service("devnet", devnet["pid"], devnet["url"], devnet["log_file"])
+    launcher.state.services.append(service)
+    launcher.state.chain_url = devnet["url"]
+    launcher.state.save(launcher.home)
+    launcher.say(f"  {'devnet':<8} {service.url}  (pid {service.pid}, log {service.log})")
+
+
+def ensure_wallet(home: Path, name: str, funds_ton: str) -> None:
+    if not (home / "wallets" / f"{name}.json").exists():
+        run_imago(home, "wallet", "new", "--name", name)
+        run_imago(home, "wallet", "faucet", funds_ton, "--name", name)
+
+
+def setup_chain(launcher: StackLauncher) -> None:
+    """Deploy the contract set and open the client's escrow, unless the devnet has them."""
+    from client.keys import load_or_create_spend_key
+
+    home, state = launcher.home, launcher.state
+    ensure_wallet(home, "operator", OPERATOR_FUNDS_TON)
+    if not (home / "deployment.json").exists():
+        launcher.say("  deploying the contracts (Registry, Vault) …")
+        run_imago(home, "registry", "deploy", "--all", "--name", "operator")
+    vaults = json.loads((home / "deployment.json").read_text())["vaults"]
+    state.vault = next(iter(vaults.values()))  # the operator's, deployed with --all
+    ensure_wallet(home, "client", CLIENT_FUNDS_TON)
+    spend_key = load_or_create_spend_key(home / "client" / "spend.key")
+    spend_public = spend_key.public_key().public_bytes_raw().hex()
+    escrow_file = home / "client" / "escrow.json"
+    escrow = {}
+    if escrow_file.exists():
+        address = json.loads(escrow_file.read_text())["escrow"]
+        escrow = try_imago(home, "escrow", "status", "--name", "client", "--address", address)
+    if escrow.get("state") != "open":
+        launcher.say(f"  opening the client's escrow with {CLIENT_ESCROW_TON} TON …")
+        escrow = run_imago(
+            home, "escrow", "open", "--amount", CLIENT_ESCROW_TON,
+            "--name", "client", "--spend-key", spend_public,
+        )  # fmt: skip
+        escrow_file.write_text(json.dumps({"escrow": escrow["escrow"], "spend_key": spend_public}))
+    state.escrow = escrow["escrow"]
+    launcher.say(f"  escrow   {state.escrow} ({escrow.get('available', '?')} TON available)")
+
+
+def register_provider(launcher: StackLauncher) -> None:
+    """Stake the node on-chain as a Provider, with the prices it announces."""
+    home, state = launcher.home, launcher.state
+    node_url = launcher.url("node")
+    identity = http_json(f"{node_url}/v1/identity")
+    offers = http_json(f"{node_url}/v1/status")["models"]
+    ensure_wallet(home, "provider", PROVIDER_FUNDS_TON)
+    status = try_imago(home, "provider", "status", "--name", "provider")
+    if status.get("state") == "active":
+        if status.get("node_key") != identity["ed25519_public"]:
+            run_imago(home, "provider", "rotate-key", "--name", "provider",
+                      "--node-key", identity["ed25519_public"])  # fmt: skip
+    else:
+        models = [f"{o['id']}:{o['price_prompt']}:{o['price_completion']}" for o in offers]
+        status = run_imago(
+            home, "provider", "register", "--name", "provider",
+            "--stake", PROVIDER_STAKE_TON, "--node-key", identity["ed25519_public"],
+            *(arg for model in models for arg in ("--model", model)),
+        )  # fmt: skip
+    state.provider = status["provider"]
+    launcher.say(f"  provider {state.provider} (stake {status.get('stake')} TON)")
 
 
 def matcher_has_nodes(matcher_url: str) -> bool:
