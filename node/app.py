@@ -54,6 +54,7 @@ class NodeConfig:
     engine_python: str | None = None
     engine_port: int = 8801
     max_model_len: int = 2048
+    engine_dtype: str = "bfloat16"
     engine_start_timeout: float = 600.0
     continuous_usage: bool = True
     # offer
@@ -167,6 +168,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 state_dir=config.state_dir,
                 engine_python=config.engine_python,
                 max_model_len=config.max_model_len,
+                dtype=config.engine_dtype,
             )
             state.supervisor = Supervisor(
                 launch, session, start_timeout=config.engine_start_timeout

@@ -90,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-port", type=int, default=8801)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument(
+        "--engine-dtype",
+        default="bfloat16",
+        help="vLLM --dtype for the supervised engine (default bfloat16)",
+    )
+    p.add_argument(
         "--no-continuous-usage",
         action="store_true",
         help="the upstream rejects stream_options.continuous_usage_stats",
@@ -156,6 +161,7 @@ def serve(args: argparse.Namespace) -> int:
         engine_python=args.engine_python,
         engine_port=args.engine_port,
         max_model_len=args.max_model_len,
+        engine_dtype=args.engine_dtype,
         continuous_usage=not args.no_continuous_usage,
         price_prompt=args.price_prompt,
         price_completion=args.price_completion,

@@ -90,6 +90,7 @@ def vllm_launch(
     state_dir: Path,
     engine_python: str | None = None,
     max_model_len: int = 2048,
+    dtype: str = "bfloat16",
     gpu: bool | None = None,
     extra_args: list[str] | None = None,
 ) -> EngineLaunch:
@@ -125,7 +126,7 @@ def vllm_launch(
         "--served-model-name",
         served_model_name,
         "--dtype",
-        "bfloat16",
+        dtype,
         "--max-model-len",
         str(max_model_len),
         "--host",
