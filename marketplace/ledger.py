@@ -167,8 +167,27 @@ class Ledger:
             "created_at": now_ms(),
             **row,
         }
-        await self._submit("open", row)
+        if self._task is None:
+            raise LedgerError("the ledger is not running")
+        future = self._enqueue("open", row)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller left (a client disconnect) but the row still commits: fail it
+            # right behind, so that nothing stays in flight.
+            future.add_done_callback(lambda f: self._abandoned(row["job_id"], f))
+            raise
         self.counts[JobStatus.IN_FLIGHT] += 1
+
+    def _abandoned(self, job_id: str, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        self.counts[JobStatus.IN_FLIGHT] += 1
+        self.close_job(
+            job_id,
+            JobStatus.FAILED_BEFORE_FIRST_BYTE,
+            error="client disconnected before the first byte",
+        )
 
     def close_job(self, job_id: str, status: JobStatus, **fields: Any) -> asyncio.Future:
         """Queue the final state of a job; the future resolves once committed."""

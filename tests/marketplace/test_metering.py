@@ -333,3 +333,21 @@ async def test_sqlite_lock_held_elsewhere_never_blocks_the_loop(
     result = await asyncio.wait_for(relay, 10)
     assert result.end is not None
     assert (await jobs(matcher))[result.job_id]["status"] == "completed"
+
+
+async def test_in_flight_insert_cancelled_midway_is_failed_behind(start_matcher, database_url):
+    """A client that leaves while its in-flight row commits leaves no job in flight."""
+    matcher = await start_matcher(database_url=database_url)
+    job_id = envelope.new_job_id().hex()
+    row = {"job_id": job_id, "model": MODEL, "escrow": ESCROW.to_str(False), "request_bytes": 1}
+    task = asyncio.create_task(matcher.ledger.open_job(row))
+    await asyncio.sleep(0)  # queued, not yet committed
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await matcher.ledger.call(lambda c: None)
+    await matcher.ledger.call(lambda c: None)
+    job = (await jobs(matcher))[job_id]
+    assert job["status"] == "failed_before_first_byte"
+    assert matcher.ledger.counts["in_flight"] == 0
+    assert matcher.ledger.counts["failed_before_first_byte"] == 1
