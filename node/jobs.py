@@ -214,6 +214,13 @@ class JobService:
                 "rate_limit_error",
                 "node_busy",
             )
+        self.active += 1  # a slot from here on, so that bursts cannot overshoot the limit
+        try:
+            return await self._accept(request, job_id)
+        finally:
+            self.active -= 1
+
+    async def _accept(self, request: web.Request, job_id: bytes) -> web.StreamResponse:
         if job_id in self._seen:
             return error_response(
                 409, "job id already used (replay)", "invalid_request_error", "job_replayed"
@@ -256,7 +263,7 @@ class JobService:
         if model is None:
             return error_response(
                 404,
-                f"The model `{job.body.get('model')}` is not served by this node.",
+                f"The model `{str(job.body.get('model'))[:200]}` is not served by this node.",
                 "NotFoundError",
                 "model_not_found",
             )
@@ -278,13 +285,9 @@ class JobService:
         self._seen.add(job_id)
         sealer = ResponseSealer(response_key, job_id)
         run = _Job(self, job, job_id, escrow, model, sealer, envelope.request_hash(sealed))
-        self.active += 1
-        try:
-            if job.body.get("stream"):
-                return await run.stream(request)
-            return await run.complete()
-        finally:
-            self.active -= 1
+        if job.body.get("stream"):
+            return await run.stream(request)
+        return await run.complete()
 
 
 class _Job:
