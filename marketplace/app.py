@@ -7,8 +7,10 @@ typed app keys.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 
@@ -105,7 +107,11 @@ async def _scheduler(app: web.Application):
     )
     scheduler.start()
     app[SCHEDULER] = scheduler
+    readmit = asyncio.create_task(registry.readmit_known(), name="imago-readmit")
     yield
+    readmit.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await readmit
     scheduler.shutdown(wait=False)
 
 

@@ -226,6 +226,41 @@ class NodeRegistry:
             }
         )
 
+    async def readmit_known(self) -> int:
+        """At start: attest again every node the database knows and did not reject, so
+        that a restarted matcher (or a new replica) serves without waiting for nodes to
+        register again. Returns how many were admitted."""
+        from sqlalchemy import select
+
+        from marketplace.db import NodeRecord
+
+        table = NodeRecord.__table__
+        rows = await self.ledger.call(
+            lambda conn: conn.execute(
+                select(table.c.node_id, table.c.url).where(table.c.state != "rejected")
+            ).all()
+        )
+        admitted = 0
+
+        async def one(node_id: str, url: str) -> None:
+            nonlocal admitted
+            if node_id in self.nodes:
+                return
+            try:
+                await self.admit(NodeRegistration(url=url, ed25519_public=node_id))
+                admitted += 1
+            except AdmissionError as e:
+                log.info("known node %s not re-admitted: %s", node_id[:16], e)
+
+        semaphore = asyncio.Semaphore(MAX_PARALLEL_CHECKS)
+
+        async def bounded(node_id: str, url: str) -> None:
+            async with semaphore:
+                await one(node_id, url)
+
+        await asyncio.gather(*(bounded(node_id, url) for node_id, url in rows))
+        return admitted
+
     # --- periodic checks (APScheduler jobs) -------------------------------------------
 
     async def _bounded(self, check, nodes: list[NodeState]) -> None:
