@@ -168,6 +168,8 @@ class Supervisor:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         health_interval: float = 5.0,
+        unhealthy_limit: int = 6,
+        health_timeout: float = 5.0,
     ) -> None:
         self.launch = launch
         self._session = session
@@ -175,6 +177,8 @@ class Supervisor:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._health_interval = health_interval
+        self._unhealthy_limit = unhealthy_limit
+        self._health_timeout = health_timeout
         self.ready = asyncio.Event()
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
@@ -271,14 +275,34 @@ class Supervisor:
     async def _healthy(self) -> bool:
         try:
             async with self._session.get(
-                f"{self.launch.base_url}/health", timeout=aiohttp.ClientTimeout(total=5)
+                f"{self.launch.base_url}/health",
+                timeout=aiohttp.ClientTimeout(total=self._health_timeout),
             ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def _watch(self) -> int | None:
-        return await self.process.wait() if self.process else None
+        """Wait for the engine to exit; kill it if it stops answering ``/health`` (hung)."""
+        proc = self.process
+        if proc is None:
+            return None
+        failures = 0
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(proc.wait()), self._health_interval)
+            except TimeoutError:
+                pass
+            if await self._healthy():
+                failures = 0
+                continue
+            failures += 1
+            if failures >= self._unhealthy_limit:
+                log.error(
+                    "engine pid %s failed %d health checks in a row: killing it", proc.pid, failures
+                )
+                await self._stop_process()
+                return proc.returncode
 
     async def _stop_process(self) -> None:
         proc = self.process
@@ -287,6 +311,7 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped (hung) engine must see the TERM
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), 15)
         except TimeoutError:

@@ -126,3 +126,22 @@ async def test_engine_dies_with_a_killed_node(tmp_path):
         if pidfile.exists() and pidfile.read_text().strip():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+
+
+async def test_supervisor_restarts_a_hung_engine(tmp_path):
+    async with aiohttp.ClientSession() as session:
+        sup = Supervisor(
+            _fixture_launch(tmp_path, _free_port()), session,
+            backoff_initial=0.1, health_interval=0.2, unhealthy_limit=3, health_timeout=0.5,
+        )  # fmt: skip
+        task = asyncio.create_task(sup.run())
+        try:
+            await asyncio.wait_for(sup.ready.wait(), 30)
+            hung = sup.pid
+            os.killpg(hung, signal.SIGSTOP)  # alive, but answers nothing
+            await _wait(lambda: sup.starts == 2 and sup.ready.is_set(), 60)
+            assert not _alive(hung)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
