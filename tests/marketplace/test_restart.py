@@ -176,3 +176,18 @@ async def test_restart_aborts_jobs_in_flight(session, start_node, tmp_path, data
         assert (await metrics(session, matcher.url))["completed"] == 2
     finally:
         matcher.kill()
+
+
+def test_taken_port_gives_a_clear_message(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "marketplace", "serve", "--port", str(port),
+             "--state-dir", str(tmp_path / "m")],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken" in result.stderr
