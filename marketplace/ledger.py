@@ -86,6 +86,12 @@ class VoucherUpdate:
     job_ids: tuple[str, ...]
 
 
+def _unawaited(future: asyncio.Future) -> asyncio.Future:
+    """Callers may ignore this future: its failure is logged by the writer already."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
 @dataclass
 class _Op:
     kind: str  # "open", "close", "node", "voucher", "call"
@@ -194,10 +200,10 @@ class Ledger:
         self.counts[JobStatus.IN_FLIGHT] -= 1
         self.counts[status] += 1
         fields.update(job_id=job_id, status=status, finished_at=now_ms())
-        return self._enqueue("close", fields)
+        return _unawaited(self._enqueue("close", fields))
 
     def save_node(self, fields: dict) -> asyncio.Future:
-        return self._enqueue("node", {**fields, "updated_at": now_ms()})
+        return _unawaited(self._enqueue("node", {**fields, "updated_at": now_ms()}))
 
     async def submit_voucher(self, voucher: VoucherUpdate) -> dict:
         return await self._submit("voucher", voucher)
