@@ -747,6 +747,10 @@ class ImagoClient:
             ) as resp:
                 if resp.status == 200:
                     return True
+                if resp.status == 409 and await _already_holds(resp):
+                    # An earlier post reached the matcher but its answer was lost: the
+                    # matcher holds a voucher of ours at or above this cumulative.
+                    return True
                 self.last_voucher_error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
         except (aiohttp.ClientError, TimeoutError) as e:
             self.last_voucher_error = f"matcher unreachable: {e}"
@@ -760,6 +764,15 @@ class ImagoClient:
 async def _empty() -> AsyncIterator[dict[str, Any]]:  # pragma: no cover - placeholder
     return
     yield
+
+
+async def _already_holds(resp: aiohttp.ClientResponse) -> bool:
+    try:
+        data = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and error.get("code") == "voucher_not_increasing"
 
 
 async def _matcher_error(resp: aiohttp.ClientResponse, what: str) -> ImagoError:

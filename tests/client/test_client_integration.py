@@ -204,6 +204,18 @@ async def test_real_path_streaming(real_stack: RealStack) -> None:
     assert real_stack.client.acknowledged_spend == real_stack.client.cumulative_spend
 
 
+async def test_a_voucher_whose_answer_was_lost_counts_as_acknowledged(
+    real_stack: RealStack,
+) -> None:
+    await real_stack.openai.chat.completions.create(model="fixture-model", messages=QUESTION)
+    await real_stack.client.flush_vouchers()
+    held = real_stack.client.acknowledged_spend
+    # The same cumulative again, as after a lost 200: the matcher answers 409 and the
+    # client must stop retrying rather than loop forever.
+    assert await real_stack.client._post_voucher(held, [])
+    assert not await real_stack.client._post_voucher(held + 1, ["00" * 32])  # unknown job
+
+
 async def test_real_path_errors(real_stack: RealStack) -> None:
     before = real_stack.client.cumulative_spend
     with pytest.raises(openai.NotFoundError):
