@@ -2,15 +2,22 @@
 
 In one run it starts the benchmark fixture upstream (scripts/bench_upstream.py, which
 answers instantly, so only our overhead is measured), and the full Imago path in front
-of it as real processes: gateway → matcher → node → upstream, with HPKE seal and open,
-receipt signing and verification, spend vouchers and durable metering. Then it sends
-the same requests both ways, alternating batches so that noise hits both alike:
+of it as real processes: matcher → node → upstream, plus the client gateway. Every
+Imago request pays HPKE seal and open, receipt signing and verification, spend
+vouchers and durable metering. Three ways of calling, alternating batches so that
+noise hits all alike:
 
-- latency: non-streaming, short prompt, at ``--concurrency`` (default 1);
-- time to first token: streaming, at concurrency 1;
-- throughput: non-streaming at ``--throughput-concurrency`` (default 32).
+- ``direct``: the upstream itself, over HTTP from this process;
+- ``imago``: the client SDK in this process (as an application embeds it) → matcher
+  → node → upstream;
+- ``imago_gateway``: HTTP to the local OpenAI-compatible gateway, which runs the SDK.
 
-Prints one JSON object. Usage: ``python scripts/bench_overhead.py [--requests 400]``
+Measured: latency (non-streaming, short prompt, at ``--concurrency``, default 1); time
+to first token (streaming, concurrency 1); throughput (non-streaming at
+``--throughput-concurrency``, default 32). This process runs on uvloop, as the
+services do. Prints one JSON object.
+
+Usage: ``python scripts/bench_overhead.py [--requests 400]``
 """
 
 from __future__ import annotations
@@ -28,6 +35,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import uvloop
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pytoniq_core import Address
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from client.sdk.client import ImagoClient  # noqa: E402
+from client.sdk.receipts import PriceCaps  # noqa: E402
+from contracts.protocol.attestation import AttestationPolicy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-instant"
@@ -111,13 +126,13 @@ async def first_token(session: aiohttp.ClientSession, url: str) -> float:
     return elapsed
 
 
-async def run_batch(session, url: str, requests: int, concurrency: int, op) -> dict:
+async def run_batch(op, requests: int, concurrency: int) -> dict:
     latencies: list[float] = []
     queue = iter(range(requests))
 
     async def worker() -> None:
         for _ in queue:
-            latencies.append(await op(session, url))
+            latencies.append(await op())
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -134,17 +149,50 @@ def summarize(batches: list[dict]) -> dict:
     }
 
 
-async def compare(session, direct: str, imago: str, requests: int, concurrency: int, op):
-    """Alternate direct and Imago batches; return both summaries."""
+async def compare(ops: dict, requests: int, concurrency: int) -> dict[str, dict]:
+    """Alternate batches of each way of calling; return a summary per way."""
     rounds = 4
     per_batch = max(concurrency, requests // rounds)
-    for url in (direct, imago):  # warm connections and caches
-        await run_batch(session, url, concurrency * 2, concurrency, op)
-    results: dict[str, list[dict]] = {"direct": [], "imago": []}
+    for op in ops.values():  # warm connections and caches
+        await run_batch(op, concurrency * 2, concurrency)
+    results: dict[str, list[dict]] = {name: [] for name in ops}
     for _ in range(rounds):
-        results["direct"].append(await run_batch(session, direct, per_batch, concurrency, op))
-        results["imago"].append(await run_batch(session, imago, per_batch, concurrency, op))
-    return summarize(results["direct"]), summarize(results["imago"])
+        for name, op in ops.items():
+            results[name].append(await run_batch(op, per_batch, concurrency))
+    return {name: summarize(batches) for name, batches in results.items()}
+
+
+def sdk_client(matcher_url: str, workdir: Path) -> ImagoClient:
+    """The client SDK in this process, as an application embeds it (devnet mode)."""
+    spend_key = Ed25519PrivateKey.generate()
+    return ImagoClient(
+        matcher_url=matcher_url,
+        escrow=Address("0:" + "11" * 32),
+        vault=Address("0:" + "22" * 32),
+        spend_key=spend_key,
+        policy=AttestationPolicy(allow_dev=True),
+        caps=PriceCaps(prompt=10**12, completion=10**12),
+        state_path=workdir / "sdk-spend.json",
+        devnet=True,
+    )
+
+
+async def sdk_request(client: ImagoClient) -> float:
+    started = time.perf_counter()
+    await client.complete("chat/completions", BODY)
+    return time.perf_counter() - started
+
+
+async def sdk_first_token(client: ImagoClient) -> float:
+    started = time.perf_counter()
+    stream = client.stream("chat/completions", {**BODY, "stream": True})
+    elapsed = None
+    async for chunk in stream:
+        if elapsed is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            elapsed = time.perf_counter() - started
+    if elapsed is None:
+        raise RuntimeError("sdk: no content chunk in the stream")
+    return elapsed
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -172,19 +220,38 @@ async def main(args: argparse.Namespace) -> dict:
             await wait_ready(session, f"{url['matcher']}/v1/models")
             await wait_ready(session, f"{url['gateway']}/v1/models")
             direct_url = f"{url['upstream']}/v1/chat/completions"
-            imago_url = f"{url['gateway']}/v1/chat/completions"
-            direct, imago = await compare(
-                session, direct_url, imago_url, args.requests, args.concurrency, one_request
-            )
-            ttft_direct, ttft_imago = await compare(
-                session, direct_url, imago_url, args.requests // 2, 1, first_token
-            )
-            tp_direct, tp_imago = await compare(
-                session, direct_url, imago_url, args.throughput_requests,
-                args.throughput_concurrency, one_request,
-            )  # fmt: skip
+            gateway_url = f"{url['gateway']}/v1/chat/completions"
+            async with sdk_client(url["matcher"], workdir) as sdk:
+                latency = await compare(
+                    {
+                        "direct": lambda: one_request(session, direct_url),
+                        "imago": lambda: sdk_request(sdk),
+                        "imago_gateway": lambda: one_request(session, gateway_url),
+                    },
+                    args.requests,
+                    args.concurrency,
+                )
+                ttft = await compare(
+                    {
+                        "direct": lambda: first_token(session, direct_url),
+                        "imago": lambda: sdk_first_token(sdk),
+                        "imago_gateway": lambda: first_token(session, gateway_url),
+                    },
+                    args.requests // 2,
+                    1,
+                )
+                throughput = await compare(
+                    {
+                        "direct": lambda: one_request(session, direct_url),
+                        "imago": lambda: sdk_request(sdk),
+                        "imago_gateway": lambda: one_request(session, gateway_url),
+                    },
+                    args.throughput_requests,
+                    args.throughput_concurrency,
+                )
     finally:
         procs.stop()
+    direct, imago, gateway = latency["direct"], latency["imago"], latency["imago_gateway"]
     return {
         "concurrency": args.concurrency,
         "requests": args.requests,
@@ -192,13 +259,17 @@ async def main(args: argparse.Namespace) -> dict:
         "imago": imago,
         "added_p50_ms": round(imago["p50_ms"] - direct["p50_ms"], 3),
         "added_p99_ms": round(imago["p99_ms"] - direct["p99_ms"], 3),
-        "ttft_added_p50_ms": round(ttft_imago["p50_ms"] - ttft_direct["p50_ms"], 3),
-        "ttft": {"direct": ttft_direct, "imago": ttft_imago},
+        "ttft_added_p50_ms": round(ttft["imago"]["p50_ms"] - ttft["direct"]["p50_ms"], 3),
+        "imago_gateway": gateway,
+        "gateway_added_p50_ms": round(gateway["p50_ms"] - direct["p50_ms"], 3),
+        "gateway_ttft_added_p50_ms": round(
+            ttft["imago_gateway"]["p50_ms"] - ttft["direct"]["p50_ms"], 3
+        ),
+        "ttft": ttft,
         "throughput": {
             "concurrency": args.throughput_concurrency,
             "requests": args.throughput_requests,
-            "direct": tp_direct,
-            "imago": tp_imago,
+            **throughput,
         },
     }
 
@@ -209,4 +280,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--throughput-requests", type=int, default=2000)
     parser.add_argument("--throughput-concurrency", type=int, default=32)
+    uvloop.install()
     print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
