@@ -9,6 +9,8 @@ this backend at it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -221,6 +223,11 @@ class OpenAIHttpBackend:
                     response.status, _normalize_error(response.status, await response.read())
                 )
             yield _sse_events(response)
+            if not response.content.at_eof():
+                # After [DONE] only the chunked-encoding trailer is left: read it so the
+                # keep-alive connection goes back to the pool instead of being dropped.
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    await asyncio.wait_for(response.content.read(), 1.0)
         finally:
             # Closing (not releasing) drops the connection mid-stream, which makes the
             # engine abort the request; after a full stream it is returned to the pool.
