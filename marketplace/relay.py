@@ -247,7 +247,7 @@ class Relay:
                     headers={"X-Imago-Job": job_id, "Content-Type": "application/octet-stream"},
                     timeout=self.timeout,
                 )
-                if resp.status >= 500:
+                if resp.status >= 500 or resp.status == 429:  # failed, or busy: try another
                     raise _NodeFailed(f"node answered {resp.status}")
                 if resp.status != 200:
                     text = (await resp.content.read(4096)).decode("utf-8", "replace")

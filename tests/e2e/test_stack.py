@@ -18,6 +18,8 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 MARKER = "ZEBRA-QUASAR-7731"
+# The bare question is a near tie for the first token in bf16 on CPU; this one is not.
+QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 def free_port() -> int:
@@ -72,7 +74,7 @@ def gateway(stack: dict) -> openai.OpenAI:
 def test_chat_non_streaming_answers_from_the_real_model(stack: dict) -> None:
     response = gateway(stack).chat.completions.create(
         model=stack["model"],
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": QUESTION}],
         temperature=0,
         max_tokens=32,
     )
@@ -86,7 +88,7 @@ def test_chat_non_streaming_answers_from_the_real_model(stack: dict) -> None:
 def test_chat_streaming_with_usage(stack: dict) -> None:
     stream = gateway(stack).chat.completions.create(
         model=stack["model"],
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": QUESTION}],
         temperature=0,
         max_tokens=32,
         stream=True,
@@ -109,7 +111,7 @@ def test_models_lists_the_embedded_model(stack: dict) -> None:
 
 def test_cli_chat_answers(stack: dict) -> None:
     result = imago(
-        stack["home"], "chat", "What is the capital of France? Answer in one sentence.",
+        stack["home"], "chat", QUESTION,
         "--gateway", f"{stack['gateway_url']}/v1", timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

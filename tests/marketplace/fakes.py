@@ -51,8 +51,8 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
 
 @dataclass
 class FakeNode:
-    """A fake node. ``mode``: ok, error500, die, slow, midstream, forge, hang, refuse,
-    bad_hash. ``attest_mode``: good, wrong_nonce, wrong_key."""
+    """A fake node. ``mode``: ok, error500, busy, die, slow, midstream, forge, hang,
+    refuse, bad_hash. ``attest_mode``: good, wrong_nonce, wrong_key."""
 
     models: dict[str, tuple[int, int]] = field(default_factory=lambda: {MODEL: (100, 200)})
     mode: str = "ok"
@@ -150,6 +150,12 @@ class FakeNode:
             return web.json_response(
                 {"error": {"message": "boom", "type": "server_error"}}, status=500
             )
+        if self.mode == "busy":
+            return web.json_response(
+                {"error": {"message": "node is at capacity", "type": "server_error",
+                           "code": "node_busy"}},
+                status=429,
+            )  # fmt: skip
         if self.mode == "die":
             request.transport.close()
             return web.Response()

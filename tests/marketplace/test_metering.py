@@ -63,7 +63,7 @@ async def test_relay_passes_frames_byte_for_byte_and_meters(
     assert matcher.ledger.counts["completed"] == 1 and matcher.ledger.counts["in_flight"] == 0
 
 
-@pytest.mark.parametrize("failure", ["error500", "die", "slow"])
+@pytest.mark.parametrize("failure", ["error500", "busy", "die", "slow"])
 async def test_failover_before_first_byte(
     session, start_matcher, start_node, client_for, database_url, failure
 ):
