@@ -132,6 +132,7 @@ def _setup_logging(log_file: Path | None) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import uvloop
 
     from node.app import NodeConfig, create_app
     from node.attest import AttestationUnavailable
@@ -176,6 +177,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"imago node: {e}", file=sys.stderr)
         return 2
     try:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop
         asyncio.run(_run(app, args.host, args.port))
     except OSError as e:
         print(

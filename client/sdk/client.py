@@ -179,7 +179,7 @@ class ImagoClient:
         session: aiohttp.ClientSession | None = None,
         fanout: int = 2,
         read_timeout: float = 300.0,
-        voucher_interval: float = 0.05,
+        voucher_interval: float = 1.0,
     ) -> None:
         if policy.allow_dev and not devnet:
             raise ValueError("dev attestations are accepted only in devnet mode")
