@@ -142,3 +142,30 @@ def test_up_refuses_a_taken_port(stack: dict, tmp_path: Path) -> None:
     result = imago(tmp_path, "up", f"--gateway-port={taken}", f"--matcher-port={free_port()}")
     assert result.returncode == 2
     assert f"port {taken} already in use" in result.stderr
+
+
+def test_engine_errors_reach_the_client_as_openai_errors(stack: dict) -> None:
+    client = gateway(stack)
+    with pytest.raises(openai.BadRequestError) as too_long:  # vLLM's own 400, sealed
+        client.chat.completions.create(
+            model=stack["model"],
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=100_000,
+        )
+    assert "max" in str(too_long.value).lower()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": QUESTION}]
+        )
+
+
+def test_the_escrow_and_provider_are_on_chain(stack: dict) -> None:
+    escrow = json.loads(
+        imago(stack["home"], "escrow", "status", "--json", "--name", "client",
+              "--address", stack["escrow"]).stdout
+    )  # fmt: skip
+    assert escrow["state"] == "open" and float(escrow["available"]) > 0
+    provider = json.loads(
+        imago(stack["home"], "provider", "status", "--json", "--name", "provider").stdout
+    )
+    assert provider["state"] == "active" and float(provider["stake"]) >= 10
