@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -157,11 +158,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except (LedgerError, ValueError) as e:
         return _fail(str(e))
+    api_key = args.api_key or os.environ.get("IMAGO_API_KEY") or None
+    if api_key is None and not _is_loopback(args.host):
+        # Whoever reaches the gateway spends from the escrow.
+        return _fail(f"--host {args.host} is reachable from other machines: set --api-key")
     port = args.port if args.port is not None else _port_from(config.get("gateway_url"))
     sock = _bind(args.host, port)
     if sock is None:
         return _fail(f"port {port} on {args.host} is taken; choose another with --port")
-    api_key = args.api_key or os.environ.get("IMAGO_API_KEY") or None
 
     def announce(_: str) -> None:
         print(
@@ -208,6 +212,13 @@ def _first_int(*values: Any) -> int:
         if value is not None:
             return int(value)
     raise ValueError("no value")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _fail(message: str) -> int:

@@ -215,7 +215,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         [
             "matcher", "serve", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["matcher"]),
-            "--state-dir", str(home / "matcher"),
+            "--state-dir", str(home / "matcher"), "--vault", state.vault,
         ],
         lambda: http_ok(f"{state.matcher_url}/health"),
     )  # fmt: skip
@@ -309,6 +309,13 @@ def setup_chain(launcher: StackLauncher) -> None:
     if escrow_file.exists():
         address = json.loads(escrow_file.read_text())["escrow"]
         escrow = try_imago(home, "escrow", "status", "--name", "client", "--address", address)
+        if escrow.get("state") not in (None, "open"):
+            # A closing or closed escrow takes no more deposits, and its address is
+            # fixed by the spend key: open a fresh one under a new key.
+            retire(home / "client" / "spend.key")
+            spend_key = load_or_create_spend_key(home / "client" / "spend.key")
+            spend_public = spend_key.public_key().public_bytes_raw().hex()
+            escrow = {}
     if escrow.get("state") != "open":
         launcher.say(f"  opening the client's escrow with {CLIENT_ESCROW_TON} TON …")
         escrow = run_imago(
@@ -318,6 +325,11 @@ def setup_chain(launcher: StackLauncher) -> None:
         escrow_file.write_text(json.dumps({"escrow": escrow["escrow"], "spend_key": spend_public}))
     state.escrow = escrow["escrow"]
     launcher.say(f"  escrow   {state.escrow} ({escrow.get('available', '?')} TON available)")
+
+
+def retire(path: Path) -> None:
+    """Keep an old key file beside its successor rather than delete it."""
+    path.replace(path.with_name(f"{path.name}.{int(time.time())}.retired"))
 
 
 def register_provider(launcher: StackLauncher) -> None:

@@ -76,6 +76,9 @@ async def test_serve_and_chat(fake_matcher: tuple[FakeMatcher, str], tmp_path: P
         # a taken port gives a clear message
         code, _, err = await run(env, "client", "serve", "--port", str(port))
         assert code == 2 and "is taken" in err
+        # a gateway other machines can reach must have an API key
+        code, _, err = await run(env, "client", "serve", "--host", "0.0.0.0", "--port", "0")
+        assert code == 2 and "--api-key" in err
 
         code, out, err = await run(env, "chat", "What is the capital of France?")
         assert code == 0, err
