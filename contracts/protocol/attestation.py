@@ -205,18 +205,16 @@ def _check_structure(quote: bytes, version: int, collateral: dict) -> None:
         body_end = 54 + int.from_bytes(quote[50:54], "little")
     else:
         raise AttestationError(f"tdx: unsupported quote version {version}")
-    try:
-        sig_len = int.from_bytes(quote[body_end : body_end + 4], "little")
-        cert = body_end + 4 + 128  # ECDSA signature and attestation key
-        outer_type = int.from_bytes(quote[cert : cert + 2], "little")
-        outer_len = int.from_bytes(quote[cert + 2 : cert + 6], "little")
-        qe = cert + 6 + 384 + 64  # QE report and its signature
-        auth_len = int.from_bytes(quote[qe : qe + 2], "little")
-        inner = qe + 2 + auth_len
-        inner_type = int.from_bytes(quote[inner : inner + 2], "little")
-        inner_len = int.from_bytes(quote[inner + 2 : inner + 6], "little")
-    except IndexError as e:  # pragma: no cover - slicing never raises; kept for clarity
-        raise AttestationError("tdx: quote is truncated") from e
+    # Slices past the end are short, never an error: the layout checks below reject them.
+    sig_len = int.from_bytes(quote[body_end : body_end + 4], "little")
+    cert = body_end + 4 + 128  # ECDSA signature and attestation key
+    outer_type = int.from_bytes(quote[cert : cert + 2], "little")
+    outer_len = int.from_bytes(quote[cert + 2 : cert + 6], "little")
+    qe = cert + 6 + 384 + 64  # QE report and its signature
+    auth_len = int.from_bytes(quote[qe : qe + 2], "little")
+    inner = qe + 2 + auth_len
+    inner_type = int.from_bytes(quote[inner : inner + 2], "little")
+    inner_len = int.from_bytes(quote[inner + 2 : inner + 6], "little")
     end = body_end + 4 + sig_len
     if sig_len != 128 + 6 + outer_len or outer_type != 6:
         raise AttestationError("tdx: signature data layout is not the QE certification form")

@@ -35,6 +35,8 @@ def pg_database() -> str:
     try:
         admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as e:
+        if os.environ.get("CI"):  # CI must exercise PostgreSQL; scripts/test.sh starts it
+            pytest.fail(f"PostgreSQL at {PG_DSN!r} is unreachable: {e}")
         pytest.skip(f"PostgreSQL at {PG_DSN!r} is unreachable: {e}")
     name = f"imago_mkt_{uuid.uuid4().hex[:12]}"
     admin.execute(f'CREATE DATABASE "{name}"')

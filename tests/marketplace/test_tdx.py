@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -21,26 +19,9 @@ from contracts.protocol.attestation import (
     verify_attestation,
     verify_tdx_quote,
 )
+from tests.shared_data import TDX_DIR, needs_tdx_sample
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _testdata_dir() -> Path | None:
-    candidates = []
-    if os.environ.get("IMAGO_SHARED"):
-        candidates.append(Path(os.environ["IMAGO_SHARED"]) / "testdata/tdx")
-    candidates += [REPO / "../shared/testdata/tdx", REPO / "shared/testdata/tdx"]
-    for candidate in candidates:
-        if (candidate / "tdx_quote").is_file():
-            return candidate.resolve()
-    return None
-
-
-TDX_DIR = _testdata_dir()
-pytestmark = pytest.mark.skipif(
-    TDX_DIR is None,
-    reason="the real TDX quote is absent: expected shared/testdata/tdx beside the repository",
-)
+pytestmark = needs_tdx_sample
 
 HEADER = 48
 TD_ATTRIBUTES_OFFSET = HEADER + 16 + 48 + 48 + 8  # tee_tcb_svn, mr_seam, mr_signer_seam, seam_attr

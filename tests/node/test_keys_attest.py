@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +25,7 @@ from node.attest import (
     make_provider,
 )
 from node.keys import KeystoreError, NodeKeys, load_or_create_keys
+from tests.shared_data import TDX_DIR, needs_tdx_sample
 
 
 def test_keystore_plain_is_0600_and_reloads(tmp_path):
@@ -130,9 +130,6 @@ async def test_identity_status_health(node):
         assert r.status == 200
 
 
-TDX_SAMPLE = Path("/work/shared/testdata/tdx")
-
-
 class _SampleQuoteProvider:
     """FIXTURE: stands in for configfs-tsm by returning a real (foreign) TDX quote."""
 
@@ -146,13 +143,13 @@ class _SampleQuoteProvider:
 
     def evidence(self, data: bytes) -> bytes:
         self.requests.append(data)
-        return (TDX_SAMPLE / "tdx_quote").read_bytes()
+        return (TDX_DIR / "tdx_quote").read_bytes()
 
 
-@pytest.mark.skipif(not (TDX_SAMPLE / "tdx_quote").exists(), reason="no TDX sample quote")
+@needs_tdx_sample
 async def test_tdx_doc_carries_cached_collateral_that_verifies():
     keys = NodeKeys.generate()
-    collateral = json.loads((TDX_SAMPLE / "tdx_quote_collateral.json").read_text())
+    collateral = json.loads((TDX_DIR / "tdx_quote_collateral.json").read_text())
     fetches = []
 
     async def fetch(quote: bytes) -> dict:
