@@ -216,6 +216,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
             "matcher", "serve", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["matcher"]),
             "--state-dir", str(home / "matcher"), "--vault", state.vault,
+            "--chain", state.chain_url,
         ],
         lambda: http_ok(f"{state.matcher_url}/health"),
     )  # fmt: skip

@@ -28,9 +28,11 @@ from contracts.protocol.api import (
     VoucherSubmission,
 )
 from contracts.protocol.signed import SignedObjectError, SpendVoucher
+from contracts.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
 from marketplace.db import make_engine
 from marketplace.errors import ApiError, error_middleware
+from marketplace.escrows import EscrowBook, EscrowMismatch
 from marketplace.ledger import Ledger, VoucherRejected, VoucherUpdate
 from marketplace.metrics import Metrics
 from marketplace.registry import AdmissionError, NodeRegistry
@@ -40,6 +42,7 @@ from marketplace.routing import NoRoute, rank
 __all__ = [
     "CONFIG",
     "ENGINE",
+    "ESCROWS",
     "LEDGER",
     "METRICS",
     "REGISTRY",
@@ -59,6 +62,7 @@ REGISTRY = web.AppKey("registry", NodeRegistry)
 RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
+ESCROWS = web.AppKey("escrows", EscrowBook)
 
 
 # --- lifetimes --------------------------------------------------------------------------
@@ -88,6 +92,17 @@ async def _node_client(app: web.Application):
     app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS])
     yield
     await session.close()
+
+
+async def _chain(app: web.Application):
+    config = app[CONFIG]
+    if config.chain_url is None:
+        yield
+        return
+    chain = ToncenterClient(config.chain_url)
+    app[ESCROWS] = EscrowBook(chain, config.vault)
+    yield
+    await chain.close()
 
 
 async def _scheduler(app: web.Application):
@@ -187,6 +202,11 @@ async def submit_voucher(request: web.Request) -> web.Response:
     vault = voucher.vault.to_str(is_user_friendly=False)
     if config.vault is not None and vault != normalize_escrow(config.vault):
         raise ApiError(400, "the voucher names another vault", code="wrong_vault")
+    if ESCROWS in request.app:
+        try:
+            await request.app[ESCROWS].check(voucher.escrow, spend_public)
+        except EscrowMismatch as e:
+            raise ApiError(403, str(e), type="permission_error", code=e.code) from e
     try:
         result = await request.app[LEDGER].submit_voucher(
             VoucherUpdate(
@@ -249,7 +269,7 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_database, _node_client, _scheduler])
+    app.cleanup_ctx.extend([_database, _chain, _node_client, _scheduler])
     app.on_shutdown.append(_stopping)
     app.router.add_post("/v1/nodes", register_node)
     app.router.add_post("/v1/route", route)

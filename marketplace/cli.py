@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="TDX TCB statuses to accept (default: UpToDate)",
     )  # fmt: skip
     serve.add_argument("--vault", help="the operator's Vault address vouchers must name")
+    serve.add_argument(
+        "--chain", metavar="URL",
+        help="toncenter v2 API (the devnet's, or toncenter): check escrows' spend keys on-chain",
+    )  # fmt: skip
     serve.add_argument("--instance", help="this replica's name in the jobs table")
     serve.add_argument(
         "--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
@@ -90,6 +94,7 @@ def serve_command(args: argparse.Namespace) -> int:
         allowed_mr_td=mr_td,
         accepted_tcb_statuses=frozenset(args.accept_tcb_status),
         vault=args.vault,
+        chain_url=args.chain,
         **extra,
     )
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop

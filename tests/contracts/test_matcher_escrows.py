@@ -1,0 +1,36 @@
+"""The matcher's on-chain escrow check (marketplace.escrows) against real escrows."""
+
+from __future__ import annotations
+
+import pytest
+from pytoniq_core import Address
+
+from contracts import getters, roles
+from marketplace.escrows import EscrowBook, EscrowMismatch
+from tests.contracts.conftest import TON, Key
+
+
+async def test_a_voucher_must_be_signed_by_the_escrows_own_spend_key(
+    chain, contracts_set, make_wallet
+) -> None:
+    owner = await make_wallet()
+    spend, stranger = Key(), Key()
+    vault_data = await getters.get_vault_data(chain, contracts_set.vault)
+    escrow, _ = await roles.escrow_open(
+        owner, contracts_set.vault, spend.public, 2 * TON, vault_data.escrow_close_delay
+    )
+    book = EscrowBook(chain, contracts_set.vault.to_str(is_user_friendly=False))
+
+    await book.check(escrow, spend.public)  # the key the escrow was deployed with
+    with pytest.raises(EscrowMismatch) as wrong_key:  # squatting another client's escrow
+        await book.check(escrow, stranger.public)
+    assert wrong_key.value.code == "wrong_spend_key"
+
+    elsewhere = EscrowBook(chain, Address("0:" + "33" * 32).to_str(is_user_friendly=False))
+    with pytest.raises(EscrowMismatch) as wrong_vault:
+        await elsewhere.check(escrow, spend.public)
+    assert wrong_vault.value.code == "wrong_vault"
+
+    with pytest.raises(EscrowMismatch) as unknown:
+        await book.check(Address("0:" + "44" * 32), spend.public)
+    assert unknown.value.code == "unknown_escrow"
