@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pytoniq_core import Address, Cell
+from pytoniq_core import Address
 
 from client.sdk.errors import ReceiptRejected
 from contracts.protocol.api import EndFrame, ModelOffer
@@ -72,15 +72,14 @@ def verify_receipt(end: EndFrame, expected: Expected) -> VerifiedReceipt:
     try:
         boc = base64.b64decode(end.receipt or "", validate=True)
         signature = bytes.fromhex(end.signature or "")
-        cell = Cell.one_from_boc(boc)
-        receipt = Receipt.from_cell(cell)
+        receipt, cell_hash = Receipt.parse_boc(boc)
     except (ValueError, SignedObjectError) as e:
         raise ReceiptRejected(f"malformed receipt: {e}") from e
     except Exception as e:  # pytoniq raises bare errors on a malformed BOC
         raise ReceiptRejected(f"malformed receipt BOC: {e}") from e
     # The signature covers the hash of the cell as received (what a contract checks),
     # whose fields are exactly those parsed (from_cell refuses trailing data).
-    problems = receipt_problems(receipt, cell.hash, signature, end, expected)
+    problems = receipt_problems(receipt, cell_hash, signature, end, expected)
     if problems:
         raise ReceiptRejected("receipt rejected: " + "; ".join(problems))
     return VerifiedReceipt(receipt=receipt, boc=boc, signature=signature, node_id=expected.node_id)

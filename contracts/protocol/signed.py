@@ -18,6 +18,10 @@ TL-B (the contracts parse the same layouts, see ``contracts/common/signed.tolk``
         paid:Coins fees:Coins leaves:uint32 = EpochCommit;
 
 Prices are nanoTON per million tokens.
+
+``hash``, ``to_boc``, ``encode``, ``from_boc`` and ``parse_boc`` take a fast path
+(``contracts/protocol/cells.py``) that writes and reads these layouts directly, bit for
+bit what pytoniq gives; pytoniq stays the fallback for anything else.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from pytoniq_core import Address, Builder, Cell, Slice, begin_cell
+
+from contracts.protocol import cells
+from contracts.protocol.cells import BitReader, BitWriter, CellBits, Unsupported
 
 __all__ = [
     "EpochCommit",
@@ -97,20 +104,67 @@ class _Signed:
             raise SignedObjectError(f"{cls.__name__}: trailing data")
         return obj
 
+    # The fast path (contracts/protocol/cells.py) writes and reads these layouts directly;
+    # pytoniq remains the reference and the fallback for whatever the fast path does not
+    # handle (odd field values, other BOC forms, other address kinds), so results never
+    # depend on it.
+
+    def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def _fast_load(cls, root: cells.ParsedCell) -> Self:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def to_boc(self) -> bytes:
-        return self.to_cell().to_boc()
+        try:
+            root, leaves = self._fast_cells()
+            return cells.serialize_boc(root, leaves)
+        except Unsupported:
+            return self.to_cell().to_boc()
 
     @classmethod
     def from_boc(cls, boc: bytes) -> Self:
+        return cls.parse_boc(boc)[0]
+
+    @classmethod
+    def parse_boc(cls, boc: bytes) -> tuple[Self, bytes]:
+        """The object in a BOC and the representation hash of its cell as received (what a
+        signature covers and a contract checks). Raises SignedObjectError."""
+        if type(boc) is bytes:
+            try:
+                root = cells.parse_boc(boc)
+                obj = cls._fast_load(root)  # reads fields only in their canonical form
+                # Accept only a BOC that is exactly the canonical encoding of the cells
+                # read, so that the cells received are the cells _fast_cells() writes for
+                # obj, and their hash is that of the cell as received.
+                canonical, cell_hash = cells.encode(root.bits, tuple(r.bits for r in root.refs))
+                if canonical == boc:
+                    return obj, cell_hash
+            except Unsupported:
+                pass
         try:
             cell = Cell.one_from_boc(boc)
         except Exception as e:
             raise SignedObjectError(f"{cls.__name__}: not a BOC: {e}") from e
-        return cls.from_cell(cell)
+        return cls.from_cell(cell), cell.hash
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(self.to_boc(), self.hash)``, sharing the work: what a signer sends and signs."""
+        try:
+            root, leaves = self._fast_cells()
+            return cells.encode(root, leaves)
+        except Unsupported:
+            cell = self.to_cell()
+            return cell.to_boc(), cell.hash
 
     @property
     def hash(self) -> bytes:
-        return self.to_cell().hash
+        try:
+            root, leaves = self._fast_cells()
+            return cells.cell_hash(root, leaves)
+        except Unsupported:
+            return self.to_cell().hash
 
     def sign(self, key: Ed25519PrivateKey) -> bytes:
         return key.sign(self.hash)
@@ -189,6 +243,49 @@ class Receipt(_Signed):
             response_hash=digests.load_bytes(32),
         )
 
+    # The hot one, written as expressions over ints rather than with BitWriter/BitReader.
+    # root: tag:32 escrow:267 job_id:256 time:32 = 587 bits; digests: 512 bits.
+
+    def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
+        pp, pp_bits = cells.coins(self.price_prompt)
+        pc, pc_bits = cells.coins(self.price_completion)
+        am, am_bits = cells.coins(self.amount)
+        body = (cells.uint(self.model, 256) << 64) | (cells.uint(self.prompt_tokens, 32) << 32)
+        body = (body | cells.uint(self.completion_tokens, 32)) << pp_bits | pp
+        body = ((body << pc_bits | pc) << am_bits) | am
+        digests = (cells.bits256(self.request_hash) << 256) | cells.bits256(self.response_hash)
+        escrow = _address_bits(self.escrow)
+        root = (((TAG_RECEIPT << 267) | escrow) << 288) | (cells.uint(self.job_id, 256) << 32)
+        root |= cells.uint(self.time, 32)
+        return (root, 587), ((body, 320 + pp_bits + pc_bits + am_bits), (digests, 512))
+
+    @classmethod
+    def _fast_load(cls, root: cells.ParsedCell) -> Receipt:
+        refs = root.refs
+        if len(refs) != 2:
+            raise Unsupported("a receipt has two refs")
+        body_cell, digests_cell = refs
+        r, n = root.bits
+        d, dn = digests_cell.bits
+        if n != 587 or dn != 512 or body_cell.refs or digests_cell.refs or r >> 555 != TAG_RECEIPT:
+            raise Unsupported("not a receipt's cells")
+        body = BitReader(body_cell.bits)
+        obj = cls(
+            Address(cells.read_std_address((r >> 288) & _ADDRESS_MASK)),
+            (r >> 32) & _U256,
+            r & 0xFFFFFFFF,
+            body.uint(256),
+            body.uint(32),
+            body.uint(32),
+            body.coins(),
+            body.coins(),
+            body.coins(),
+            (d >> 256).to_bytes(32, "big"),
+            (d & _U256).to_bytes(32, "big"),
+        )
+        body.end()
+        return obj
+
     @property
     def priced_amount(self) -> int:
         """What the amount must be given the token counts and unit prices."""
@@ -213,6 +310,27 @@ class SpendVoucher(_Signed):
     @classmethod
     def _load(cls, s: Slice) -> SpendVoucher:
         return cls(escrow=s.load_address(), vault=s.load_address(), cumulative=s.load_coins())
+
+    # tag:32 escrow:267 vault:267 cumulative:Coins
+
+    def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
+        c, c_bits = cells.coins(self.cumulative)
+        bits = (TAG_SPEND << 534) | (_address_bits(self.escrow) << 267)
+        bits = ((bits | _address_bits(self.vault)) << c_bits) | c
+        return (bits, 566 + c_bits), ()
+
+    @classmethod
+    def _fast_load(cls, root: cells.ParsedCell) -> SpendVoucher:
+        v, n = root.bits
+        c_bits = n - 566
+        top = v >> c_bits if c_bits >= 0 else 0
+        if root.refs or top >> 534 != TAG_SPEND:
+            raise Unsupported("not a spend voucher's cell")
+        return cls(
+            Address(cells.read_std_address((top >> 267) & _ADDRESS_MASK)),
+            Address(cells.read_std_address(top & _ADDRESS_MASK)),
+            cells.read_tail_coins(v, c_bits),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +363,28 @@ class PayoutVoucher(_Signed):
             provider=s.load_address(),
             epoch=s.load_uint(64),
             cumulative=s.load_coins(),
+        )
+
+    # tag:32 vault:267 provider:267 epoch:64 cumulative:Coins
+
+    def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
+        c, c_bits = cells.coins(self.cumulative)
+        bits = (TAG_PAYOUT << 598) | (_address_bits(self.vault) << 331)
+        bits |= (_address_bits(self.provider) << 64) | cells.uint(self.epoch, 64)
+        return ((bits << c_bits) | c, 630 + c_bits), ()
+
+    @classmethod
+    def _fast_load(cls, root: cells.ParsedCell) -> PayoutVoucher:
+        v, n = root.bits
+        c_bits = n - 630
+        top = v >> c_bits if c_bits >= 0 else 0
+        if root.refs or top >> 598 != TAG_PAYOUT:
+            raise Unsupported("not a payout voucher's cell")
+        return cls(
+            Address(cells.read_std_address((top >> 331) & _ADDRESS_MASK)),
+            Address(cells.read_std_address((top >> 64) & _ADDRESS_MASK)),
+            top & 0xFFFFFFFFFFFFFFFF,
+            cells.read_tail_coins(v, c_bits),
         )
 
 
@@ -285,8 +425,54 @@ class EpochCommit(_Signed):
             leaves=s.load_uint(32),
         )
 
+    def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
+        w = _write_address(BitWriter().uint(TAG_EPOCH, 32), self.vault)
+        w = w.uint(self.epoch, 64).bytes32(self.root)
+        w = w.coins(self.charged).coins(self.paid).coins(self.fees)
+        return w.uint(self.leaves, 32).end(), ()
+
+    @classmethod
+    def _fast_load(cls, root: cells.ParsedCell) -> EpochCommit:
+        s = _open(root, TAG_EPOCH, 0)
+        obj = cls(
+            _read_address(s), s.uint(64), s.bytes32(), s.coins(), s.coins(), s.coins(), s.uint(32)
+        )
+        s.end()
+        return obj
+
 
 def _digest(value: bytes) -> bytes:
     if len(value) != 32:
         raise SignedObjectError(f"a digest is 32 bytes, got {len(value)}")
     return value
+
+
+_U256 = (1 << 256) - 1
+_ADDRESS_MASK = (1 << 267) - 1
+
+
+def _address_bits(address: Address) -> int:
+    # pytoniq's store_address writes any Address as addr_std without anycast.
+    if not isinstance(address, Address):
+        raise Unsupported("not an Address")
+    return cells.std_address(address.wc, address.hash_part)
+
+
+def _write_address(w: BitWriter, address: Address) -> BitWriter:
+    if not isinstance(address, Address):
+        raise Unsupported("not an Address")
+    return w.address(address.wc, address.hash_part)
+
+
+def _read_address(r: BitReader) -> Address:
+    return Address(r.address())
+
+
+def _open(cell: cells.ParsedCell, tag: int | None, refs: int) -> BitReader:
+    """A reader over ``cell``, which has ``refs`` leaf refs and starts with ``tag``."""
+    if len(cell.refs) != refs or any(ref.refs for ref in cell.refs):
+        raise Unsupported("unexpected refs")
+    r = BitReader(cell.bits)
+    if tag is not None and r.uint(32) != tag:
+        raise Unsupported("another domain tag")
+    return r
