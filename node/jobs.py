@@ -345,10 +345,10 @@ class _Job:
             request_hash=self.request_hash,
             response_hash=self.sealer.transcript_hash,
         )
-        cell = receipt.to_cell()
-        signature = self.service._keys.ed25519.sign(cell.hash)
+        boc, receipt_hash = receipt.encode()
+        signature = self.service._keys.ed25519.sign(receipt_hash)
         end = {
-            "receipt": base64.b64encode(cell.to_boc()).decode(),
+            "receipt": base64.b64encode(boc).decode(),
             "signature": signature.hex(),
             "prompt_tokens": tally.prompt,
             "completion_tokens": tally.completion,
