@@ -173,52 +173,44 @@ def provider_address(
 # --- Vault -------------------------------------------------------------------------------
 
 
-def vault_data(
-    registry: Address,
-    operator: Address,
-    operator_key: int,
-    params: RegistryParams,
-    codes: ChildCodes | None = None,
-) -> Cell:
-    codes = codes or ChildCodes.from_build()
+def vault_data(registry: Address, operator: Address, operator_key: int) -> Cell:
+    """The Vault's uninitialised data (``calcDeployedVault``): zeros, ``ready = false`` and
+    consts with fee 0, delays 0 and empty code cells. The Registry's params and the child
+    codes arrive later in ``VaultInit``, so the address does not depend on them."""
+    empty = begin_cell().end_cell()
     consts = (
         begin_cell()
         .store_address(registry)
         .store_address(operator)
         .store_uint(operator_key, 256)
-        .store_uint(params.protocol_fee_bps, 16)
-        .store_uint(params.escrow_close_delay, 32)
-        .store_ref(codes.escrow)
-        .store_ref(codes.provider)
+        .store_uint(0, 16)  # protocolFeeBps
+        .store_uint(0, 32)  # escrowCloseDelay
+        .store_uint(0, 32)  # unbondingDelay
+        .store_ref(empty)
+        .store_ref(empty)
         .end_cell()
     )
     b = begin_cell()
     for _ in range(5):  # stake chargedIn paidOut feesAccrued feesWithdrawn
         b.store_coins(0)
-    return b.store_uint(0, 64).store_uint(0, 256).store_ref(consts).end_cell()
+    b.store_uint(0, 64).store_uint(0, 256)  # lastEpoch lastRoot
+    b.store_coins(0).store_uint(0, 32).store_bit(0)  # unstaking unlockTime ready
+    return b.store_ref(consts).end_cell()
 
 
 def vault_state_init(
-    registry: Address,
-    operator: Address,
-    operator_key: int,
-    params: RegistryParams,
-    codes: ChildCodes | None = None,
+    registry: Address, operator: Address, operator_key: int, code: Cell | None = None
 ) -> StateInit:
-    codes = codes or ChildCodes.from_build()
-    return StateInit(
-        code=codes.vault, data=vault_data(registry, operator, operator_key, params, codes)
-    )
+    code = code or artifacts.load("vault").code
+    return StateInit(code=code, data=vault_data(registry, operator, operator_key))
 
 
 def vault_address(
-    registry: Address,
-    operator: Address,
-    operator_key: int,
-    params: RegistryParams,
-    codes: ChildCodes | None = None,
+    registry: Address, operator: Address, operator_key: int, code: Cell | None = None
 ) -> Address:
-    return address_of(vault_state_init(registry, operator, operator_key, params, codes))
+    """The Vault of ``operator`` (and its key) under ``registry``: independent of the
+    Registry's params, so it does not move after ``UpdateParams``."""
+    return address_of(vault_state_init(registry, operator, operator_key, code))
 
 
 # --- Escrow ------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class VaultData:
     operator_key: int
     protocol_fee_bps: int
     escrow_close_delay: int
+    unbonding_delay: int
     stake: int
     charged_in: int
     paid_out: int
@@ -185,6 +186,9 @@ class VaultData:
     fees_withdrawn: int
     last_epoch: int
     last_root: bytes
+    unstaking: int  # stake requested by UnstakeVault (0: none)
+    unlock_time: int  # ... withdrawable from this time
+    ready: bool  # VaultInit received from the registry
     balance: int
 
     @property
@@ -201,6 +205,7 @@ def parse_vault_data(stack: list[Any]) -> VaultData:
         operator_key=s.int(),
         protocol_fee_bps=s.int(),
         escrow_close_delay=s.int(),
+        unbonding_delay=s.int(),
         stake=s.int(),
         charged_in=s.int(),
         paid_out=s.int(),
@@ -208,6 +213,9 @@ def parse_vault_data(stack: list[Any]) -> VaultData:
         fees_withdrawn=s.int(),
         last_epoch=s.int(),
         last_root=s.int().to_bytes(32, "big"),
+        unstaking=s.int(),
+        unlock_time=s.int(),
+        ready=s.int() != 0,
         balance=s.int(),
     )
 

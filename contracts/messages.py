@@ -54,9 +54,13 @@ __all__ = [
     "TopUpStake",
     "Unstake",
     "UpdateCapabilities",
+    "UnstakeVault",
     "UpdateParams",
+    "VaultInit",
+    "VaultStakeReturned",
     "WithdrawFees",
     "WithdrawStake",
+    "WithdrawVaultStake",
     "parse_body",
 ]
 
@@ -90,7 +94,11 @@ OP_PAYOUT_PAID = 0x56410003
 OP_COMMIT_EPOCH = 0x56410004
 OP_WITHDRAW_FEES = 0x56410005
 OP_TOP_UP_STAKE = 0x56410006
+OP_VAULT_INIT = 0x56410007
+OP_UNSTAKE_VAULT = 0x56410008
+OP_WITHDRAW_VAULT_STAKE = 0x56410009
 OP_FEES_PAID = 0x56410011
+OP_VAULT_STAKE_RETURNED = 0x56410012
 # escrow
 OP_DEPOSIT = 0x45530001
 OP_CHARGE = 0x45530002
@@ -481,6 +489,47 @@ class TopUpStake(_Body):
 
 
 @dataclass(frozen=True, slots=True)
+class VaultInit(_Body):
+    """vault_init#56410007 query_id:uint64 protocol_fee_bps:uint16 escrow_close_delay:uint32
+    unbonding_delay:uint32 escrow_code:^Cell provider_code:^Cell = VaultInit;
+    (Registry -> Vault at deployment; stored on the first one, the value is stake)"""
+
+    OP: ClassVar[int] = OP_VAULT_INIT
+    query_id: int = _f(U64)
+    protocol_fee_bps: int = _f(("uint", 16))
+    escrow_close_delay: int = _f(U32)
+    unbonding_delay: int = _f(U32)
+    escrow_code: Cell = _f("ref")
+    provider_code: Cell = _f("ref")
+
+
+@dataclass(frozen=True, slots=True)
+class UnstakeVault(_Body):
+    """unstake_vault#56410008 query_id:uint64 amount:Coins = UnstakeVault;  (operator)"""
+
+    OP: ClassVar[int] = OP_UNSTAKE_VAULT
+    query_id: int = _f(U64)
+    amount: int = _f("coins")
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawVaultStake(_Body):
+    """withdraw_vault_stake#56410009 query_id:uint64 = WithdrawVaultStake;  (operator)"""
+
+    OP: ClassVar[int] = OP_WITHDRAW_VAULT_STAKE
+    query_id: int = _f(U64)
+
+
+@dataclass(frozen=True, slots=True)
+class VaultStakeReturned(_Body):
+    """vault_stake_returned#56410012 query_id:uint64 amount:Coins = VaultStakeReturned;"""
+
+    OP: ClassVar[int] = OP_VAULT_STAKE_RETURNED
+    query_id: int = _f(U64)
+    amount: int = _f("coins")
+
+
+@dataclass(frozen=True, slots=True)
 class FeesPaid(_Body):
     """fees_paid#56410011 query_id:uint64 amount:Coins = FeesPaid;"""
 
@@ -644,7 +693,7 @@ MESSAGES: dict[int, type[_Body]] = {
         UpdateCapabilities, Unstake, WithdrawStake, Claim, Slash, ProviderPayout,
         StakeReturned, SlashBounty, PayoutRequest, PayoutPaid, CommitEpoch, WithdrawFees,
         TopUpStake, FeesPaid, Deposit, Charge, Close, EscrowWithdraw, EscrowCharged,
-        EscrowRefund,
+        EscrowRefund, VaultInit, UnstakeVault, WithdrawVaultStake, VaultStakeReturned,
     )
 }  # fmt: skip
 

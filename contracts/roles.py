@@ -37,10 +37,12 @@ from .messages import (
     Slash,
     TopUpStake,
     Unstake,
+    UnstakeVault,
     UpdateCapabilities,
     UpdateParams,
     WithdrawFees,
     WithdrawStake,
+    WithdrawVaultStake,
 )
 from .protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
 from .toncenter import ToncenterClient, Trace
@@ -72,6 +74,8 @@ __all__ = [
     "update_params",
     "vault_commit_epoch",
     "vault_top_up_stake",
+    "vault_unstake",
+    "vault_withdraw_stake",
     "vault_withdraw_fees",
 ]
 
@@ -116,6 +120,10 @@ ERROR_NAMES = {
     309: "vault: would pay more than charged - fees + stake",
     310: "vault: wrong epoch",
     311: "vault: more than the accrued fees",
+    312: "vault: VaultInit not from the registry",
+    313: "vault: not unstaking (or more than the stake)",
+    314: "vault: still locked (unbonding)",
+    315: "vault: no stake free (it covers what is owed)",
     400: "escrow: not owner",
     401: "escrow: not enough value",
     402: "escrow: bad signature",
@@ -352,27 +360,18 @@ async def deploy_vault(
 ) -> Address:
     """Ask the Registry to deploy this operator's Vault with ``stake``.
 
-    The Vault's address depends on the Registry's current fee and close delay: pass
-    ``client`` (read them on-chain) or ``params``.
+    The Vault's address depends only on (registry, operator, key), not on the Registry's
+    params (``params`` is accepted for compatibility and ignored); ``client`` reads the
+    exact deploy fee on-chain. Deploying again only adds stake.
     """
+    del params
     if client is not None:
-        reg = await getters.get_registry_data(client, registry)
-        fee = reg.deploy_vault_fee
-        params = RegistryParams(
-            reg.min_provider_stake,
-            reg.unbonding_delay,
-            reg.escrow_close_delay,
-            reg.protocol_fee_bps,
-            reg.slash_bounty_bps,
-            reg.min_vault_stake,
-        )
+        fee = (await getters.get_registry_data(client, registry)).deploy_vault_fee
     else:
         fee = TON // 5
-    if params is None:
-        raise ValueError("deploy_vault needs client or params")
     body = DeployVault(new_query_id(), _key_int(operator_key)).to_cell()
     await _send("deploy vault", operator, registry, stake + fee, body, check=check, **kw)
-    return deploy.vault_address(registry, operator.address, _key_int(operator_key), params)
+    return deploy.vault_address(registry, operator.address, _key_int(operator_key))
 
 
 async def vault_commit_epoch(
@@ -402,6 +401,24 @@ async def vault_top_up_stake(
 ) -> Trace:
     body = TopUpStake(new_query_id()).to_cell()
     return await _send("vault top-up", operator, vault, amount, body, check=check, **kw)
+
+
+async def vault_unstake(
+    operator: Sender, vault: Address, amount: int, *, check: bool = True, **kw: Any
+) -> Trace:
+    """Start the unbonding delay for ``amount`` of the Vault's stake (operator only)."""
+    body = UnstakeVault(new_query_id(), amount).to_cell()
+    return await _send("vault unstake", operator, vault, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def vault_withdraw_stake(
+    operator: Sender, vault: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    """After the delay: pay the requested stake, at most what invariant 3 leaves free."""
+    body = WithdrawVaultStake(new_query_id()).to_cell()
+    return await _send(
+        "vault withdraw stake", operator, vault, OP_VALUE["admin"], body, check=check, **kw
+    )
 
 
 # --- Escrow ------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ GAS_CONSTANTS: dict[str, list[tuple[str, str]]] = {
     "GAS_VAULT_PAYOUT": [("provider_claim", "vault")],
     "GAS_VAULT_COMMIT": [("vault_epoch_commit", "vault")],
     "GAS_VAULT_WITHDRAW_FEES": [("vault_withdraw_fees", "vault")],
+    "GAS_VAULT_ADMIN": [("vault_unstake", "vault"), ("vault_withdraw_stake", "vault")],
     "GAS_ESCROW_DEPOSIT": [("escrow_open", "escrow"), ("escrow_deposit", "escrow")],
     "GAS_ESCROW_CHARGE": [("escrow_charge", "escrow")],
     "GAS_ESCROW_ADMIN": [("escrow_close", "escrow"), ("escrow_withdraw", "escrow")],
@@ -161,7 +162,7 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     rec.add("registry_allow_model", await roles.allow_model(gov, registry, "m"))
     rec.add("registry_update_params", await roles.update_params(gov, registry, BENCH_PARAMS))
 
-    vault = deploy.vault_address(registry, operator.address, operator_key.int, BENCH_PARAMS)
+    vault = deploy.vault_address(registry, operator.address, operator_key.int)
     rec.label(vault, "vault")
     reg = await getters.get_registry_data(chain, registry)
     from contracts.messages import DeployVault
@@ -201,9 +202,11 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     rec.add("escrow_close", await roles.escrow_close(client, escrow))
     rec.add("provider_rotate_key", await roles.provider_rotate_key(node, provider, _Key().public))
     rec.add("provider_unstake", await roles.provider_unstake(node, provider))
+    rec.add("vault_unstake", await roles.vault_unstake(operator, vault, TON))
     await chain.set_clock(start + DELAY + 1)
     rec.add("escrow_withdraw", await roles.escrow_withdraw(client, escrow))
     rec.add("provider_withdraw", await roles.provider_withdraw(node, provider))
+    rec.add("vault_withdraw_stake", await roles.vault_withdraw_stake(operator, vault))
 
     # a second node equivocates and is slashed
     node2, key2 = await wallet(), _Key()

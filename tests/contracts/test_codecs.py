@@ -52,6 +52,10 @@ SAMPLES = [
     messages.EscrowWithdraw(30),
     messages.EscrowCharged(31, 5, A, 7, B),
     messages.EscrowRefund(32, 8),
+    messages.VaultInit(33, 200, 20, 40, begin_cell().end_cell(), begin_cell().end_cell()),
+    messages.UnstakeVault(34, 5),
+    messages.WithdrawVaultStake(35),
+    messages.VaultStakeReturned(36, 5),
 ]
 
 
@@ -96,10 +100,8 @@ async def test_python_addresses_equal_contract_addresses(chain, contracts_set, m
         assert via_vault == on_chain
     k = Key().int
     on_chain = await getters.get_registry_vault_address(chain, cs.registry, owner.address, k)
-    assert on_chain == deploy.vault_address(cs.registry, owner.address, k, cs.params)
-    assert cs.vault == deploy.vault_address(
-        cs.registry, cs.operator.address, cs.operator_key.int, cs.params
-    )
+    assert on_chain == deploy.vault_address(cs.registry, owner.address, k)
+    assert cs.vault == deploy.vault_address(cs.registry, cs.operator.address, cs.operator_key.int)
     spend = int.from_bytes(os.urandom(32), "big")
     on_chain = await getters.get_vault_escrow_address(chain, cs.vault, owner.address, spend)
     assert on_chain == deploy.escrow_address(

@@ -1,0 +1,146 @@
+"""Regression tests of the review fixes: the Vault's stake can be withdrawn (only what
+invariant 3 leaves free), a charge bounced after an escrow closed reaches the owner, a Vault's
+address does not move with the Registry's params, a bounced registration refunds the
+registrant, final withdrawals keep the account alive."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pytoniq_core import Address, begin_cell
+
+from contracts import deploy, getters, roles
+from contracts.messages import Charge, EscrowWithdraw, VaultInit
+from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
+from contracts.wallet import OutMessage
+
+from .conftest import TEST_PARAMS, TON, Key
+from .test_rejections import CAPS, codes
+
+
+async def _fresh_vault(chain, registry, make_wallet, stake=3 * TON):
+    operator, key = await make_wallet(), Key()
+    vault = await roles.deploy_vault(operator, registry, key.int, stake, client=chain)
+    return operator, key, vault
+
+
+# --- 1. the Vault's stake -----------------------------------------------------------------
+
+
+async def test_vault_stake_unbonds_and_only_the_free_part_is_withdrawn(
+    chain, contracts_set, make_wallet, clock
+):
+    cs = contracts_set
+    op, key, vault = await _fresh_vault(chain, cs.registry, make_wallet)
+    v = await getters.get_vault_data(chain, vault)
+    assert v.ready and v.unbonding_delay == cs.params.unbonding_delay
+    assert 2 * TON < v.stake < 3 * TON
+
+    # an empty-body transfer (from anyone) is stake
+    await cs.gov.transfer(vault, TON)
+    v1 = await getters.get_vault_data(chain, vault)
+    assert v.stake + TON * 99 // 100 < v1.stake < v.stake + TON
+
+    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    assert codes(tr) == [313]  # no Unstake
+    tr = await roles.vault_unstake(cs.gov, vault, TON, check=False)
+    assert codes(tr) == [300]
+    tr = await roles.vault_unstake(op, vault, v1.stake + 1, check=False)
+    assert codes(tr) == [313]
+    await roles.vault_unstake(op, vault, v1.stake)
+    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    assert codes(tr) == [314]  # still unbonding
+
+    # claims stay payable during the delay: a payout of 1 TON with nothing charged is
+    # covered by the stake alone
+    node, node_key = await make_wallet(), Key()
+    provider, _ = await roles.register_provider(
+        node, chain, cs.registry, node_key.public, 2 * TON, CAPS
+    )
+    c = EpochCommit(vault, 1, b"\x01" * 32, 0, 0, 0, 0)
+    await roles.vault_commit_epoch(op, vault, c, key.sign(c))
+    pv = PayoutVoucher(vault, provider, 1, TON)
+    await roles.provider_claim(node, provider, pv, key.sign(pv))
+    v2 = await getters.get_vault_data(chain, vault)
+    assert v2.paid_out == TON and v2.charged_in == 0
+
+    await clock.advance(cs.params.unbonding_delay + 1)
+    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    assert codes(tr) == [], tr
+    v3 = await getters.get_vault_data(chain, vault)
+    # the 1 TON already paid from the stake stays: paidOut <= chargedIn - fees + stake
+    assert v3.stake == TON and v3.unstaking == 0
+    assert v3.paid_out <= v3.charged_in - v3.fees_accrued + v3.stake
+    assert v3.payable == 0
+    paid = [t for t in tr.transactions if Address(t.account) == op.address]
+    assert paid and v2.balance - v3.balance > v1.stake - TON - TON // 100
+    # what stays is exactly what the vault still owes (stake + charged - paid - fees paid)
+    assert v3.balance <= v3.stake + v3.charged_in - v3.paid_out - v3.fees_withdrawn + TON // 1000
+
+    # nothing left to withdraw
+    await roles.vault_unstake(op, vault, TON)
+    await clock.advance(cs.params.unbonding_delay + 1)
+    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    assert codes(tr) == [315]
+
+
+# --- 2. a charge bounced after the escrow closed ------------------------------------------
+
+
+async def test_charge_bounced_after_withdraw_reaches_the_owner(
+    chain, contracts_set, make_wallet, clock
+):
+    cs = contracts_set
+    client, spend = await make_wallet(), Key()
+    # not the vault's close delay: the vault refuses this escrow's charges (302)
+    escrow, _ = await roles.escrow_open(client, cs.vault, spend.public, 2 * TON, 7)
+    await roles.escrow_close(client, escrow)
+    await clock.advance(8)
+    v = SpendVoucher(escrow, cs.vault, TON)
+    # one external: Charge then Withdraw; the charge's bounce arrives after the Withdraw
+    tr = await client.send(
+        [
+            OutMessage(escrow, TON // 20, Charge(1, spend.sign(v), v).to_cell(), None, True),
+            OutMessage(escrow, TON // 20, EscrowWithdraw(2).to_cell(), None, True),
+        ]
+    )
+    assert codes(tr) == [302]
+    e = await getters.get_escrow_data(chain, escrow)
+    assert e.state == 2 and e.charged == 0
+    assert e.balance < TON // 100  # the bounced TON went on to the owner
+    refunds = [t for t in tr.transactions if Address(t.account) == client.address]
+    assert len(refunds) >= 2  # the Withdraw's refund and the bounced charge
+
+
+# --- 3. the Vault's address does not depend on mutable params -----------------------------
+
+
+async def test_vault_address_survives_update_params(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    registry = await roles.deploy_registry(cs.gov, TEST_PARAMS)
+    op, key, vault = await _fresh_vault(chain, registry, make_wallet)
+    assert vault == await getters.get_registry_vault_address(chain, registry, op.address, key.int)
+    v = await getters.get_vault_data(chain, vault)
+    assert v.ready and v.stake > 2 * TON
+    assert v.protocol_fee_bps == TEST_PARAMS.protocol_fee_bps
+
+    new = replace(TEST_PARAMS, protocol_fee_bps=777, escrow_close_delay=99, unbonding_delay=5)
+    await roles.update_params(cs.gov, registry, new)
+    assert vault == await getters.get_registry_vault_address(chain, registry, op.address, key.int)
+    assert vault == deploy.vault_address(registry, op.address, key.int)
+
+    # deploying again adds stake to the same Vault and keeps its params
+    again = await roles.deploy_vault(op, registry, key.int, 2 * TON, client=chain)
+    assert again == vault
+    v2 = await getters.get_vault_data(chain, vault)
+    assert v2.stake > v.stake + TON
+    assert (v2.protocol_fee_bps, v2.escrow_close_delay, v2.unbonding_delay) == (
+        TEST_PARAMS.protocol_fee_bps,
+        TEST_PARAMS.escrow_close_delay,
+        TEST_PARAMS.unbonding_delay,
+    )
+
+    # only the registry initialises a Vault
+    empty = begin_cell().end_cell()
+    tr = await op.transfer(vault, TON, VaultInit(1, 0, 1, 1, empty, empty).to_cell())
+    assert codes(tr) == [312]
