@@ -27,7 +27,7 @@ from contracts.protocol.api import (
     RouteResponse,
     VoucherSubmission,
 )
-from contracts.protocol.signed import SignedObjectError, SpendVoucher
+from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
 from contracts.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
 from marketplace.db import make_engine
@@ -189,12 +189,16 @@ async def submit_voucher(request: web.Request) -> web.Response:
     body = await _json_body(request, VoucherSubmission)
     config = request.app[CONFIG]
     try:
-        voucher = SpendVoucher.from_boc(base64.b64decode(body.voucher, validate=True))
+        voucher, voucher_hash = SpendVoucher.parse_boc(
+            base64.b64decode(body.voucher, validate=True)
+        )
         signature = bytes.fromhex(body.signature)
         spend_public = bytes.fromhex(body.spend_public)
     except (ValueError, binascii.Error, SignedObjectError) as e:
         raise ApiError(400, f"malformed voucher: {e}", code="invalid_voucher") from e
-    if not voucher.verify(signature, spend_public):
+    # The hash of the cell we store, which the Escrow will check: a non-canonical
+    # encoding of a signed voucher must not pass here and fail on-chain.
+    if not signature_valid(signature, voucher_hash, spend_public):
         raise ApiError(
             403, "the voucher's signature does not verify", type="permission_error",
             code="bad_signature",

@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pytoniq_core import Address
 
 from client.sdk.errors import ReceiptRejected
 from contracts.protocol.api import EndFrame, ModelOffer
-from contracts.protocol.signed import Receipt, SignedObjectError, model_hash
+from contracts.protocol.signed import Receipt, SignedObjectError, model_hash, signature_valid
 
 __all__ = ["Expected", "PriceCaps", "VerifiedReceipt", "verify_receipt"]
 
@@ -89,7 +87,7 @@ def receipt_problems(
     receipt: Receipt, cell_hash: bytes, signature: bytes, end: EndFrame, x: Expected
 ) -> list[str]:
     problems: list[str] = []
-    if not _signature_valid(signature, cell_hash, x.node_ed25519):
+    if not signature_valid(signature, cell_hash, x.node_ed25519):
         problems.append(f"signature is not by the attested key of node {x.node_id[:16]}")
     if receipt.job_id != int.from_bytes(x.job_id, "big"):
         problems.append("job id is not this job's")
@@ -116,13 +114,3 @@ def receipt_problems(
     if tokens != (end.prompt_tokens, end.completion_tokens):
         problems.append("tokens differ from the END frame's")
     return problems
-
-
-def _signature_valid(signature: bytes, message: bytes, public_key: bytes) -> bool:
-    if len(signature) != 64 or len(public_key) != 32:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except InvalidSignature:
-        return False
-    return True

@@ -48,6 +48,7 @@ __all__ = [
     "SpendVoucher",
     "cost_nanoton",
     "model_hash",
+    "signature_valid",
 ]
 
 TAG_RECEIPT = 0x52435054  # "RCPT"
@@ -60,6 +61,19 @@ TOKENS_PER_PRICE_UNIT = 1_000_000
 
 class SignedObjectError(ValueError):
     """A cell that does not parse as the expected signed object."""
+
+
+def signature_valid(signature: bytes, cell_hash: bytes, public_key: bytes) -> bool:
+    """Ed25519 over a cell hash, as the contracts check it. Check a received object
+    against the hash of the cell as received (``parse_boc``), which is what the
+    contract will hash, never against a re-encoding of its fields."""
+    if len(signature) != 64 or len(public_key) != 32:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, cell_hash)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def model_hash(model_id: str) -> int:
@@ -170,13 +184,7 @@ class _Signed:
         return key.sign(self.hash)
 
     def verify(self, signature: bytes, public_key: bytes) -> bool:
-        if len(signature) != 64 or len(public_key) != 32:
-            return False
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, self.hash)
-        except InvalidSignature:
-            return False
-        return True
+        return signature_valid(signature, self.hash, public_key)
 
 
 @dataclass(frozen=True, slots=True)

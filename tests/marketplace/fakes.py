@@ -313,9 +313,10 @@ class FakeClient:
     async def post_voucher(
         self, amount: int, job_ids: list[str], **kwargs
     ) -> aiohttp.ClientResponse:
+        boc = kwargs.pop("boc", None)  # to send other bytes than the voucher signed
         voucher, signature, cumulative = self.voucher(amount, **kwargs)
         body = {
-            "voucher": base64.b64encode(voucher.to_boc()).decode(),
+            "voucher": base64.b64encode(boc or voucher.to_boc()).decode(),
             "signature": signature.hex(),
             "spend_public": (kwargs.get("key") or self.spend_key)
             .public_key()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from contracts.protocol import envelope
 from contracts.protocol.api import RelayRequest
 from contracts.protocol.envelope import FrameDecoder, FrameType
-from contracts.protocol.signed import Receipt
+from contracts.protocol.signed import Receipt, SpendVoucher
 from marketplace.db import JobRecord, SpendVoucherRecord
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MARKER, MODEL
@@ -150,6 +150,38 @@ async def test_duplicate_job_id_refused(
     job_id = envelope.new_job_id()
     results = await asyncio.gather(*(client.relay([node], job_id=job_id) for _ in range(4)))
     assert sorted(r.status for r in results) == [200, 409, 409, 409]
+
+
+async def test_a_voucher_encoded_unlike_what_was_signed_is_refused(
+    session, start_matcher, start_node, client_for, database_url
+):
+    """The Escrow checks the signature over the hash of the cell it receives. The same
+    fields with a non-minimal Coins length are another cell: the matcher must not store
+    such a voucher as good, since on-chain it would fail."""
+    from pytoniq_core import begin_cell
+
+    from contracts.protocol.signed import TAG_SPEND
+
+    matcher, (node,) = await setup(
+        start_matcher, start_node, session, database_url, "ok", price=10**6
+    )
+    client = client_for(matcher)
+    a = await client.relay([node])
+    amount = Receipt.from_boc(base64.b64decode(a.end.receipt)).amount
+    voucher, _, _ = client.voucher(amount)
+    padded = (
+        begin_cell()
+        .store_uint(TAG_SPEND, 32)
+        .store_address(voucher.escrow)
+        .store_address(voucher.vault)
+        .store_uint(15, 4)  # 15 bytes for a value that needs fewer
+        .store_uint(voucher.cumulative, 120)
+        .end_cell()
+    )
+    assert SpendVoucher.from_cell(padded) == voucher and padded.hash != voucher.hash
+    resp = await client.post_voucher(amount, [a.job_id], boc=padded.to_boc())
+    assert resp.status == 403
+    assert (await client.post_voucher(amount, [a.job_id])).status == 200
 
 
 async def test_vouchers(session, start_matcher, start_node, client_for, database_url):
