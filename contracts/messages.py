@@ -333,7 +333,8 @@ class ForwardedFunds(_Body):
 @dataclass(frozen=True, slots=True)
 class ProviderInit(_Body):
     """provider_init#50520001 query_id:uint64 stake:Coins node_key:uint256
-    unbonding_delay:uint32 slash_bounty_bps:uint16 capabilities:^Capabilities = ProviderInit;"""
+    unbonding_delay:uint32 slash_bounty_bps:uint16 capabilities:^Capabilities
+    owner:MsgAddressInt = ProviderInit;  (owner: the registrant, for a bounce refund)"""
 
     OP: ClassVar[int] = OP_PROVIDER_INIT
     query_id: int = _f(U64)
@@ -342,6 +343,7 @@ class ProviderInit(_Body):
     unbonding_delay: int = _f(U32)
     slash_bounty_bps: int = _f(U16)
     capabilities: Cell = _f("ref")
+    owner: Address = _f("address")
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,7 @@ ERROR_NAMES = {
     210: "provider: not slashable",
     211: "provider: proof does not verify",
     213: "provider: key rotated too recently",
+    214: "provider: malformed capabilities",
     300: "vault: not operator",
     301: "vault: not enough value",
     302: "vault: sender is not an escrow of this vault",

@@ -29,7 +29,7 @@ SAMPLES = [
     messages.DeployVault(7, 42),
     messages.SlashedStake(8, A, 3),
     messages.ForwardedFunds(9),
-    messages.ProviderInit(10, 10**9, 5, 60, 1000, begin_cell().end_cell()),
+    messages.ProviderInit(10, 10**9, 5, 60, 1000, begin_cell().end_cell(), A),
     messages.ProviderTopUp(11),
     messages.RotateKey(12, 99),
     messages.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),

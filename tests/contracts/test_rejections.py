@@ -183,7 +183,7 @@ async def test_forged_children(chain, world, make_wallet):
     body = PayoutRequest(1, 0, TON, forger.address, 0, SignedPayout(w.cs.operator_key.sign(pv), pv))
     tr = await forger.transfer(w.cs.vault, TON, body.to_cell())
     assert codes(tr) == [303]
-    body = ProviderInit(1, 100 * TON, 1, 1, 0, begin_cell().end_cell()).to_cell()
+    body = ProviderInit(1, 100 * TON, 1, 1, 0, begin_cell().end_cell(), forger.address).to_cell()
     tr = await forger.transfer(w.provider, TON, body)
     assert codes(tr) == [202]
 

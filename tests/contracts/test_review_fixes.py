@@ -144,3 +144,21 @@ async def test_vault_address_survives_update_params(chain, contracts_set, make_w
     empty = begin_cell().end_cell()
     tr = await op.transfer(vault, TON, VaultInit(1, 0, 1, 1, empty, empty).to_cell())
     assert codes(tr) == [312]
+
+
+# --- 4. a bounced registration refunds the registrant -------------------------------------
+
+
+async def test_bounced_registration_refunds_the_registrant(chain, contracts_set, make_wallet):
+    cs = contracts_set
+    node = await make_wallet()
+    gov_before = await cs.gov.balance()
+    before = await node.balance()
+    bad_caps = begin_cell().store_uint(0xBAD, 32).end_cell()
+    provider, tr = await roles.register_provider(
+        node, chain, cs.registry, Key().public, 2 * TON, bad_caps, check=False
+    )
+    assert codes(tr) == [214]
+    assert (await getters.get_provider_data(chain, provider)).state == 0
+    assert await cs.gov.balance() == gov_before  # governance gets nothing
+    assert before - await node.balance() < TON // 20  # the stake came back, minus gas
