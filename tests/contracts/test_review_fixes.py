@@ -162,3 +162,27 @@ async def test_bounced_registration_refunds_the_registrant(chain, contracts_set,
     assert (await getters.get_provider_data(chain, provider)).state == 0
     assert await cs.gov.balance() == gov_before  # governance gets nothing
     assert before - await node.balance() < TON // 20  # the stake came back, minus gas
+
+
+# --- 5. final withdrawals keep a storage reserve -------------------------------------------
+
+
+async def test_final_withdrawals_keep_the_account(chain, contracts_set, make_wallet, clock):
+    cs = contracts_set
+    node, client, spend = await make_wallet(), await make_wallet(), Key()
+    provider, _ = await roles.register_provider(
+        node, chain, cs.registry, Key().public, 2 * TON, CAPS
+    )
+    escrow, _ = await roles.escrow_open(
+        client, cs.vault, spend.public, TON, cs.params.escrow_close_delay
+    )
+    await roles.provider_unstake(node, provider)
+    await roles.escrow_close(client, escrow)
+    await clock.advance(max(cs.params.unbonding_delay, cs.params.escrow_close_delay) + 1)
+    await roles.provider_withdraw(node, provider)
+    await roles.escrow_withdraw(client, escrow)
+    p = await getters.get_provider_data(chain, provider)
+    e = await getters.get_escrow_data(chain, escrow)
+    # the reserve stays (less at most a little storage fee): before, 0 and deletable
+    assert p.state == 4 and p.stake == 0 and TON // 100 - TON // 10_000 <= p.balance <= TON // 100
+    assert e.state == 2 and 5 * TON // 1000 - TON // 10_000 <= e.balance <= 5 * TON // 1000
