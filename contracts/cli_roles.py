@@ -705,6 +705,9 @@ def _vault_json(args: argparse.Namespace, v: getters.VaultData) -> dict[str, Any
         "last_root": v.last_root.hex(),
         "protocol_fee_bps": v.protocol_fee_bps,
         "escrow_close_delay": v.escrow_close_delay,
+        "unbonding_delay": v.unbonding_delay,
+        "unstaking": format_ton(v.unstaking, unit=False),
+        "unlock_time": v.unlock_time,
         "balance": format_ton(v.balance, unit=False),
     }
 
@@ -717,8 +720,27 @@ def _vault_human(args: argparse.Namespace, vault: Address, v: getters.VaultData)
             f"charged in {format_ton(v.charged_in)}, paid out {format_ton(v.paid_out)}, "
             f"fees {format_ton(v.fees_accrued)} (withdrawn {format_ton(v.fees_withdrawn)})",
             f"last epoch {v.last_epoch}",
+            *(
+                [f"unstaking {format_ton(v.unstaking)}, withdrawable from {v.unlock_time}"]
+                if v.unstaking
+                else []
+            ),
         ]
     )
+
+
+async def _vault_stake_op(args: argparse.Namespace, op: str) -> int:
+    vault = _vault_of(args)
+    async with open_chain(args) as client:
+        w = open_wallet(args, client)
+        if op == "unstake":
+            await _do("unstaking", roles.vault_unstake, w, vault, parse_ton(args.amount))
+        else:
+            await _do("withdrawing the stake", roles.vault_withdraw_stake, w, vault)
+        v = await getters.get_vault_data(client, vault)
+    data = {"vault": _friendly(args, vault), **_vault_json(args, v)}
+    _emit(args, data, lambda: _vault_human(args, vault, v))
+    return 0
 
 
 async def _vault_status(args: argparse.Namespace) -> int:
@@ -872,3 +894,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p, wallet=False)
     p.add_argument("--vault")
     p.set_defaults(func=lambda a: run_async(_vault_status(a)))
+    p = vs.add_parser("unstake", help="start the unbonding delay for part of the stake")
+    _common(p)
+    p.add_argument("amount", metavar="TON")
+    p.add_argument("--vault")
+    p.set_defaults(func=lambda a: run_async(_vault_stake_op(a, "unstake")))
+    p = vs.add_parser("withdraw-stake", help="after the delay, take the free stake back")
+    _common(p)
+    p.add_argument("--vault")
+    p.set_defaults(func=lambda a: run_async(_vault_stake_op(a, "withdraw")))

@@ -68,3 +68,6 @@ def test_readme_flow(cli_env, capsys):
     assert float(v["stake"]) > 19.9
     imago(capsys, "provider", "unstake", *chain)
     assert main(["provider", "withdraw", *chain]) == 1  # still unbonding
+    v = imago(capsys, "vault", "unstake", "5", *chain)
+    assert v["unstaking"] == "5" and v["unlock_time"] > 0
+    assert main(["vault", "withdraw-stake", *chain]) == 1  # still unbonding
