@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
+DEFAULT_ENGINE_PORT = 8801  # the node's vLLM, on loopback
 START_TIMEOUT_S = {"devnet": 30.0, "matcher": 30.0, "node": 300.0, "gateway": 30.0}
 
 
@@ -173,11 +174,13 @@ def up(args: argparse.Namespace) -> int:
         print(f"Imago is already up (see {StackState.path(home)}); `imago down` stops it.")
         return 1
     ports = {name: getattr(args, f"{name}_port") for name in DEFAULT_PORTS}
+    if not args.upstream:
+        ports["engine"] = args.engine_port
     taken = [f"{n} port {p}" for n, p in ports.items() if not port_is_free(args.host, p)]
     if taken:
         print(
             f"error: {', '.join(taken)} already in use on {args.host}; free it or choose "
-            "another with --devnet-port/--matcher-port/--node-port/--gateway-port",
+            "another with --devnet-port/--matcher-port/--node-port/--gateway-port/--engine-port",
             file=sys.stderr,
         )
         return 2
@@ -228,6 +231,8 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     ]  # fmt: skip
     if args.upstream:
         node_args += ["--upstream", args.upstream]
+    else:
+        node_args += ["--engine-port", str(args.engine_port)]
     launcher.spawn("node", node_args, lambda: matcher_has_nodes(state.matcher_url))
     models = http_json(f"{state.matcher_url}/v1/models")["data"]
     state.model = models[0]["id"]
@@ -407,6 +412,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up_parser.add_argument("--host", default="127.0.0.1")
     for name, port in DEFAULT_PORTS.items():
         up_parser.add_argument(f"--{name}-port", type=int, default=port)
+    up_parser.add_argument("--engine-port", type=int, default=DEFAULT_ENGINE_PORT)
     up_parser.add_argument(
         "--upstream", help="attach the node to a running OpenAI-compatible server"
     )

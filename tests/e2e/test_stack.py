@@ -9,11 +9,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+from pytoniq_core import Address
 
 pytestmark = pytest.mark.vllm
 
@@ -41,7 +43,8 @@ def imago(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     home = tmp_path_factory.mktemp("imago-home")
-    ports = [f"--{name}-port={free_port()}" for name in ("devnet", "matcher", "node", "gateway")]
+    names = ("devnet", "matcher", "node", "gateway", "engine")
+    ports = [f"--{name}-port={free_port()}" for name in names]
     result = imago(home, "up", "--json", *ports)
     if result.returncode != 0:
         logs = "\n".join(
@@ -169,3 +172,22 @@ def test_the_escrow_and_provider_are_on_chain(stack: dict) -> None:
         imago(stack["home"], "provider", "status", "--json", "--name", "provider").stdout
     )
     assert provider["state"] == "active" and float(provider["stake"]) >= 10
+
+
+def test_the_matcher_holds_a_voucher_the_escrow_accepts(stack: dict) -> None:
+    """The gateway pays with spend vouchers; the matcher stores one only after checking
+    the escrow's spend key on the devnet."""
+    gateway(stack).chat.completions.create(
+        model=stack["model"], messages=[{"role": "user", "content": QUESTION}], max_tokens=8
+    )
+    escrow = Address(stack["escrow"]).to_str(is_user_friendly=False)
+    database = stack["home"] / "matcher" / "matcher.db"
+    deadline = time.monotonic() + 15  # the client posts at most one voucher a second
+    row = None
+    while row is None and time.monotonic() < deadline:
+        with sqlite3.connect(database) as db:
+            row = db.execute(
+                "SELECT cumulative FROM spend_vouchers WHERE escrow = ?", (escrow,)
+            ).fetchone()
+        time.sleep(0.2)
+    assert row is not None and int(row[0]) > 0
