@@ -27,13 +27,13 @@ import time
 
 import aiohttp
 from aiohttp import web
-from cryptography.exceptions import InvalidSignature
 from pydantic import ValidationError
 from pytoniq_core import Address
 
 from contracts.protocol.api import EndFrame, RelayRequest
 from contracts.protocol.envelope import EnvelopeError, FrameDecoder, FrameType, encode_frame
-from contracts.protocol.signed import Receipt, SignedObjectError, model_hash
+from contracts.protocol.receipts import ReceiptExpectations, receipt_problems
+from contracts.protocol.signed import Receipt, SignedObjectError
 from marketplace.config import MatcherConfig
 from marketplace.db import JobStatus
 from marketplace.errors import ApiError
@@ -423,24 +423,26 @@ class Relay:
         # SignedObjectError (a ValueError) if not a receipt BOC; cell_hash is the hash of
         # the cell as received, which the signature is over, not of a rebuilt one.
         receipt, cell_hash = Receipt.parse_boc(boc)
-        try:
-            node.verify_key.verify(signature, cell_hash)
-        except InvalidSignature as e:
-            raise ValueError("bad signature by the node key") from e
-        checks = (
-            (receipt.job_id == job_int, "job id"),
-            (receipt.escrow.to_str(is_user_friendly=False) == escrow, "escrow"),
-            (receipt.model == model_hash(model), "model"),
-            (receipt.prompt_tokens == end.prompt_tokens, "prompt tokens"),
-            (receipt.completion_tokens == end.completion_tokens, "completion tokens"),
-            (receipt.amount == receipt.priced_amount, "amount"),
-            (receipt.request_hash == hashlib.sha256(sealed).digest(), "request hash"),
-            (receipt.response_hash == response_hash, "response hash"),
-            (receipt.prompt_tokens + receipt.completion_tokens > 0, "token count (0 tokens)"),
+        offer = node.offers.get(model)
+        if offer is None:
+            raise ValueError(f"the node no longer offers {model!r}")
+        problems = receipt_problems(
+            receipt,
+            cell_hash,
+            signature,
+            ReceiptExpectations(
+                node_key=bytes.fromhex(node.node_id),
+                job_id=job_int,
+                escrow=Address(escrow),
+                model=model,
+                prices=(offer.price_prompt, offer.price_completion),
+                request_hash=hashlib.sha256(sealed).digest(),
+                response_hash=response_hash,
+                tokens=(end.prompt_tokens, end.completion_tokens),
+            ),
         )
-        for ok, what in checks:
-            if not ok:
-                raise ValueError(f"{what} does not match the job")
+        if problems:
+            raise ValueError("; ".join(problems))
         return {
             "prompt_tokens": receipt.prompt_tokens,
             "completion_tokens": receipt.completion_tokens,

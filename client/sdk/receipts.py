@@ -10,7 +10,9 @@ from pytoniq_core import Address
 
 from client.sdk.errors import ReceiptRejected
 from contracts.protocol.api import EndFrame, ModelOffer
-from contracts.protocol.signed import Receipt, SignedObjectError, model_hash, signature_valid
+from contracts.protocol.receipts import ReceiptExpectations
+from contracts.protocol.receipts import receipt_problems as shared_receipt_problems
+from contracts.protocol.signed import Receipt, SignedObjectError
 
 __all__ = ["Expected", "PriceCaps", "VerifiedReceipt", "verify_receipt"]
 
@@ -86,31 +88,26 @@ def verify_receipt(end: EndFrame, expected: Expected) -> VerifiedReceipt:
 def receipt_problems(
     receipt: Receipt, cell_hash: bytes, signature: bytes, end: EndFrame, x: Expected
 ) -> list[str]:
-    problems: list[str] = []
-    if not signature_valid(signature, cell_hash, x.node_ed25519):
-        problems.append(f"signature is not by the attested key of node {x.node_id[:16]}")
-    if receipt.job_id != int.from_bytes(x.job_id, "big"):
-        problems.append("job id is not this job's")
-    if receipt.escrow != x.escrow:
-        problems.append("escrow is not this client's")
-    if receipt.model != model_hash(x.model):
-        problems.append(f"model is not {x.model!r}")
-    if (receipt.price_prompt, receipt.price_completion) != (
-        x.offer.price_prompt,
-        x.offer.price_completion,
-    ):
-        problems.append("prices differ from the node's offer")
+    """The checks every party makes (contracts.protocol.receipts), then the client's
+    own: its price caps and the usage it opened itself."""
+    problems = shared_receipt_problems(
+        receipt,
+        cell_hash,
+        signature,
+        ReceiptExpectations(
+            node_key=x.node_ed25519,
+            job_id=int.from_bytes(x.job_id, "big"),
+            escrow=x.escrow,
+            model=x.model,
+            prices=(x.offer.price_prompt, x.offer.price_completion),
+            request_hash=x.request_hash,
+            response_hash=x.transcript_hash,
+            tokens=(end.prompt_tokens, end.completion_tokens),
+        ),
+    )
     if receipt.price_prompt > x.caps.prompt or receipt.price_completion > x.caps.completion:
         problems.append("prices exceed the client's caps")
-    if receipt.amount != receipt.priced_amount:
-        problems.append(f"amount {receipt.amount} is not tokens × prices ({receipt.priced_amount})")
-    if receipt.request_hash != x.request_hash:
-        problems.append("request_hash is not the hash of the sealed request")
-    if receipt.response_hash != x.transcript_hash:
-        problems.append("response_hash does not match the frames received (truncated or spliced)")
     tokens = (receipt.prompt_tokens, receipt.completion_tokens)
     if tokens != x.usage:
         problems.append(f"tokens {tokens} differ from the usage received {x.usage}")
-    if tokens != (end.prompt_tokens, end.completion_tokens):
-        problems.append("tokens differ from the END frame's")
     return problems
