@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contracts.devnet import pid_alive
+
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
 DEFAULT_ENGINE_PORT = 8801  # the node's vLLM, on loopback
 START_TIMEOUT_S = {"devnet": 30.0, "matcher": 30.0, "node": 300.0, "gateway": 30.0}
@@ -84,16 +86,6 @@ def port_is_free(host: str, port: int) -> bool:
             s.bind((host, port))
         except OSError:
             return False
-    return True
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "default_state_dir",
     "free_port",
     "imago_home",
+    "pid_alive",
     "read_status",
     "start_background",
     "stop_background",
@@ -318,7 +319,7 @@ def _explain(error: str, port: int) -> str:
     return f"devnet failed to start: {error}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -337,7 +338,7 @@ def _is_devnet(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return _pid_alive(pid)  # no /proc: trust the pid file
+        return pid_alive(pid)  # no /proc: trust the pid file
     return SERVER_PATH.name.encode() in cmdline
 
 
@@ -350,7 +351,7 @@ def read_status(state_dir: str | Path | None = None) -> DevnetStatus:
     except (FileNotFoundError, ValueError):
         return DevnetStatus(False, None, None, None, sd, sd / LOG_FILE)
     pid = int(info["pid"])
-    running = _pid_alive(pid) and _is_devnet(pid)
+    running = pid_alive(pid) and _is_devnet(pid)
     return DevnetStatus(running, pid, int(info["port"]), info.get("url"), sd, sd / LOG_FILE)
 
 
@@ -377,7 +378,7 @@ def stop_background(state_dir: str | Path | None = None, timeout: float = 10.0) 
         return False
     os.kill(st.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(st.pid):
+    while pid_alive(st.pid):
         if time.monotonic() > deadline:
             os.kill(st.pid, signal.SIGKILL)
             time.sleep(0.2)
