@@ -190,7 +190,7 @@ def up(args: argparse.Namespace) -> int:
     else:
         print(
             f"\nImago is up. Model {state.model} on the gateway {state.gateway_url}/v1\n"
-            f'  imago chat "What is the capital of France?"\n'
+            f'  imago chat "What is the capital of France? Answer in one sentence."\n'
             f"  OpenAI(base_url='{state.gateway_url}/v1', api_key='imago')\n"
             f"Logs in {home / 'logs'}; `imago down` stops everything."
         )
