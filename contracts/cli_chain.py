@@ -132,7 +132,7 @@ def wallet_file(name: str) -> Path:
     return imago_home() / "wallets" / f"{name}.json"
 
 
-def _passphrase(args: argparse.Namespace) -> str | None:
+def wallet_passphrase(args: argparse.Namespace) -> str | None:
     var = getattr(args, "passphrase_env", None)
     if not var:
         return None
@@ -146,7 +146,7 @@ def open_wallet(args: argparse.Namespace, client: ToncenterClient) -> Wallet:
     path = wallet_file(args.name)
     if not path.exists():
         raise CliError(f"no wallet named {args.name!r} (create it with `imago wallet new`)")
-    return Wallet.from_keystore(client, path, _passphrase(args))
+    return Wallet.from_keystore(client, path, wallet_passphrase(args))
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -282,7 +282,7 @@ def _cmd_wallet_new(args: argparse.Namespace) -> int:
         network = chain_network(args.chain)
         keys = WalletKeys.generate(mnemonic=True)
         header = create_keystore(
-            path, keys, passphrase=_passphrase(args), network=network, name=args.name
+            path, keys, passphrase=wallet_passphrase(args), network=network, name=args.name
         )
     except (CliError, KeystoreError, WalletError) as e:
         print(f"error: {e}", file=sys.stderr)

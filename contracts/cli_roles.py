@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pytoniq_core import Address
 
 from . import deploy, getters, roles
@@ -35,12 +33,14 @@ from .cli_chain import (
     open_chain,
     open_wallet,
     run_async,
+    wallet_passphrase,
 )
 from .deploy import DEFAULT_PARAMS, PRODUCTION_PARAMS, Deployment
 from .devnet import imago_home
 from .messages import Capabilities, ModelPrice, RegistryParams
 from .protocol.signed import model_hash
 from .units import format_address, format_ton, parse_address, parse_ton
+from .wallet import WalletKeys, create_keystore, load_keystore
 
 __all__ = ["deployment_file", "load_deployment", "register", "save_deployment"]
 
@@ -77,22 +77,19 @@ def _key_file(name: str) -> Path:
     return imago_home() / "keys" / f"{name}.json"
 
 
-def _load_or_create_key(name: str) -> tuple[Ed25519PrivateKey, bytes, Path]:
-    """An ed25519 key kept in $IMAGO_HOME/keys/<name>.json (created on first use)."""
+def _load_or_create_key(
+    name: str, passphrase: str | None = None
+) -> tuple[Ed25519PrivateKey, bytes, Path]:
+    """An ed25519 key in $IMAGO_HOME/keys/<name>.json, created on first use: a 0600
+    keystore, encrypted at rest when a passphrase is given (--passphrase-env)."""
     path = _key_file(name)
     if path.exists():
-        data = json.loads(path.read_text())
-        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["seed"]))
+        keys, _ = load_keystore(path, passphrase)
     else:
-        key = Ed25519PrivateKey.generate()
+        keys = WalletKeys.generate(mnemonic=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        seed = key.private_bytes_raw().hex()
-        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"name": name, "seed": seed, "public_key": public}, f)
-    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return key, public, path
+        create_keystore(path, keys, passphrase=passphrase, name=name)
+    return Ed25519PrivateKey.from_private_bytes(keys.private_key[:32]), keys.public_key, path
 
 
 def _hex32(text: str, what: str) -> bytes:
@@ -206,7 +203,7 @@ async def _registry_deploy(args: argparse.Namespace) -> int:
         dep.code_hashes = {n: a.code_hash_hex for n, a in artifacts.load_all().items()}
         vault = None
         if args.all:
-            _, public, key_path = _load_or_create_key("operator")
+            _, public, key_path = _load_or_create_key("operator", wallet_passphrase(args))
             stake = parse_ton(args.vault_stake) if args.vault_stake else params.min_vault_stake
             vault = await _do(
                 "deploying the vault",
@@ -412,7 +409,7 @@ async def _provider_register(args: argparse.Namespace) -> int:
     node_key = (
         _hex32(args.node_key, "--node-key")
         if args.node_key
-        else _load_or_create_key(f"node-{args.seq}")[1]
+        else _load_or_create_key(f"node-{args.seq}", wallet_passphrase(args))[1]
     )
     stake = parse_ton(args.stake)
     async with open_chain(args) as client:
@@ -546,7 +543,7 @@ async def _escrow_address(
     vault = _vault_of(args)
     if getattr(args, "address", None):
         return parse_address(args.address), vault, 0
-    _, public, _ = _load_or_create_key(_escrow_key_name(vault, owner))
+    _, public, _ = _load_or_create_key(_escrow_key_name(vault, owner), wallet_passphrase(args))
     v = await getters.get_vault_data(client, vault)
     spend = int.from_bytes(public, "big")
     return (
@@ -565,7 +562,9 @@ async def _escrow_open(args: argparse.Namespace) -> int:
             public = _hex32(args.spend_key, "--spend-key")
             key_path = None
         else:
-            _, public, key_path = _load_or_create_key(_escrow_key_name(vault, owner.address))
+            _, public, key_path = _load_or_create_key(
+                _escrow_key_name(vault, owner.address), wallet_passphrase(args)
+            )
         v = await getters.get_vault_data(client, vault)
         escrow, trace = await _do(
             "opening the escrow",
@@ -673,7 +672,7 @@ async def _vault_deploy(args: argparse.Namespace) -> int:
     if args.operator_key:
         public = _hex32(args.operator_key, "--operator-key")
     else:
-        _, public, _ = _load_or_create_key("operator")
+        _, public, _ = _load_or_create_key("operator", wallet_passphrase(args))
     async with open_chain(args) as client:
         op = open_wallet(args, client)
         reg = await getters.get_registry_data(client, registry)

@@ -290,6 +290,8 @@ def load_keystore(
 ) -> tuple[WalletKeys, dict[str, Any]]:
     """Read keys from a keystore; WrongPassphrase if it cannot be decrypted."""
     p = Path(path)
+    if p.stat().st_mode & 0o077:
+        raise KeystoreError(f"{p} is readable by other users: `chmod 600` it first")
     header = read_keystore_header(p)
     data = json.loads(p.read_text())
     if "crypto" in data:
