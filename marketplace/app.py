@@ -17,7 +17,7 @@ import time
 import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from contracts.protocol.api import (
     NodeRegistration,
@@ -30,7 +30,7 @@ from contracts.protocol.api import (
 from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
 from contracts.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
-from marketplace.db import make_engine
+from marketplace.db import SpendVoucherRecord, make_engine
 from marketplace.errors import ApiError, error_middleware
 from marketplace.escrows import EscrowBook, EscrowMismatch
 from marketplace.ledger import Ledger, VoucherRejected, VoucherUpdate
@@ -63,6 +63,7 @@ RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 ESCROWS = web.AppKey("escrows", EscrowBook)
+VOUCHERS = SpendVoucherRecord.__table__
 
 
 # --- lifetimes --------------------------------------------------------------------------
@@ -89,7 +90,7 @@ async def _node_client(app: web.Application):
         session, app[LEDGER], config.attestation_policy, timeout_s=config.node_timeout_s
     )
     app[REGISTRY] = registry
-    app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS])
+    app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS], app.get(ESCROWS))
     yield
     await session.close()
 
@@ -100,7 +101,12 @@ async def _chain(app: web.Application):
         yield
         return
     chain = ToncenterClient(config.chain_url)
-    app[ESCROWS] = EscrowBook(chain, config.vault)
+    escrows = app[ESCROWS] = EscrowBook(chain, config.vault)
+    held = await app[LEDGER].call(
+        lambda c: c.execute(select(VOUCHERS.c.escrow, VOUCHERS.c.cumulative)).all()
+    )
+    for escrow, cumulative in held:  # what clients signed away survives a restart
+        escrows.voucher_stored(escrow, int(cumulative))
     yield
     await chain.close()
 
@@ -226,6 +232,10 @@ async def submit_voucher(request: web.Request) -> web.Response:
     except VoucherRejected as e:
         kind = "permission_error" if e.status == 403 else "invalid_request_error"
         raise ApiError(e.status, str(e), type=kind, code=e.code) from e
+    if ESCROWS in request.app:
+        request.app[ESCROWS].voucher_stored(
+            voucher.escrow.to_str(is_user_friendly=False), voucher.cumulative
+        )
     return web.json_response({"status": "stored", **result})
 
 

@@ -1,20 +1,30 @@
-"""What the chain says about an escrow before the matcher trusts a voucher for it.
+"""What the chain says about an escrow, before the matcher trusts a voucher for it or
+relays a job it pays for.
 
-A voucher only moves money if the Escrow contract accepts it: signed by the spend key
-the escrow was deployed with, for the vault it pays. The matcher reads both from the
-chain (the escrow's getter) the first time it sees an escrow. An escrow's spend key
-and vault are part of its address, so the answer never changes and is cached for good;
-an escrow that is not deployed yet is asked again next time.
+- A voucher only moves money if the Escrow contract accepts it: signed by the spend
+  key the escrow was deployed with, for the vault it pays. The matcher reads both from
+  the escrow's getter the first time it sees an escrow. They are part of the escrow's
+  address, so the answer never changes and is cached for good; an escrow that is not
+  deployed yet is asked again next time.
+- A job is relayed only while the escrow is open and its deposit is above what the
+  client has already signed away (the latest voucher the matcher holds). The deposit
+  and state are re-read at most every ``balance_ttl_s``, off the request's way once
+  known; the vouchers held are this process's (replicas each guard their own share).
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from pytoniq_core import Address
 
 from contracts.getters import GetterError, get_escrow_data
 from contracts.toncenter import ToncenterClient, ToncenterError
 
-__all__ = ["EscrowBook", "EscrowMismatch"]
+__all__ = ["EscrowBook", "EscrowMismatch", "EscrowUnfunded"]
+
+BALANCE_TTL_S = 5.0
 
 
 class EscrowMismatch(Exception):
@@ -25,11 +35,59 @@ class EscrowMismatch(Exception):
         self.code = code
 
 
+class EscrowUnfunded(Exception):
+    """The escrow cannot pay for another job; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class EscrowBook:
-    def __init__(self, chain: ToncenterClient, vault: str | None) -> None:
+    def __init__(
+        self, chain: ToncenterClient, vault: str | None, balance_ttl_s: float = BALANCE_TTL_S
+    ) -> None:
         self.chain = chain
         self.vault = Address(vault) if vault else None
+        self.balance_ttl_s = balance_ttl_s
         self._known: dict[str, tuple[bytes, Address]] = {}  # raw escrow → (spend key, vault)
+        self._funds: dict[str, tuple[float, str, int]] = {}  # raw → (read at, state, deposited)
+        self._refreshing: dict[str, asyncio.Task] = {}
+        self.signed: dict[str, int] = {}  # raw escrow → cumulative of the latest voucher held
+
+    def voucher_stored(self, escrow: str, cumulative: int) -> None:
+        self.signed[escrow] = max(cumulative, self.signed.get(escrow, 0))
+
+    async def ensure_funded(self, escrow: str) -> None:
+        """Raise EscrowUnfunded unless ``escrow`` (raw form) is open with a deposit
+        above what its client has already signed away."""
+        funds = self._funds.get(escrow)
+        if funds is None:
+            funds = await self._read_funds(escrow)
+        elif time.monotonic() - funds[0] > self.balance_ttl_s and escrow not in self._refreshing:
+            task = asyncio.create_task(self._read_funds(escrow))
+            self._refreshing[escrow] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(escrow, None))
+        _, state, deposited = funds
+        if state != "open":
+            raise EscrowUnfunded("escrow_closed", f"escrow {escrow} is {state}: it pays no more")
+        if deposited <= self.signed.get(escrow, 0):
+            raise EscrowUnfunded(
+                "escrow_exhausted",
+                f"escrow {escrow} is spent: its deposit of {deposited} nanoTON is all signed "
+                "away; deposit more to go on",
+            )
+
+    async def _read_funds(self, escrow: str) -> tuple[float, str, int]:
+        try:
+            data = await get_escrow_data(self.chain, Address(escrow))
+        except (GetterError, ToncenterError, ValueError) as e:
+            raise EscrowUnfunded(
+                "unknown_escrow", f"escrow {escrow} is not deployed on-chain ({e})"
+            ) from e
+        funds = (time.monotonic(), data.state_name, data.deposited)
+        self._funds[escrow] = funds
+        return funds
 
     async def check(self, escrow: Address, spend_public: bytes) -> None:
         raw = escrow.to_str(is_user_friendly=False)

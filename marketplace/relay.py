@@ -37,6 +37,7 @@ from contracts.protocol.signed import Receipt, SignedObjectError
 from marketplace.config import MatcherConfig
 from marketplace.db import JobStatus
 from marketplace.errors import ApiError
+from marketplace.escrows import EscrowBook, EscrowUnfunded
 from marketplace.ledger import DuplicateJob, Ledger, LedgerError
 from marketplace.metrics import Metrics
 from marketplace.registry import NodeRegistry, NodeState
@@ -88,7 +89,9 @@ class Relay:
         registry: NodeRegistry,
         ledger: Ledger,
         metrics: Metrics,
+        escrows: EscrowBook | None = None,
     ) -> None:
+        self.escrows = escrows  # with a chain: refuse jobs an escrow cannot pay for
         self.config = config
         self.session = session
         self.registry = registry
@@ -139,6 +142,11 @@ class Relay:
         except (ValueError, binascii.Error) as e:
             raise ApiError(400, f"malformed job id or sealed request: {e}") from e
         escrow = normalize_escrow(body.escrow)
+        if self.escrows is not None:
+            try:
+                await self.escrows.ensure_funded(escrow)
+            except EscrowUnfunded as e:
+                raise ApiError(402, str(e), code=e.code, param="escrow") from e
         order = self._order(body.model, sealed)
         opening = time.perf_counter()
         try:

@@ -6,7 +6,7 @@ import pytest
 from pytoniq_core import Address
 
 from contracts import getters, roles
-from marketplace.escrows import EscrowBook, EscrowMismatch
+from marketplace.escrows import EscrowBook, EscrowMismatch, EscrowUnfunded
 from tests.contracts.conftest import TON, Key
 
 
@@ -33,4 +33,35 @@ async def test_a_voucher_must_be_signed_by_the_escrows_own_spend_key(
 
     with pytest.raises(EscrowMismatch) as unknown:
         await book.check(Address("0:" + "44" * 32), spend.public)
+    assert unknown.value.code == "unknown_escrow"
+
+
+async def test_jobs_stop_when_the_escrow_is_spent_or_closed(
+    chain, contracts_set, make_wallet
+) -> None:
+    owner = await make_wallet()
+    spend = Key()
+    vault_data = await getters.get_vault_data(chain, contracts_set.vault)
+    escrow, _ = await roles.escrow_open(
+        owner, contracts_set.vault, spend.public, 1 * TON, vault_data.escrow_close_delay
+    )
+    raw = escrow.to_str(is_user_friendly=False)
+    deposited = (await getters.get_escrow_data(chain, escrow)).deposited
+    book = EscrowBook(chain, contracts_set.vault.to_str(is_user_friendly=False))
+
+    await book.ensure_funded(raw)  # open, nothing signed away yet
+    book.voucher_stored(raw, deposited - 1)
+    await book.ensure_funded(raw)  # one nanoTON left
+    book.voucher_stored(raw, deposited)
+    with pytest.raises(EscrowUnfunded) as spent:
+        await book.ensure_funded(raw)
+    assert spent.value.code == "escrow_exhausted"
+
+    await roles.escrow_close(owner, escrow)
+    fresh = EscrowBook(chain, None)
+    with pytest.raises(EscrowUnfunded) as closed:
+        await fresh.ensure_funded(raw)
+    assert closed.value.code == "escrow_closed"
+    with pytest.raises(EscrowUnfunded) as unknown:
+        await fresh.ensure_funded(Address("0:" + "55" * 32).to_str(is_user_friendly=False))
     assert unknown.value.code == "unknown_escrow"

@@ -14,6 +14,7 @@ from contracts.protocol.api import RelayRequest
 from contracts.protocol.envelope import FrameDecoder, FrameType
 from contracts.protocol.signed import Receipt, SpendVoucher
 from marketplace.db import JobRecord, SpendVoucherRecord
+from marketplace.escrows import EscrowUnfunded
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MARKER, MODEL
 
@@ -383,3 +384,30 @@ async def test_in_flight_insert_cancelled_midway_is_failed_behind(start_matcher,
     assert job["status"] == "failed_before_first_byte"
     assert matcher.ledger.counts["in_flight"] == 0
     assert matcher.ledger.counts["failed_before_first_byte"] == 1
+
+
+class FakeEscrowBook:
+    """FAKE: stands in for the on-chain escrow book (tests/contracts checks the real one)."""
+
+    def __init__(self, error: EscrowUnfunded | None) -> None:
+        self.error = error
+
+    async def ensure_funded(self, escrow: str) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("code", ["escrow_exhausted", "escrow_closed"])
+async def test_a_job_the_escrow_cannot_pay_for_is_refused_before_any_node(
+    session, start_matcher, start_node, client_for, database_url, code
+):
+    from marketplace.app import RELAY
+
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    matcher.app[RELAY].escrows = FakeEscrowBook(EscrowUnfunded(code, "the escrow is spent"))
+    result = await client_for(matcher).relay([node])
+    assert result.status == 402
+    assert json.loads(result.raw)["error"]["code"] == code
+    assert node.jobs_seen == [] and await jobs(matcher) == {}
+    matcher.app[RELAY].escrows = FakeEscrowBook(None)
+    assert (await client_for(matcher).relay([node])).status == 200
