@@ -9,9 +9,10 @@ alternating, and prints one JSON object:
 - ``tokens_per_s``: one stream through Imago, completion tokens / request time;
 - ``ttft_ms``: its time to first token;
 - ``aggregate_tokens_per_s_at_8``: 8 concurrent streams through Imago;
-- ``direct_*``: the same against vLLM; ``through_vs_direct``: the single-stream ratio.
+- ``direct_*``: the same against vLLM; ``through_vs_direct``: the single-stream ratio,
+  ``aggregate_through_vs_direct``: the ratio at 8 streams.
 
-Usage: ``python scripts/bench_model.py [--max-tokens 128] [--rounds 3]``
+Usage: ``python scripts/bench_model.py [--max-tokens 128] [--rounds 5]``
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ async def measure(args: argparse.Namespace, urls: dict[str, str]) -> dict:
         "direct_ttft_ms": round(ttft(single["direct"]), 1),
         "direct_aggregate_tokens_per_s_at_8": round(statistics.median(aggregate["direct"]), 1),
         "through_vs_direct": round(through / direct, 3),
+        "aggregate_through_vs_direct": round(
+            statistics.median(aggregate["imago"]) / statistics.median(aggregate["direct"]), 3
+        ),
     }
 
 
@@ -165,5 +169,5 @@ async def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
