@@ -26,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pytoniq_core import Address
+
+from contracts.deploy import provider_address
 from contracts.devnet import pid_alive
 
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
@@ -58,6 +61,7 @@ class StackState:
     escrow: str = ""
     vault: str = ""
     chain_url: str = ""
+    registry: str = ""
     provider: str = ""
 
     @classmethod
@@ -118,7 +122,10 @@ class StackLauncher:
     def url(self, name: str) -> str:
         return f"http://{self.host}:{self.ports[name]}"
 
-    def spawn(self, name: str, args: list[str], ready: Callable[[], bool]) -> Service:
+    def spawn(
+        self, name: str, args: list[str], ready: Callable[[], bool]
+    ) -> subprocess.Popen[bytes]:
+        """Start one service detached and wait until ``ready()``."""
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
@@ -129,10 +136,13 @@ class StackLauncher:
                 start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        service = Service(name, process.pid, self.url(name), str(log_path))
-        self.state.services.append(service)
+        self.state.services.append(Service(name, process.pid, self.url(name), str(log_path)))
         self.state.save(self.home)
-        deadline = time.monotonic() + START_TIMEOUT_S[name]
+        self.wait(name, process, ready)
+        return process
+
+    def wait(self, name: str, process: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
+        log_path = self.logs / f"{name}.log"
         started = time.monotonic()
         shown = -1
         while not ready():
@@ -141,15 +151,14 @@ class StackLauncher:
                     f"{name} exited with code {process.returncode}; see {log_path}:\n"
                     + tail(log_path)
                 )
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if waited > START_TIMEOUT_S[name]:
                 raise StackError(f"{name} did not become ready in time; see {log_path}")
-            waited = int(time.monotonic() - started)
-            if waited // 5 != shown and waited >= 5:
-                shown = waited // 5
-                self.say(f"  … waiting for {name} ({waited} s)")
+            if int(waited) // 5 != shown and waited >= 5:
+                shown = int(waited) // 5
+                self.say(f"  … waiting for {name} ({int(waited)} s)")
             time.sleep(0.25)
-        self.say(f"  {name:<8} {service.url}  (pid {process.pid}, log {log_path})")
-        return service
+        self.say(f"  {name:<8} {self.url(name)}  (pid {process.pid}, log {log_path})")
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -211,7 +220,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
             "matcher", "serve", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["matcher"]),
             "--state-dir", str(home / "matcher"), "--vault", state.vault,
-            "--chain", state.chain_url,
+            "--chain", state.chain_url, "--registry", state.registry,
         ],
         lambda: http_ok(f"{state.matcher_url}/health"),
     )  # fmt: skip
@@ -219,16 +228,19 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         "node", "serve", "--devnet", "--attestation", "dev",
         "--host", launcher.host, "--port", str(launcher.ports["node"]),
         "--matcher", state.matcher_url, "--public-url", launcher.url("node"),
-        "--state-dir", str(home / "node"),
+        "--state-dir", str(home / "node"), "--provider", state.provider,
     ]  # fmt: skip
     if args.upstream:
         node_args += ["--upstream", args.upstream]
     else:
         node_args += ["--engine-port", str(args.engine_port)]
-    launcher.spawn("node", node_args, lambda: matcher_has_nodes(state.matcher_url))
+    # The matcher admits the node only once its Provider is staked with the node's key,
+    # which the node makes at its first start: stake while its engine warms up.
+    node = launcher.spawn("node", node_args, lambda: http_ok(f"{launcher.url('node')}/v1/identity"))
+    register_provider(launcher)
+    launcher.wait("node", node, lambda: matcher_has_nodes(state.matcher_url))
     models = http_json(f"{state.matcher_url}/v1/models")["data"]
     state.model = models[0]["id"]
-    register_provider(launcher)
     launcher.spawn(
         "gateway",
         [
@@ -297,8 +309,15 @@ def setup_chain(launcher: StackLauncher) -> None:
     if not (home / "deployment.json").exists():
         launcher.say("  deploying the contracts (Registry, Vault) …")
         run_imago(home, "registry", "deploy", "--all", "--name", "operator")
-    vaults = json.loads((home / "deployment.json").read_text())["vaults"]
-    state.vault = next(iter(vaults.values()))  # the operator's, deployed with --all
+    deployment = json.loads((home / "deployment.json").read_text())
+    state.registry = deployment["registry"]
+    state.vault = next(iter(deployment["vaults"].values()))  # the operator's (--all)
+    ensure_wallet(home, "provider", PROVIDER_FUNDS_TON)
+    owner = json.loads((home / "wallets" / "provider.json").read_text())["address"]
+    # Derived, so the node can name its Provider before it is staked (seq 0).
+    state.provider = provider_address(Address(state.registry), Address(owner), 0).to_str(
+        is_user_friendly=False
+    )
     ensure_wallet(home, "client", CLIENT_FUNDS_TON)
     spend_key = load_or_create_spend_key(home / "client" / "spend.key")
     spend_public = spend_key.public_key().public_bytes_raw().hex()
@@ -336,7 +355,6 @@ def register_provider(launcher: StackLauncher) -> None:
     node_url = launcher.url("node")
     identity = http_json(f"{node_url}/v1/identity")
     offers = http_json(f"{node_url}/v1/status")["models"]
-    ensure_wallet(home, "provider", PROVIDER_FUNDS_TON)
     status = try_imago(home, "provider", "status", "--name", "provider")
     if status.get("state") == "active":
         if status.get("node_key") != identity["ed25519_public"]:

@@ -35,6 +35,7 @@ from marketplace.errors import ApiError, error_middleware
 from marketplace.escrows import EscrowBook, EscrowMismatch
 from marketplace.ledger import Ledger, VoucherRejected, VoucherUpdate
 from marketplace.metrics import Metrics
+from marketplace.providers import ProviderBook
 from marketplace.registry import AdmissionError, NodeRegistry
 from marketplace.relay import Relay, normalize_escrow
 from marketplace.routing import NoRoute, rank
@@ -43,6 +44,7 @@ __all__ = [
     "CONFIG",
     "ENGINE",
     "ESCROWS",
+    "PROVIDERS",
     "LEDGER",
     "METRICS",
     "REGISTRY",
@@ -63,6 +65,7 @@ RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 ESCROWS = web.AppKey("escrows", EscrowBook)
+PROVIDERS = web.AppKey("providers", ProviderBook)
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -87,7 +90,11 @@ async def _node_client(app: web.Application):
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[SESSION] = session
     registry = NodeRegistry(
-        session, app[LEDGER], config.attestation_policy, timeout_s=config.node_timeout_s
+        session,
+        app[LEDGER],
+        config.attestation_policy,
+        timeout_s=config.node_timeout_s,
+        providers=app.get(PROVIDERS),
     )
     app[REGISTRY] = registry
     app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS], app.get(ESCROWS))
@@ -107,6 +114,8 @@ async def _chain(app: web.Application):
     )
     for escrow, cumulative in held:  # what clients signed away survives a restart
         escrows.voucher_stored(escrow, int(cumulative))
+    if config.registry is not None:
+        app[PROVIDERS] = ProviderBook(chain, config.registry)
     yield
     await chain.close()
 

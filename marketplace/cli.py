@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chain", metavar="URL",
         help="toncenter v2 API (the devnet's, or toncenter): check escrows' spend keys on-chain",
     )  # fmt: skip
+    serve.add_argument(
+        "--registry", metavar="ADDR",
+        help="with --chain: admit only nodes whose Provider of this Registry is active, "
+        "staked and bound to the attested key",
+    )  # fmt: skip
     serve.add_argument("--instance", help="this replica's name in the jobs table")
     serve.add_argument(
         "--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
@@ -84,6 +89,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError:
         print("imago matcher: --allow-mr-td takes hex values", file=sys.stderr)
         return 2
+    if args.registry and not args.chain:
+        print("imago matcher: --registry needs --chain to read it", file=sys.stderr)
+        return 2
     state_dir = (args.state_dir or default_state_dir()).expanduser()
     state_dir.mkdir(parents=True, exist_ok=True)
     extra = {"instance": args.instance} if args.instance else {}
@@ -95,6 +103,7 @@ def serve_command(args: argparse.Namespace) -> int:
         accepted_tcb_statuses=frozenset(args.accept_tcb_status),
         vault=args.vault,
         chain_url=args.chain,
+        registry=args.registry,
         **extra,
     )
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop

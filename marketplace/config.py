@@ -37,6 +37,7 @@ class MatcherConfig:
     instance: str = field(default_factory=lambda: f"matcher@{socket.gethostname()}")
     vault: str | None = None  # the operator's Vault address; vouchers must name it
     chain_url: str | None = None  # toncenter v2 API: check each escrow's spend key on-chain
+    registry: str | None = None  # with chain_url: admit only nodes a staked Provider backs
     sqlite_synchronous: str = "NORMAL"  # FULL: a commit also survives a power cut
     attestation_now: int | None = None  # pin the attestation clock (tests only)
     # node admission and monitoring

@@ -36,6 +36,7 @@ from contracts.protocol.attestation import (
 )
 from marketplace.db import now_ms
 from marketplace.ledger import Ledger
+from marketplace.providers import ProviderBook, ProviderRejected
 
 __all__ = ["AdmissionError", "NodeRegistry", "NodeState", "NodeStats"]
 
@@ -127,10 +128,12 @@ class NodeRegistry:
         policy: AttestationPolicy,
         *,
         timeout_s: float = 5.0,
+        providers: ProviderBook | None = None,
     ) -> None:
         self.session = session
         self.ledger = ledger
         self.policy = policy
+        self.providers = providers
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.nodes: dict[str, NodeState] = {}
         self._admitting: dict[str, asyncio.Lock] = {}
@@ -162,6 +165,13 @@ class NodeRegistry:
             verified = await asyncio.to_thread(verify_attestation, doc, self.policy, nonce)
         except AttestationError as e:
             raise AdmissionError(str(e)) from e
+        if self.providers is not None:  # with a chain, the stake must back the attested key
+            if identity.provider is None:
+                raise AdmissionError("the node names no Provider contract", "provider_rejected")
+            try:
+                await self.providers.check(identity.provider, verified.ed25519_public)
+            except ProviderRejected as e:
+                raise AdmissionError(str(e), "provider_rejected") from e
         return doc, verified
 
     # --- admission --------------------------------------------------------------------

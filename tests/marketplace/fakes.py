@@ -69,6 +69,7 @@ class FakeNode:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
+    provider: str | None = None  # the Provider contract it names, if any
 
     def __post_init__(self) -> None:
         self.x_key, self.x_public = envelope.generate_x25519()
@@ -97,6 +98,7 @@ class FakeNode:
             ed25519_public=self.ed_public.hex(),
             x25519_public=self.x_public.hex(),
             attestation_kind="tdx" if self.tdx_sample else "dev",
+            provider=self.provider,
         )
         return web.json_response(body.model_dump())
 

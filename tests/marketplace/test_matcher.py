@@ -224,3 +224,37 @@ async def test_tdx_admission_goes_through_the_quote_verifier(session, start_matc
         attestation_now=_pinned_now(collateral), state_dir=live.config.state_dir.parent / "o"
     )
     assert "not in the allowlist" in (await register(other))["message"]
+
+
+class FakeProviderBook:
+    """FAKE: stands in for the on-chain Provider check (tests/contracts checks the real
+    one); backs exactly the (provider, node key) pairs it is given."""
+
+    def __init__(self, backed: dict[str, bytes]) -> None:
+        self.backed = backed
+        self.asked: list[str] = []
+
+    async def check(self, provider: str, node_key: bytes) -> None:
+        from marketplace.providers import ProviderRejected
+
+        self.asked.append(provider)
+        if self.backed.get(provider) != node_key:
+            raise ProviderRejected(f"provider {provider} does not back this key")
+
+
+async def test_with_a_chain_only_nodes_backed_by_a_provider_are_admitted(
+    session, start_matcher, start_node
+):
+    from marketplace.app import REGISTRY
+
+    matcher = await start_matcher(devnet=True)
+    staked = await start_node(provider="0:" + "aa" * 32)
+    unstaked = await start_node(provider="0:" + "bb" * 32)
+    anonymous = await start_node()
+    book = FakeProviderBook({"0:" + "aa" * 32: staked.ed_public})
+    matcher.app[REGISTRY].providers = book
+    assert await admit(session, matcher.url, staked) == 200
+    assert await admit(session, matcher.url, unstaked) == 403
+    assert await admit(session, matcher.url, anonymous) == 403  # names no Provider at all
+    assert book.asked == ["0:" + "aa" * 32, "0:" + "bb" * 32]
+    assert set(matcher.app[REGISTRY].nodes) == {staked.node_id}
