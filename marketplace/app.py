@@ -156,8 +156,32 @@ async def _json_body(request: web.Request, model):
     return model.model_validate_json(await request.read())
 
 
+REGISTRATION_SKEW_S = 300
+
+
+def _check_registration_signature(registration: NodeRegistration) -> None:
+    """Only the node's own key may say where the node is (else anyone could point its
+    identity at a proxy of theirs), and only recently (else a replay could)."""
+    try:
+        signature = bytes.fromhex(registration.signature or "")
+        key = bytes.fromhex(registration.ed25519_public)
+    except ValueError as e:
+        raise ApiError(400, f"malformed registration: {e}") from e
+    if not signature_valid(signature, registration.message(), key):
+        raise ApiError(
+            403, "the registration is not signed by the node key",
+            type="permission_error", code="bad_signature",
+        )  # fmt: skip
+    if abs(time.time() - registration.signed_at) > REGISTRATION_SKEW_S:
+        raise ApiError(
+            403, "the registration is not signed within the last minutes",
+            type="permission_error", code="stale_registration",
+        )  # fmt: skip
+
+
 async def register_node(request: web.Request) -> web.Response:
     registration = await _json_body(request, NodeRegistration)
+    _check_registration_signature(registration)
     try:
         node = await request.app[REGISTRY].admit(registration)
     except AdmissionError as e:

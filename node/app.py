@@ -21,7 +21,12 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from contracts.protocol.api import NodeIdentity, NodeRegistration, NodeStatus
+from contracts.protocol.api import (
+    NodeIdentity,
+    NodeRegistration,
+    NodeStatus,
+    registration_message,
+)
 from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
@@ -246,7 +251,17 @@ async def _register_loop(state: NodeState) -> None:
     config = state.config
     url = config.matcher.rstrip("/") + "/v1/nodes"
     public_url = config.public_url or "http://127.0.0.1:8800"
-    body = NodeRegistration(url=public_url, ed25519_public=state.keys.node_id).model_dump_json()
+
+    def body() -> str:  # signed afresh at each attempt: the matcher refuses stale ones
+        signed_at = int(time.time())
+        message = registration_message(public_url, state.keys.node_id, signed_at)
+        return NodeRegistration(
+            url=public_url,
+            ed25519_public=state.keys.node_id,
+            signed_at=signed_at,
+            signature=state.keys.ed25519.sign(message).hex(),
+        ).model_dump_json()
+
     backoff = 1.0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         while True:
@@ -257,7 +272,7 @@ async def _register_loop(state: NodeState) -> None:
                 continue
             try:
                 async with session.post(
-                    url, data=body, headers={"Content-Type": "application/json"}
+                    url, data=body(), headers={"Content-Type": "application/json"}
                 ) as r:
                     text = await r.text()
                     ok = r.status == 200

@@ -26,6 +26,7 @@ __all__ = [
     "SealedRequest",
     "StreamUsage",
     "VoucherSubmission",
+    "registration_message",
 ]
 
 Hex32 = str  # 64 hex chars
@@ -76,10 +77,23 @@ class NodeStatus(_Model):
 
 
 class NodeRegistration(_Model):
-    """Node → matcher: ``POST /v1/nodes``. The matcher then attests the node itself."""
+    """Node → matcher: ``POST /v1/nodes``. The matcher then attests the node itself.
+
+    ``signature`` is the node key's ed25519 signature over ``registration_message``, so
+    nobody but the node can point its identity at another URL (a proxy of their own).
+    """
 
     url: str
     ed25519_public: Hex32
+    signed_at: int = 0  # unix time; the matcher accepts a few minutes of skew
+    signature: Hex64 | None = None
+
+    def message(self) -> bytes:
+        return registration_message(self.url, self.ed25519_public, self.signed_at)
+
+
+def registration_message(url: str, ed25519_public: str, signed_at: int) -> bytes:
+    return f"imago-register/v1\n{url}\n{ed25519_public.lower()}\n{signed_at}".encode()
 
 
 class RouteRequest(_Model):

@@ -8,6 +8,7 @@ does not answer.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from contracts.protocol.api import registration_message
 from marketplace.app import LEDGER, REGISTRY, create_app
 from marketplace.config import MatcherConfig
 from tests.marketplace.fakes import FakeClient, FakeNode, start_site
@@ -134,10 +136,19 @@ async def start_node():
         await node.stop()
 
 
+def signed_registration(node: FakeNode, signed_at: int | None = None) -> dict:
+    signed_at = int(time.time()) if signed_at is None else signed_at
+    message = registration_message(node.url, node.node_id, signed_at)
+    return {
+        "url": node.url,
+        "ed25519_public": node.node_id,
+        "signed_at": signed_at,
+        "signature": node.key.sign(message).hex(),
+    }
+
+
 async def admit(session: aiohttp.ClientSession, matcher_url: str, node: FakeNode) -> int:
-    async with session.post(
-        f"{matcher_url}/v1/nodes", json={"url": node.url, "ed25519_public": node.node_id}
-    ) as resp:
+    async with session.post(f"{matcher_url}/v1/nodes", json=signed_registration(node)) as resp:
         await resp.read()
         return resp.status
 

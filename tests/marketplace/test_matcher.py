@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from contracts.protocol.api import RouteResponse
 from contracts.protocol.attestation import verify_attestation
 from marketplace.config import MatcherConfig
-from tests.marketplace.conftest import admit
+from tests.marketplace.conftest import admit, signed_registration
 from tests.marketplace.fakes import MODEL
 
 
@@ -32,9 +34,7 @@ async def test_dev_attestation_admitted_in_devnet_mode(session, start_matcher, s
 async def test_dev_attestation_refused_without_devnet(session, start_matcher, start_node):
     matcher = await start_matcher(devnet=False)
     node = await start_node()
-    async with session.post(
-        f"{matcher.url}/v1/nodes", json={"url": node.url, "ed25519_public": node.node_id}
-    ) as resp:
+    async with session.post(f"{matcher.url}/v1/nodes", json=signed_registration(node)) as resp:
         assert resp.status == 403
         error = (await resp.json())["error"]
     assert "devnet" in error["message"] and error["code"] == "attestation_failed"
@@ -205,9 +205,7 @@ async def test_tdx_admission_goes_through_the_quote_verifier(session, start_matc
     mr_td = quote[MR_TD_OFFSET : MR_TD_OFFSET + 48]
 
     async def register(matcher) -> dict:
-        async with session.post(
-            f"{matcher.url}/v1/nodes", json={"url": node.url, "ed25519_public": node.node_id}
-        ) as resp:
+        async with session.post(f"{matcher.url}/v1/nodes", json=signed_registration(node)) as resp:
             assert resp.status == 403
             return (await resp.json())["error"]
 
@@ -258,3 +256,23 @@ async def test_with_a_chain_only_nodes_backed_by_a_provider_are_admitted(
     assert await admit(session, matcher.url, anonymous) == 403  # names no Provider at all
     assert book.asked == ["0:" + "aa" * 32, "0:" + "bb" * 32]
     assert set(matcher.app[REGISTRY].nodes) == {staked.node_id}
+
+
+async def test_a_registration_must_be_signed_by_the_node_and_fresh(
+    session, start_matcher, start_node
+):
+    matcher = await start_matcher(devnet=True)
+    node, other = await start_node(), await start_node()
+
+    async def register(body: dict) -> tuple[int, str]:
+        async with session.post(f"{matcher.url}/v1/nodes", json=body) as resp:
+            return resp.status, ((await resp.json()).get("error") or {}).get("code", "")
+
+    unsigned = {"url": node.url, "ed25519_public": node.node_id}
+    assert await register(unsigned) == (403, "bad_signature")
+    # Pointing another node's identity at this URL takes that node's key.
+    forged = {**signed_registration(node), "ed25519_public": other.node_id}
+    assert await register(forged) == (403, "bad_signature")
+    stale = signed_registration(node, signed_at=int(time.time()) - 3600)
+    assert await register(stale) == (403, "stale_registration")
+    assert await register(signed_registration(node)) == (200, "")
