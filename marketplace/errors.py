@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from pydantic import ValidationError
 
-from contracts.protocol.api import ErrorBody, ErrorResponse
+from contracts.protocol.api import error_json
 
 __all__ = ["ApiError", "error_middleware", "error_response"]
 
@@ -38,10 +38,7 @@ class ApiError(Exception):
 def error_response(
     status: int, message: str, type: str, code: str | None = None, param: str | None = None
 ) -> web.Response:
-    body = ErrorResponse(error=ErrorBody(message=message, type=type, code=code, param=param))
-    return web.Response(
-        status=status, body=body.model_dump_json().encode(), content_type="application/json"
-    )
+    return web.json_response(error_json(message, type, code, param), status=status)
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:

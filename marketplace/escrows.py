@@ -22,25 +22,25 @@ from pytoniq_core import Address
 from contracts.getters import GetterError, get_escrow_data
 from contracts.toncenter import ToncenterClient, ToncenterError
 
-__all__ = ["EscrowBook", "EscrowMismatch", "EscrowUnfunded"]
+__all__ = ["EscrowBook", "EscrowMismatch", "EscrowRefused", "EscrowUnfunded"]
 
 BALANCE_TTL_S = 5.0
 
 
-class EscrowMismatch(Exception):
-    """The voucher does not fit the escrow on-chain; ``code`` says how."""
+class EscrowRefused(Exception):
+    """The chain says no; ``code`` is the API error code that says why."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-class EscrowUnfunded(Exception):
-    """The escrow cannot pay for another job; ``code`` says why."""
+class EscrowMismatch(EscrowRefused):
+    """The voucher does not fit the escrow on-chain."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class EscrowUnfunded(EscrowRefused):
+    """The escrow cannot pay for another job."""
 
 
 class EscrowBook:
@@ -79,29 +79,24 @@ class EscrowBook:
             )
 
     async def _read_funds(self, escrow: str) -> tuple[float, str, int]:
+        await self._read(Address(escrow), EscrowUnfunded)
+        return self._funds[escrow]
+
+    async def _read(self, escrow: Address, refusal: type[EscrowRefused]) -> None:
+        """One getter call feeds both what never changes and what does."""
+        raw = escrow.to_str(is_user_friendly=False)
         try:
-            data = await get_escrow_data(self.chain, Address(escrow))
+            data = await get_escrow_data(self.chain, escrow)
         except (GetterError, ToncenterError, ValueError) as e:
-            raise EscrowUnfunded(
-                "unknown_escrow", f"escrow {escrow} is not deployed on-chain ({e})"
-            ) from e
-        funds = (time.monotonic(), data.state_name, data.deposited)
-        self._funds[escrow] = funds
-        return funds
+            raise refusal("unknown_escrow", f"escrow {raw} is not deployed on-chain ({e})") from e
+        self._known[raw] = (data.spend_key.to_bytes(32, "big"), data.vault)
+        self._funds[raw] = (time.monotonic(), data.state_name, data.deposited)
 
     async def check(self, escrow: Address, spend_public: bytes) -> None:
         raw = escrow.to_str(is_user_friendly=False)
-        known = self._known.get(raw)
-        if known is None:
-            try:
-                data = await get_escrow_data(self.chain, escrow)
-            except (GetterError, ToncenterError, ValueError) as e:
-                raise EscrowMismatch(
-                    "unknown_escrow", f"escrow {raw} is not deployed on-chain ({e})"
-                ) from e
-            known = (data.spend_key.to_bytes(32, "big"), data.vault)
-            self._known[raw] = known
-        spend_key, vault = known
+        if raw not in self._known:
+            await self._read(escrow, EscrowMismatch)
+        spend_key, vault = self._known[raw]
         if spend_key != spend_public:
             raise EscrowMismatch(
                 "wrong_spend_key", "the voucher is not signed by the escrow's on-chain spend key"

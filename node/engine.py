@@ -18,6 +18,8 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
+from contracts.protocol.api import error_json
+
 __all__ = [
     "EngineBackend",
     "EngineError",
@@ -31,7 +33,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def engine_error(status: int, message: str, type_: str, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code or status}}
+    return error_json(message, type_, code or status)
 
 
 class EngineError(Exception):

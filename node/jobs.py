@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from pytoniq_core import Address
 
 from contracts.protocol import envelope
-from contracts.protocol.api import ModelOffer, SealedRequest
+from contracts.protocol.api import ModelOffer, SealedRequest, error_json
 from contracts.protocol.envelope import EnvelopeError, FrameType, ResponseSealer
 from contracts.protocol.signed import Receipt, cost_nanoton, model_hash
 from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
@@ -50,8 +50,8 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def error_response(status: int, message: str, type_: str, code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return web.Response(status=status, body=_dumps(body).encode(), content_type="application/json")
+    body = _dumps(error_json(message, type_, code)).encode()
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 class SeenJobs:

@@ -32,7 +32,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.supervisor import DEFAULT_MODEL_ID, default_model_dir, vllm_launch  # noqa: E402
-from scripts.bench_overhead import Processes, free_port, wait_ready  # noqa: E402
+from scripts.bench_overhead import Processes, free_port, start_imago, wait_ready  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -120,12 +120,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str]) -> dict:
 
 async def main(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="imago-bench-model-"))
-    ports = {name: free_port() for name in ("vllm", "matcher", "node", "gateway")}
-    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     launch = vllm_launch(
         model_dir=default_model_dir(),
         served_model_name=DEFAULT_MODEL_ID,
-        port=ports["vllm"],
+        port=free_port(),
         state_dir=workdir / "vllm",
     )
     engine = subprocess.Popen(
@@ -136,27 +134,14 @@ async def main(args: argparse.Namespace) -> dict:
         start_new_session=True,
     )
     procs = Processes(workdir)
-    cli = ["-m", "client.cli"]
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"{url['vllm']}/health", timeout=300)
-        procs.start("matcher", [*cli, "matcher", "serve", "--devnet",
-                                "--port", str(ports["matcher"]),
-                                "--state-dir", str(workdir / "matcher")])  # fmt: skip
-        procs.start("node", [*cli, "node", "serve", "--devnet", "--attestation", "dev",
-                             "--port", str(ports["node"]), "--upstream", url["vllm"],
-                             "--matcher", url["matcher"], "--public-url", url["node"],
-                             "--state-dir", str(workdir / "node")])  # fmt: skip
-        procs.start("gateway", [*cli, "client", "serve", "--devnet",
-                                "--port", str(ports["gateway"]), "--matcher", url["matcher"],
-                                "--state-dir", str(workdir / "client")])  # fmt: skip
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"{url['matcher']}/v1/models")
-            await wait_ready(session, f"{url['gateway']}/v1/models")
+            await wait_ready(session, f"{launch.base_url}/health", timeout=300)
+        url = await start_imago(procs, launch.base_url)
         return await measure(
             args,
             {
-                "direct": f"{url['vllm']}/v1/chat/completions",
+                "direct": f"{launch.base_url}/v1/chat/completions",
                 "imago": f"{url['gateway']}/v1/chat/completions",
             },
         )

@@ -1,7 +1,7 @@
 """What Imago adds over calling an OpenAI-compatible upstream directly.
 
-In one run it starts the benchmark fixture upstream (scripts/bench_upstream.py, which
-answers instantly, so only our overhead is measured), and the full Imago path in front
+In one run it starts the fixture upstream of the node's tests (tests/node/fixture_upstream.py,
+which answers instantly, so only our overhead is measured), and the full Imago path in front
 of it as real processes: matcher → node → upstream, plus the client gateway. Every
 Imago request pays HPKE seal and open, receipt signing and verification, spend
 vouchers and durable metering. Three ways of calling, alternating batches so that
@@ -45,7 +45,7 @@ from client.sdk.receipts import PriceCaps  # noqa: E402
 from contracts.protocol.attestation import AttestationPolicy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "bench-instant"
+MODEL = "fixture-model"  # what tests/node/fixture_upstream.py serves
 BODY = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -195,31 +195,44 @@ async def sdk_first_token(client: ImagoClient) -> float:
     return elapsed
 
 
+async def start_imago(
+    procs: Processes, upstream_url: str, **extra_node_args: str
+) -> dict[str, str]:
+    """Start a matcher, a node attached to ``upstream_url`` and the gateway (devnet mode,
+    dev attestation, state under the processes' workdir); return their URLs once the
+    gateway routes to the node."""
+    ports = {name: free_port() for name in ("matcher", "node", "gateway")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    state = procs.workdir
+    node_flags = [arg for k, v in extra_node_args.items() for arg in (f"--{k}", v)]
+    cli = ["-m", "client.cli"]
+    procs.start("matcher", [*cli, "matcher", "serve", "--devnet",
+                            "--port", str(ports["matcher"]),
+                            "--state-dir", str(state / "matcher")])  # fmt: skip
+    procs.start("node", [*cli, "node", "serve", "--devnet", "--attestation", "dev",
+                         "--port", str(ports["node"]), "--upstream", upstream_url,
+                         "--matcher", url["matcher"], "--public-url", url["node"],
+                         "--state-dir", str(state / "node"), *node_flags])  # fmt: skip
+    procs.start("gateway", [*cli, "client", "serve", "--devnet",
+                            "--port", str(ports["gateway"]), "--matcher", url["matcher"],
+                            "--state-dir", str(state / "client")])  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, f"{url['matcher']}/v1/models")
+        await wait_ready(session, f"{url['gateway']}/v1/models")
+    return url
+
+
 async def main(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="imago-bench-"))
-    ports = {name: free_port() for name in ("upstream", "matcher", "node", "gateway")}
-    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    upstream = f"http://127.0.0.1:{free_port()}"
     procs = Processes(workdir)
-    cli = ["-m", "client.cli"]
     try:
-        procs.start("upstream", ["scripts/bench_upstream.py", "--port", str(ports["upstream"])])
-        procs.start("matcher", [*cli, "matcher", "serve", "--devnet",
-                                "--port", str(ports["matcher"]),
-                                "--state-dir", str(workdir / "matcher")])  # fmt: skip
-        procs.start("node", [*cli, "node", "serve", "--devnet", "--attestation", "dev",
-                             "--port", str(ports["node"]), "--upstream", url["upstream"],
-                             "--matcher", url["matcher"], "--public-url", url["node"],
-                             "--max-concurrent", "256",
-                             "--state-dir", str(workdir / "node")])  # fmt: skip
-        procs.start("gateway", [*cli, "client", "serve", "--devnet",
-                                "--port", str(ports["gateway"]), "--matcher", url["matcher"],
-                                "--state-dir", str(workdir / "client")])  # fmt: skip
+        procs.start("upstream", ["-m", "tests.node.fixture_upstream", upstream.rsplit(":", 1)[1]])
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, f"{url['upstream']}/health")
-            await wait_ready(session, f"{url['matcher']}/v1/models")
-            await wait_ready(session, f"{url['gateway']}/v1/models")
-            direct_url = f"{url['upstream']}/v1/chat/completions"
+            await wait_ready(session, f"{upstream}/health")
+            url = await start_imago(procs, upstream, **{"max-concurrent": "256"})
+            direct_url = f"{upstream}/v1/chat/completions"
             gateway_url = f"{url['gateway']}/v1/chat/completions"
             async with sdk_client(url["matcher"], workdir) as sdk:
                 latency = await compare(

@@ -26,6 +26,7 @@ __all__ = [
     "SealedRequest",
     "StreamUsage",
     "VoucherSubmission",
+    "error_json",
     "registration_message",
 ]
 
@@ -173,3 +174,12 @@ class ErrorResponse(BaseModel):
     """OpenAI-style error JSON, used by every party's HTTP API."""
 
     error: ErrorBody
+
+
+def error_json(
+    message: str, type: str, code: str | int | None = None, param: str | None = None
+) -> dict:
+    """The body of an ``ErrorResponse``, as every party answers errors."""
+    return ErrorResponse(
+        error=ErrorBody(message=message, type=type, param=param, code=code)
+    ).model_dump()

@@ -236,4 +236,10 @@ def create_fixture_upstream(options: FixtureOptions | None = None) -> web.Applic
 if __name__ == "__main__":  # FIXTURE process: `python -m tests.node.fixture_upstream PORT`
     import sys
 
-    web.run_app(create_fixture_upstream(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    web.run_app(
+        create_fixture_upstream(),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        print=None,
+        access_log=None,
+    )
