@@ -151,7 +151,12 @@ def vllm_launch(
         DO_NOT_TRACK="1",
     )
     if not gpu:
-        env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+        # vLLM's own x86 default: one core left to its API server and to us. Its OpenMP
+        # threads spin at barriers, so a relay wake-up on a core they hold stalls every
+        # engine step; reserving one measured faster direct and 0.95+ through Imago
+        # (docs/benchmarks.md), where reserving none lost 8% to the relay.
+        reserved = "1" if (os.cpu_count() or 1) > 1 else "0"
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=reserved)
     label = "vllm" if gpu else "vllm-cpu"
     return EngineLaunch(argv, env, port, state_dir / "logs" / "vllm.log", label)
 
