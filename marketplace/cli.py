@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--instance", help="this replica's name in the jobs table")
     serve.add_argument(
+        "--ticket-key", type=Path, metavar="PATH",
+        help="keystore of the key that signs node tickets, created if missing (default "
+        "<state-dir>/ticket_key.json); replicas share one",
+    )  # fmt: skip
+    serve.add_argument(
         "--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
         help="on SIGTERM, let relays finish this long, then abort them",
     )  # fmt: skip
@@ -67,6 +72,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvloop
     from aiohttp import web
 
+    from contracts.wallet import KeystoreError
     from marketplace.app import create_app
     from marketplace.config import MatcherConfig
 
@@ -104,12 +110,18 @@ def serve_command(args: argparse.Namespace) -> int:
         vault=args.vault,
         chain_url=args.chain,
         registry=args.registry,
+        ticket_key=args.ticket_key,
         **extra,
     )
+    try:
+        app = create_app(config)
+    except KeystoreError as e:
+        print(f"imago matcher: ticket key: {e}", file=sys.stderr)
+        return 2
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=args.host,
             port=args.port,
             access_log=None,

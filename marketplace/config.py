@@ -50,6 +50,11 @@ class MatcherConfig:
     read_timeout_s: float = 300.0  # and then never pause longer than this
     route_ttl_s: float = 10.0
     max_relay_body_bytes: int = 32 * 1024 * 1024
+    ticket_key: Path | None = None  # keystore of the ticket key; None: in state_dir
+
+    @property
+    def ticket_key_path(self) -> Path:
+        return Path(self.ticket_key or Path(self.state_dir) / "ticket_key.json").expanduser()
 
     @property
     def db_url(self) -> str:
