@@ -20,6 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine, select
 
 from contracts.protocol.api import (
+    MatcherTicketKey,
     NodeRegistration,
     RelayRequest,
     RouteCandidate,
@@ -28,6 +29,7 @@ from contracts.protocol.api import (
     VoucherSubmission,
 )
 from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
+from contracts.protocol.tickets import TICKET_KEY_PATH
 from contracts.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
 from marketplace.db import SpendVoucherRecord, make_engine
@@ -39,6 +41,7 @@ from marketplace.providers import ProviderBook
 from marketplace.registry import AdmissionError, NodeRegistry
 from marketplace.relay import Relay, normalize_escrow
 from marketplace.routing import NoRoute, rank
+from marketplace.tickets import TicketSigner, load_or_create_ticket_key
 
 __all__ = [
     "CONFIG",
@@ -51,6 +54,7 @@ __all__ = [
     "RELAY",
     "SCHEDULER",
     "SESSION",
+    "TICKETS",
     "create_app",
 ]
 
@@ -66,6 +70,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 ESCROWS = web.AppKey("escrows", EscrowBook)
 PROVIDERS = web.AppKey("providers", ProviderBook)
+TICKETS = web.AppKey("tickets", TicketSigner)
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -97,7 +102,9 @@ async def _node_client(app: web.Application):
         providers=app.get(PROVIDERS),
     )
     app[REGISTRY] = registry
-    app[RELAY] = Relay(config, session, registry, app[LEDGER], app[METRICS], app.get(ESCROWS))
+    app[RELAY] = Relay(
+        config, session, registry, app[LEDGER], app[METRICS], app[TICKETS], app.get(ESCROWS)
+    )
     yield
     await session.close()
 
@@ -289,6 +296,11 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def ticket_key(request: web.Request) -> web.Response:
+    body = MatcherTicketKey(ed25519_public=request.app[TICKETS].public.hex())
+    return web.Response(text=body.model_dump_json(), content_type="application/json")
+
+
 async def health(request: web.Request) -> web.Response:
     nodes = sum(1 for n in request.app[REGISTRY].nodes.values() if n.routable)
     return web.json_response({"status": "ok", "nodes": nodes})
@@ -316,6 +328,7 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[TICKETS] = load_or_create_ticket_key(config.ticket_key_path)
     app.cleanup_ctx.extend([_database, _chain, _node_client, _scheduler])
     app.on_shutdown.append(_stopping)
     app.router.add_post("/v1/nodes", register_node)
@@ -323,6 +336,7 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     app.router.add_post("/v1/relay", relay)
     app.router.add_post("/v1/vouchers", submit_voucher)
     app.router.add_get("/v1/models", models)
+    app.router.add_get(TICKET_KEY_PATH, ticket_key)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

@@ -12,6 +12,11 @@ the clear END frame until its receipt verifies, and count bytes.
   request or response hash) marks the job ``errored``; the client gets RELAY_ERROR
   instead of the END frame.
 - A client disconnect closes the node request.
+
+Each attempt carries a ticket: the matcher's signature over the node, the job id and
+the hash of the sealed request that node gets (``contracts.protocol.tickets``), so
+nodes serve only what the matcher dispatched (and metered). A job id outside its time
+window is refused before anything is recorded.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ from pydantic import ValidationError
 from pytoniq_core import Address
 
 from contracts.protocol.api import EndFrame, RelayRequest
-from contracts.protocol.envelope import EnvelopeError, FrameDecoder, FrameType, encode_frame
+from contracts.protocol.envelope import (
+    EnvelopeError,
+    FrameDecoder,
+    FrameType,
+    JobIdRefused,
+    check_job_id_time,
+    encode_frame,
+)
 from contracts.protocol.receipts import ReceiptExpectations, receipt_problems
 from contracts.protocol.signed import Receipt, SignedObjectError
+from contracts.protocol.tickets import TICKET_HEADER
 from marketplace.config import MatcherConfig
 from marketplace.db import JobStatus
 from marketplace.errors import ApiError
@@ -42,6 +55,7 @@ from marketplace.ledger import DuplicateJob, Ledger, LedgerError
 from marketplace.metrics import Metrics
 from marketplace.registry import NodeRegistry, NodeState
 from marketplace.routing import NoRoute, rank
+from marketplace.tickets import TicketSigner
 
 __all__ = ["FRAMES_CONTENT_TYPE", "Relay", "normalize_escrow", "relay_error_frame"]
 
@@ -89,9 +103,11 @@ class Relay:
         registry: NodeRegistry,
         ledger: Ledger,
         metrics: Metrics,
+        tickets: TicketSigner,
         escrows: EscrowBook | None = None,
     ) -> None:
         self.escrows = escrows  # with a chain: refuse jobs an escrow cannot pay for
+        self.tickets = tickets
         self.config = config
         self.session = session
         self.registry = registry
@@ -134,13 +150,17 @@ class Relay:
         if len(job_id) != 64:
             raise ApiError(400, "job_id is 32 bytes of hex", param="job_id")
         try:
-            job_int = int.from_bytes(bytes.fromhex(job_id), "big")
+            job_bytes = bytes.fromhex(job_id)
             sealed = {
                 node_id.lower(): base64.b64decode(b64, validate=True)
                 for node_id, b64 in body.sealed.items()
             }
         except (ValueError, binascii.Error) as e:
             raise ApiError(400, f"malformed job id or sealed request: {e}") from e
+        try:  # nodes would refuse it: say so now, without a node round trip
+            check_job_id_time(job_bytes, time.time())
+        except JobIdRefused as e:
+            raise ApiError(400, str(e), code=e.code, param="job_id") from e
         escrow = normalize_escrow(body.escrow)
         if self.escrows is not None:
             try:
@@ -168,7 +188,7 @@ class Relay:
         streaming: list[bool] = []  # set once _relay_to owns the job's record
         try:
             return await self._try_nodes(
-                request, order, sealed, job_id, job_int, escrow, body.model, started, failed,
+                request, order, sealed, job_id, job_bytes, escrow, body.model, started, failed,
                 streaming,
             )  # fmt: skip
         except BaseException as e:
@@ -190,14 +210,14 @@ class Relay:
             raise
 
     async def _try_nodes(
-        self, request, order, sealed, job_id, job_int, escrow, model, started, failed, streaming
+        self, request, order, sealed, job_id, job_bytes, escrow, model, started, failed, streaming
     ) -> web.StreamResponse:
         for node in order:
             data = sealed[node.node_id]
             node.stats.inflight += 1
             try:
                 return await self._relay_to(
-                    request, node, job_id, job_int, escrow, model, data, started, failed,
+                    request, node, job_id, job_bytes, escrow, model, data, started, failed,
                     streaming,
                 )  # fmt: skip
             except _NodeFailed as e:
@@ -243,17 +263,19 @@ class Relay:
         return web.Response(body=frame, content_type=FRAMES_CONTENT_TYPE)
 
     async def _open(
-        self, node: NodeState, job_id: str, data: bytes
+        self, node: NodeState, job_id: str, data: bytes, ticket: str
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST the job and wait for the node's first byte."""
         resp = None
+        headers = {
+            "X-Imago-Job": job_id,
+            TICKET_HEADER: ticket,
+            "Content-Type": "application/octet-stream",
+        }
         try:
             async with asyncio.timeout(self.config.first_byte_timeout_s):
                 resp = await self.session.post(
-                    node.jobs_url,
-                    data=data,
-                    headers={"X-Imago-Job": job_id, "Content-Type": "application/octet-stream"},
-                    timeout=self.timeout,
+                    node.jobs_url, data=data, headers=headers, timeout=self.timeout
                 )
                 if resp.status >= 500 or resp.status == 429:  # failed, or busy: try another
                     raise _NodeFailed(f"node answered {resp.status}")
@@ -286,7 +308,7 @@ class Relay:
         request: web.Request,
         node: NodeState,
         job_id: str,
-        job_int: int,
+        job_bytes: bytes,
         escrow: str,
         model: str,
         data: bytes,
@@ -294,7 +316,9 @@ class Relay:
         failed: list[str],
         streaming: list[bool],
     ) -> web.StreamResponse:
-        resp, first = await self._open(node, job_id, data)
+        request_hash = hashlib.sha256(data).digest()  # the ticket's and the receipt's
+        ticket = self.tickets.sign(bytes.fromhex(node.node_id), job_bytes, request_hash)
+        resp, first = await self._open(node, job_id, data, ticket)
         streaming.append(True)
         ttft_ms = (time.perf_counter() - started) * 1000
         self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
@@ -381,7 +405,7 @@ class Relay:
         try:
             end = EndFrame.model_validate_json(end_payload)
             fields = self._check_receipt(
-                end, node, job_int, escrow, model, data, transcript.digest()
+                end, node, job_bytes, escrow, model, request_hash, transcript.digest()
             )
         except (ValidationError, ValueError, SignedObjectError) as e:
             node.stats.record_failure()
@@ -414,10 +438,10 @@ class Relay:
         self,
         end: EndFrame,
         node: NodeState,
-        job_int: int,
+        job_bytes: bytes,
         escrow: str,
         model: str,
-        sealed: bytes,
+        request_hash: bytes,
         response_hash: bytes,
     ) -> dict:
         if end.receipt is None:
@@ -440,11 +464,11 @@ class Relay:
             signature,
             ReceiptExpectations(
                 node_key=bytes.fromhex(node.node_id),
-                job_id=job_int,
+                job_id=int.from_bytes(job_bytes, "big"),
                 escrow=Address(escrow),
                 model=model,
                 prices=(offer.price_prompt, offer.price_completion),
-                request_hash=hashlib.sha256(sealed).digest(),
+                request_hash=request_hash,
                 response_hash=response_hash,
                 tokens=(end.prompt_tokens, end.completion_tokens),
             ),

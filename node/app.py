@@ -2,7 +2,8 @@
 
 Lifetimes live in ``cleanup_ctx``: the shared upstream ``ClientSession``, the engine
 (attached by URL, or a supervised vLLM), the model list refresh and the registration
-with the matcher. State is held under typed ``AppKey``s.
+with the matcher (which first fetches the matcher's ticket key). State is held under
+typed ``AppKey``s.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from node.supervisor import (
     detect_gpus,
     vllm_launch,
 )
+from node.tickets import MatcherKeys
 
 __all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
 
@@ -68,6 +70,7 @@ class NodeConfig:
     max_concurrent: int = 64
     # matcher
     matcher: str | None = None
+    matcher_key: str | None = None  # hex: the only ticket key trusted (else the URL's)
     public_url: str | None = None
     provider: str | None = None
     register_interval: float = 30.0
@@ -86,6 +89,7 @@ class NodeState:
     attester: Attester
     offers: OfferBook
     seen: SeenJobs
+    matcher_keys: MatcherKeys
     engine_ready: asyncio.Event
     hardware: str
     backend: EngineBackend | None = None
@@ -115,8 +119,10 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     """The node application. Raises AttestationUnavailable or KeystoreError early.
 
     ``keys`` overrides the keystore (tests); otherwise keys load from (or are created
-    in) ``state_dir/node_keys.json``.
+    in) ``state_dir/node_keys.json``. A ``matcher_key`` that is not 32 bytes of hex
+    raises ValueError.
     """
+    pinned = _matcher_key(config.matcher_key)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if keys is None:
         keys = load_or_create_keys(config.state_dir / "node_keys.json", config.passphrase)
@@ -133,6 +139,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         ),
         offers=OfferBook(config.price_prompt, config.price_completion),
         seen=SeenJobs(config.state_dir / "jobs.seen"),
+        matcher_keys=MatcherKeys(config.matcher, pinned),
         engine_ready=asyncio.Event(),
         hardware=describe_hardware(),
     )
@@ -146,6 +153,18 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     app.router.add_get("/v1/status", _status)
     app.router.add_post("/v1/jobs", _jobs)
     return app
+
+
+def _matcher_key(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"a matcher key is 64 hex characters, not {text[:80]!r}")
+    return key
 
 
 # -- lifetimes ----------------------------------------------------------------------
@@ -193,6 +212,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             backend,
             state.offers,
             state.seen,
+            state.matcher_keys,
             max_concurrent=config.max_concurrent,
             engine_ready=state.engine_ready,
         )
@@ -237,17 +257,22 @@ async def _watch_engine(state: NodeState) -> None:
 
 async def _registration_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    task = None
-    if state.config.matcher:
-        task = asyncio.create_task(_register_loop(state), name="matcher-registration")
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if not state.config.matcher:
+        yield
+        return
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        state.matcher_keys.session = session
+        task = asyncio.create_task(_register_loop(state, session), name="matcher-registration")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            state.matcher_keys.session = None
 
 
-async def _register_loop(state: NodeState) -> None:
+async def _register_loop(state: NodeState, session: aiohttp.ClientSession) -> None:
     config = state.config
     url = config.matcher.rstrip("/") + "/v1/nodes"
     public_url = config.public_url or "http://127.0.0.1:8800"
@@ -263,13 +288,16 @@ async def _register_loop(state: NodeState) -> None:
         ).model_dump_json()
 
     backoff = 1.0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        while True:
-            await state.engine_ready.wait()  # no point in traffic before the engine answers
-            forgotten = time.monotonic() - state.last_matcher_contact > config.register_interval
-            if state.registered and not forgotten:
-                await asyncio.sleep(config.register_interval / 3)
-                continue
+    while True:
+        await state.engine_ready.wait()  # no point in traffic before the engine answers
+        forgotten = time.monotonic() - state.last_matcher_contact > config.register_interval
+        if state.registered and not forgotten:
+            await asyncio.sleep(config.register_interval / 3)
+            continue
+        # The key first: registered, the node gets jobs, whose tickets it must check.
+        if not await state.matcher_keys.update():
+            ok, text = False, "the matcher's ticket key is unavailable or refused"
+        else:
             try:
                 async with session.post(
                     url, data=body(), headers={"Content-Type": "application/json"}
@@ -278,20 +306,18 @@ async def _register_loop(state: NodeState) -> None:
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError) as e:
                 ok, text = False, f"{type(e).__name__}: {e}"
-            if ok:
-                if not state.registered:
-                    log.info("registered with the matcher %s as %s", config.matcher, public_url)
-                state.registered = True
-                state.last_matcher_contact = time.monotonic()
-                backoff = 1.0
-                await asyncio.sleep(config.register_interval / 3)
-            else:
-                state.registered = False
-                log.warning(
-                    "matcher registration failed (%s); retry in %.0f s", text[:300], backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+        if ok:
+            if not state.registered:
+                log.info("registered with the matcher %s as %s", config.matcher, public_url)
+            state.registered = True
+            state.last_matcher_contact = time.monotonic()
+            backoff = 1.0
+            await asyncio.sleep(config.register_interval / 3)
+        else:
+            state.registered = False
+            log.warning("matcher registration failed (%s); retry in %.0f s", text[:300], backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
 
 
 # -- handlers -----------------------------------------------------------------------

@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="URL the matcher and clients reach this node at (default http://HOST:PORT)",
     )
     p.add_argument("--matcher", help="matcher URL to register with, e.g. http://127.0.0.1:8700")
+    p.add_argument(
+        "--matcher-key",
+        metavar="HEX",
+        help="the matcher's ticket key (ed25519, hex); pinned: a different key from the "
+        "--matcher URL is refused (default: trust the key the URL serves)",
+    )
     p.add_argument("--provider", help="this node's Provider contract address, if registered")
     p.add_argument(
         "--state-dir",
@@ -168,12 +174,13 @@ def serve(args: argparse.Namespace) -> int:
         price_completion=args.price_completion,
         max_concurrent=args.max_concurrent,
         matcher=args.matcher,
+        matcher_key=args.matcher_key,
         public_url=args.public_url or f"http://{args.host}:{args.port}",
         provider=args.provider,
     )
     try:
         app = create_app(config)
-    except (AttestationUnavailable, KeystoreError, FileNotFoundError) as e:
+    except (AttestationUnavailable, KeystoreError, FileNotFoundError, ValueError) as e:
         print(f"imago node: {e}", file=sys.stderr)
         return 2
     try:

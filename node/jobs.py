@@ -2,11 +2,13 @@
 end with a signed receipt.
 
 Refusals before anything is served are clear HTTP errors (OpenAI-style JSON), so the
-matcher can fail over: a malformed job id, busy (429), replay (409), a request that
-does not open (400), a model the node does not offer (404), prices above the client's
-caps (402), an engine that is not ready (503). Once the job is accepted the answer is
-200 and a frame stream: DATA frames, the engine's errors as sealed ERROR frames, and
-always a last END frame with the receipt (null when nothing was served).
+matcher can fail over: a malformed, expired or future job id (400), busy (429), no
+matcher key known yet (503), a missing or invalid matcher ticket (403), replay (409),
+a request that does not open (400), a model the node does not offer (404), prices
+above the client's caps (402), an engine that is not ready (503). Once the job is
+accepted the answer is 200 and a frame stream: DATA frames, the engine's errors as
+sealed ERROR frames, and always a last END frame with the receipt (null when nothing
+was served).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from contracts.protocol import envelope
 from contracts.protocol.api import ModelOffer, SealedRequest, error_json
 from contracts.protocol.envelope import EnvelopeError, FrameType, ResponseSealer
 from contracts.protocol.signed import Receipt, cost_nanoton, model_hash
+from contracts.protocol.tickets import TICKET_HEADER
 from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
 from node.keys import NodeKeys
+from node.tickets import MatcherKeys
 
 __all__ = [
     "FRAMES_CONTENT_TYPE",
@@ -47,6 +51,11 @@ log = logging.getLogger("imago.node.jobs")
 JOB_HEADER = "X-Imago-Job"
 FRAMES_CONTENT_TYPE = "application/x-imago-frames"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_RECORD = envelope.JOB_ID_BYTES
+_BUCKET_S = 60  # ids are forgotten a bucket at a time: up to this long after they expire
+# An accepted id never starts with 0xffffffff (the year 2106 is refused as the future),
+# so the header cannot be mistaken for an id, nor an id for it.
+_HEADER_TAG = b"\xff" * 4 + b"imago/jobs.seen/v2".ljust(24, b"\x00")
 
 
 def error_response(status: int, message: str, type_: str, code: str | None = None) -> web.Response:
@@ -55,36 +64,92 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
 
 
 class SeenJobs:
-    """Every job id this node key has accepted, persisted append-only.
+    """The job ids this node key accepted, for as long as they could come back.
 
     A second receipt for one job id signed by one key is slashable equivocation, so
-    the set survives restarts: 32 bytes a job, appended before the job runs.
+    the set is persisted (an id is appended before its job runs) and survives
+    restarts. A job id carries its creation time and is refused once older than
+    ``JOB_ID_MAX_AGE_S``, so an id is forgotten after that, and memory and file hold
+    about one window of jobs. Ids live in buckets by their time, so that forgetting
+    drops whole buckets and a lookup needs no global set.
+
+    ``floor`` is the time below which ids may have been forgotten: the node refuses
+    them even if its clock steps back. The file is a header record (a tag and
+    ``floor``) and 32-byte ids; it is rewritten (atomically, 0600, fsynced) at start
+    and when forgotten ids make up half of it.
     """
 
-    def __init__(self, path: Path | None) -> None:
-        self._ids: set[bytes] = set()
+    def __init__(self, path: Path | None, now: float | None = None) -> None:
+        self._path = path
+        self._buckets: dict[int, set[bytes]] = {}
+        self._live = 0
+        self._records = 0  # ids in the file, forgotten ones included
         self._fd: int | None = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                raw = path.read_bytes()
-                usable = len(raw) - len(raw) % envelope.JOB_ID_BYTES
-                self._ids = {raw[i : i + 32] for i in range(0, usable, 32)}
-                if usable != len(raw):  # a torn last write: drop it
-                    with open(path, "r+b") as f:
-                        f.truncate(usable)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._next_prune = 0.0
+        self.floor = 0
+        now = time.time() if now is None else now
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raw = path.read_bytes()
+            usable = len(raw) - len(raw) % _RECORD  # a torn last write is dropped
+            start = 0
+            if raw[: len(_HEADER_TAG)] == _HEADER_TAG and usable >= _RECORD:
+                self.floor = int.from_bytes(raw[len(_HEADER_TAG) : _RECORD], "big")
+                start = _RECORD
+            for i in range(start, usable, _RECORD):
+                self._remember(raw[i : i + _RECORD])
+        self._prune(now, compact=False)
+        self._rewrite()
 
     def __contains__(self, job_id: bytes) -> bool:
-        return job_id in self._ids
+        bucket = self._buckets.get(envelope.job_id_time(job_id) // _BUCKET_S)
+        return bucket is not None and job_id in bucket
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._live
 
-    def add(self, job_id: bytes) -> None:
-        self._ids.add(job_id)
+    def add(self, job_id: bytes, now: float) -> None:
+        if now >= self._next_prune:
+            self._prune(now)
+        self._remember(job_id)
         if self._fd is not None:
             os.write(self._fd, job_id)
+            self._records += 1
+
+    def _remember(self, job_id: bytes) -> None:
+        bucket = self._buckets.setdefault(envelope.job_id_time(job_id) // _BUCKET_S, set())
+        if job_id not in bucket:
+            bucket.add(job_id)
+            self._live += 1
+
+    def _prune(self, now: float, *, compact: bool = True) -> None:
+        """Forget the buckets whose every id is expired at ``now``."""
+        self._next_prune = now + _BUCKET_S
+        first_kept = (int(now) - envelope.JOB_ID_MAX_AGE_S) // _BUCKET_S
+        for index in [i for i in self._buckets if i < first_kept]:
+            self._live -= len(self._buckets.pop(index))
+        self.floor = max(self.floor, first_kept * _BUCKET_S)
+        # Rewriting costs the whole file: only once forgotten ids are half of it.
+        if compact and self._fd is not None and self._records >= max(1, 2 * self._live):
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Replace the file with the header and the ids remembered now."""
+        assert self._path is not None
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        header = _HEADER_TAG + self.floor.to_bytes(_RECORD - len(_HEADER_TAG), "big")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(header + b"".join(b"".join(ids) for ids in self._buckets.values()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        self._records = self._live
 
     def close(self) -> None:
         if self._fd is not None:
@@ -181,14 +246,17 @@ class JobService:
         backend: EngineBackend,
         offers: OfferBook,
         seen: SeenJobs,
+        matcher: MatcherKeys,
         *,
         max_concurrent: int,
         engine_ready: asyncio.Event,
     ) -> None:
         self._keys = keys
+        self._node_public = keys.ed25519_public
         self._backend = backend
         self._offers = offers
         self._seen = seen
+        self._matcher = matcher
         self.max_concurrent = max_concurrent
         self._engine_ready = engine_ready
         self.active = 0
@@ -207,6 +275,10 @@ class JobService:
                 "invalid_request_error",
                 "invalid_job_id",
             )
+        try:
+            envelope.check_job_id_time(job_id, time.time(), not_before=self._seen.floor)
+        except envelope.JobIdRefused as e:
+            return error_response(400, str(e), "invalid_request_error", e.code)
         if self.active >= self.max_concurrent:
             return error_response(
                 429,
@@ -221,6 +293,22 @@ class JobService:
             self.active -= 1
 
     async def _accept(self, request: web.Request, job_id: bytes) -> web.StreamResponse:
+        if not self._matcher.known:
+            return error_response(
+                503,
+                "the node does not know its matcher's ticket key yet",
+                "service_unavailable",
+                "matcher_unknown",
+            )
+        ticket_hex = request.headers.get(TICKET_HEADER)
+        if not ticket_hex:
+            return error_response(
+                403,
+                f"no matcher ticket ({TICKET_HEADER}): this node serves only jobs its "
+                "matcher dispatched",
+                "permission_error",
+                "ticket_missing",
+            )
         if job_id in self._seen:
             return error_response(
                 409, "job id already used (replay)", "invalid_request_error", "job_replayed"
@@ -230,6 +318,18 @@ class JobService:
                 503, "the engine is not ready", "service_unavailable", "engine_not_ready"
             )
         sealed = await request.read()
+        request_hash = envelope.request_hash(sealed)
+        try:
+            ticket = bytes.fromhex(ticket_hex)
+        except ValueError:
+            ticket = b""
+        if not await self._matcher.verify(ticket, self._node_public, job_id, request_hash):
+            return error_response(
+                403,
+                "the matcher ticket does not verify for this node, job id and request",
+                "permission_error",
+                "ticket_invalid",
+            )
         try:
             plaintext = envelope.open_request(self._keys.x25519, job_id, sealed)
         except EnvelopeError as e:
@@ -282,9 +382,9 @@ class JobService:
             return error_response(
                 409, "job id already used (replay)", "invalid_request_error", "job_replayed"
             )
-        self._seen.add(job_id)
+        self._seen.add(job_id, time.time())
         sealer = ResponseSealer(response_key, job_id)
-        run = _Job(self, job, job_id, escrow, model, sealer, envelope.request_hash(sealed))
+        run = _Job(self, job, job_id, escrow, model, sealer, request_hash)
         if job.body.get("stream"):
             return await run.stream(request)
         return await run.complete()

@@ -15,6 +15,7 @@ __all__ = [
     "EndFrame",
     "ErrorBody",
     "ErrorResponse",
+    "MatcherTicketKey",
     "ModelOffer",
     "NodeIdentity",
     "NodeRegistration",
@@ -95,6 +96,12 @@ class NodeRegistration(_Model):
 
 def registration_message(url: str, ed25519_public: str, signed_at: int) -> bytes:
     return f"imago-register/v1\n{url}\n{ed25519_public.lower()}\n{signed_at}".encode()
+
+
+class MatcherTicketKey(_Model):
+    """Matcher → node: ``GET /v1/ticket-key``, the key the matcher signs tickets with."""
+
+    ed25519_public: Hex32
 
 
 class RouteRequest(_Model):

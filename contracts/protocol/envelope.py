@@ -11,6 +11,10 @@ replayed, dropped or forged frame fails to open. END is clear (the matcher meter
 and carries the node-signed receipt whose ``response_hash`` is the SHA-256 of every
 sealed frame in order, so a truncated or spliced transcript fails the receipt check.
 RELAY_ERROR is clear and comes from the matcher, which holds no key.
+
+Job ids: 4 bytes of creation time (unix seconds, big-endian), then 28 random bytes.
+Matcher and node refuse an id outside ``[now - JOB_ID_MAX_AGE_S, now +
+JOB_ID_MAX_SKEW_S]``, so a node need remember the ids it served for one window only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Iterator
 from enum import IntEnum
 
@@ -30,12 +35,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 __all__ = [
+    "JOB_ID_MAX_AGE_S",
+    "JOB_ID_MAX_SKEW_S",
     "EnvelopeError",
     "FrameDecoder",
     "FrameType",
+    "JobIdRefused",
     "ResponseOpener",
     "ResponseSealer",
+    "check_job_id_time",
     "encode_frame",
+    "job_id_time",
     "new_job_id",
     "new_response_key",
     "open_request",
@@ -46,6 +56,8 @@ __all__ = [
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 REQUEST_INFO = b"imago/v1/request:"
 JOB_ID_BYTES = 32
+JOB_ID_MAX_AGE_S = 600  # a job may wait this long between its creation and a node
+JOB_ID_MAX_SKEW_S = 60  # how far ahead of a verifier's clock a client's clock may run
 RESPONSE_KEY_BYTES = 32
 FRAME_HEADER = struct.Struct(">BI")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -65,8 +77,50 @@ class FrameType(IntEnum):
 SEALED_TYPES = frozenset({FrameType.DATA, FrameType.ERROR})
 
 
-def new_job_id() -> bytes:
-    return os.urandom(JOB_ID_BYTES)
+class JobIdRefused(EnvelopeError):
+    """A job id whose time is outside the window; ``code`` is the API error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def new_job_id(now: float | None = None) -> bytes:
+    created = int(time.time() if now is None else now)
+    return created.to_bytes(4, "big") + os.urandom(JOB_ID_BYTES - 4)
+
+
+def job_id_time(job_id: bytes) -> int:
+    """The creation time (unix seconds) a job id carries."""
+    return int.from_bytes(job_id[:4], "big")
+
+
+def check_job_id_time(job_id: bytes, now: float, *, not_before: int = 0) -> None:
+    """Raise JobIdRefused unless the job id's time is acceptable at ``now``.
+
+    ``not_before``: a node that forgot the ids below a time refuses them even if its
+    clock steps back, since it could no longer tell a replay.
+    """
+    created = job_id_time(job_id)
+    if created < now - JOB_ID_MAX_AGE_S:
+        raise JobIdRefused(
+            "job_id_expired",
+            f"the job id was created {int(now) - created} s ago; a job id is valid for "
+            f"{JOB_ID_MAX_AGE_S} s: send the job again under a new one",
+        )
+    if created < not_before:
+        raise JobIdRefused(
+            "job_id_expired",
+            f"the job id was created at {created}, before {not_before}, when this node "
+            "forgot the ids it served (its clock went back?): send the job again under a "
+            "new one",
+        )
+    if created > now + JOB_ID_MAX_SKEW_S:
+        raise JobIdRefused(
+            "job_id_from_future",
+            f"the job id was created {created - int(now)} s in the future; clocks may "
+            f"differ by {JOB_ID_MAX_SKEW_S} s at most: check the client's clock",
+        )
 
 
 def new_response_key() -> bytes:

@@ -33,6 +33,7 @@ from contracts.protocol.api import (
 from contracts.protocol.attestation import make_dev_evidence, report_data
 from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener, ResponseSealer
 from contracts.protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
+from contracts.protocol.tickets import TICKET_HEADER
 
 MODEL = "fake-echo-1"
 ESCROW = Address("0:" + "ab" * 32)
@@ -65,6 +66,7 @@ class FakeNode:
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     url: str = ""
     jobs_seen: list[str] = field(default_factory=list)
+    tickets: dict[str, str | None] = field(default_factory=dict)  # job id → ticket header
     sent: dict[str, bytearray] = field(default_factory=dict)  # job id → bytes written
     released: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -147,6 +149,7 @@ class FakeNode:
     async def job(self, request: web.Request) -> web.StreamResponse:
         job_id = request.headers["X-Imago-Job"]
         self.jobs_seen.append(job_id)
+        self.tickets[job_id] = request.headers.get(TICKET_HEADER)
         sealed = await request.read()
         if self.mode == "error500":
             return web.json_response(

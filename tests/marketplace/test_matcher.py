@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import stat
 import time
+
+import pytest
 
 from contracts.protocol.api import RouteResponse
 from contracts.protocol.attestation import verify_attestation
+from contracts.wallet import KeystoreError
 from marketplace.config import MatcherConfig
 from tests.marketplace.conftest import admit, signed_registration
 from tests.marketplace.fakes import MODEL
@@ -276,3 +280,27 @@ async def test_a_registration_must_be_signed_by_the_node_and_fresh(
     stale = signed_registration(node, signed_at=int(time.time()) - 3600)
     assert await register(stale) == (403, "stale_registration")
     assert await register(signed_registration(node)) == (200, "")
+
+
+async def test_the_ticket_key_is_private_survives_a_restart_and_can_be_shared(
+    session, start_matcher, tmp_path
+):
+    async def ticket_key(matcher) -> str:
+        async with session.get(f"{matcher.url}/v1/ticket-key") as resp:
+            assert resp.status == 200
+            return (await resp.json())["ed25519_public"]
+
+    first = await start_matcher()
+    key = await ticket_key(first)
+    path = first.config.state_dir / "ticket_key.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    await first.stop()
+    assert await ticket_key(await start_matcher()) == key
+    # Replicas with their own state dirs share one key through --ticket-key.
+    replica = await start_matcher(state_dir=tmp_path / "replica", ticket_key=path)
+    assert await ticket_key(replica) == key
+    alone = await start_matcher(state_dir=tmp_path / "alone")
+    assert await ticket_key(alone) != key
+    path.chmod(0o644)  # a key others may read is refused, like any keystore
+    with pytest.raises(KeystoreError):
+        await start_matcher()

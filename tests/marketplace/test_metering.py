@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
 from contracts.protocol import envelope
 from contracts.protocol.api import RelayRequest
 from contracts.protocol.envelope import FrameDecoder, FrameType
 from contracts.protocol.signed import Receipt, SpendVoucher
+from contracts.protocol.tickets import ticket_message
 from marketplace.db import JobRecord, SpendVoucherRecord
 from marketplace.escrows import EscrowUnfunded
 from tests.marketplace.conftest import admit
@@ -283,10 +286,11 @@ async def test_relay_request_errors_record_nothing(
         body = {"job_id": bad, "model": MODEL, "escrow": "x", "sealed": {}}
         async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
             assert resp.status == 400
-    body = {"job_id": "11" * 32, "model": MODEL, "escrow": "not-an-address", "sealed": {}}
+    job_id = envelope.new_job_id().hex()
+    body = {"job_id": job_id, "model": MODEL, "escrow": "not-an-address", "sealed": {}}
     async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
         assert resp.status == 400
-    body = {"job_id": "11" * 32, "model": MODEL, "escrow": ESCROW.to_str(), "sealed": {}}
+    body = {"job_id": job_id, "model": MODEL, "escrow": ESCROW.to_str(), "sealed": {}}
     async with session.post(f"{matcher.url}/v1/relay", json=body) as resp:
         assert resp.status == 503  # sealed for nobody the matcher admitted
     assert await jobs(matcher) == {}
@@ -411,3 +415,48 @@ async def test_a_job_the_escrow_cannot_pay_for_is_refused_before_any_node(
     assert node.jobs_seen == [] and await jobs(matcher) == {}
     matcher.app[RELAY].escrows = FakeEscrowBook(None)
     assert (await client_for(matcher).relay([node])).status == 200
+
+
+async def test_each_attempt_carries_a_ticket_under_the_matchers_key(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (dead, node) = await setup(
+        start_matcher, start_node, session, database_url, "error500", "ok"
+    )
+    async with session.get(f"{matcher.url}/v1/ticket-key") as resp:
+        key = Ed25519PublicKey.from_public_bytes(
+            bytes.fromhex((await resp.json())["ed25519_public"])
+        )
+    client = client_for(matcher)
+    job_id = envelope.new_job_id()
+    _, sealed = client.seal([dead, node], "hi", job_id)
+    body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
+    async with session.post(f"{matcher.url}/v1/relay", data=body.model_dump_json()) as resp:
+        assert resp.status == 200
+        await resp.read()
+    for attempt in (dead, node):  # each for its own node and the copy sealed for it
+        ticket = bytes.fromhex(attempt.tickets[job_id.hex()])
+        request_hash = envelope.request_hash(base64.b64decode(sealed[attempt.node_id]))
+        key.verify(ticket, ticket_message(attempt.ed_public, job_id, request_hash))
+    assert (await jobs(matcher))[job_id.hex()]["status"] == "completed"
+
+
+async def test_a_job_id_outside_its_window_is_refused_before_anything(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    now = time.time()
+    for created, code in (
+        (now - envelope.JOB_ID_MAX_AGE_S - 5, "job_id_expired"),
+        (now + envelope.JOB_ID_MAX_SKEW_S + 5, "job_id_from_future"),
+    ):
+        job_id = envelope.new_job_id(created)
+        _, sealed = client.seal([node], "hi", job_id)
+        body = RelayRequest(job_id=job_id.hex(), model=MODEL, escrow=ESCROW.to_str(), sealed=sealed)
+        async with session.post(f"{matcher.url}/v1/relay", data=body.model_dump_json()) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+        assert error["code"] == code and error["param"] == "job_id"
+    assert await jobs(matcher) == {}
+    assert not node.jobs_seen

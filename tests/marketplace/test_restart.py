@@ -70,6 +70,10 @@ class MatcherProcess:
         await asyncio.to_thread(self.proc.wait, 20)
         self.proc = None
 
+    async def ticket_key(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(f"{self.url}/v1/ticket-key") as resp:
+            return (await resp.json())["ed25519_public"]
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -127,6 +131,7 @@ async def test_restart_aborts_jobs_in_flight(session, start_node, tmp_path, data
         for node in (good, hang):
             assert await admit(session, matcher.url, node) == 200
         assert (await client.relay([good])).end is not None
+        ticket_key = await matcher.ticket_key(session)
 
         # A graceful stop (SIGTERM) fails the job in flight itself.
         job_a, resp_a = await start_hanging_job(session, client, hang)
@@ -135,6 +140,7 @@ async def test_restart_aborts_jobs_in_flight(session, start_node, tmp_path, data
         await matcher.start(session)
         counts = db_counts(db_url)
         assert counts == {"completed": 1, "aborted_by_restart": 1}
+        assert await matcher.ticket_key(session) == ticket_key  # nodes keep trusting it
 
         # A crash (SIGKILL) leaves the row in flight; the next start fails it.
         for node in (good, hang):

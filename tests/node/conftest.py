@@ -1,6 +1,7 @@
 """Fixtures for the node's tests: the fixture upstream, a node in front of it, and a
 minimal sealing client (the real client SDK lives in client/, which tests/node must not
-depend on)."""
+depend on) that signs each job's ticket with a test matcher key the node is configured
+to trust (``NodeConfig.matcher_key``)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,22 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
 from contracts.protocol import envelope
 from contracts.protocol.api import SealedRequest
 from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener
 from contracts.protocol.signed import Receipt, model_hash
+from contracts.protocol.tickets import TICKET_HEADER, ticket_message
 from node.app import STATE, NodeConfig, create_app
 from node.keys import NodeKeys
 from tests.node.fixture_upstream import FixtureOptions, create_fixture_upstream
 
 ESCROW = "0:" + "ab" * 32
 HIGH_CAP = 10**12
+MATCHER_KEY = Ed25519PrivateKey.generate()  # the test matcher's ticket key
+MATCHER_PUBLIC = MATCHER_KEY.public_key().public_bytes_raw().hex()
 
 
 @dataclass
@@ -81,14 +86,27 @@ def seal_job(
     return job_id, key, envelope.seal_request(node_x25519, job_id, plain)
 
 
+def sign_ticket(
+    node_public: bytes, job_id: bytes, sealed: bytes, signer: Ed25519PrivateKey = MATCHER_KEY
+) -> str:
+    """What the matcher sends with each job it dispatches."""
+    message = ticket_message(node_public, job_id, envelope.request_hash(sealed))
+    return signer.sign(message).hex()
+
+
 async def post_job(
-    session: aiohttp.ClientSession, url: str, job_id: bytes, key: bytes, sealed: bytes
+    session: aiohttp.ClientSession,
+    url: str,
+    job_id: bytes,
+    key: bytes,
+    sealed: bytes,
+    *,
+    ticket: str | None,
 ) -> JobResult:
-    async with session.post(
-        url + "/v1/jobs",
-        data=sealed,
-        headers={"X-Imago-Job": job_id.hex(), "Content-Type": "application/octet-stream"},
-    ) as r:
+    headers = {"X-Imago-Job": job_id.hex(), "Content-Type": "application/octet-stream"}
+    if ticket is not None:
+        headers[TICKET_HEADER] = ticket
+    async with session.post(url + "/v1/jobs", data=sealed, headers=headers) as r:
         result = JobResult(status=r.status, job_id=job_id, sealed=sealed)
         if r.status != 200:
             result.body = await r.json()
@@ -143,9 +161,17 @@ class NodeHandle:
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
+    def ticket(self, job_id: bytes, sealed: bytes) -> str:
+        return sign_ticket(self.keys.ed25519_public, job_id, sealed)
+
+    async def post(self, job_id: bytes, key: bytes, sealed: bytes) -> JobResult:
+        """Post a job as the test matcher dispatches it: with its ticket."""
+        ticket = self.ticket(job_id, sealed)
+        return await post_job(self.session, self.url, job_id, key, sealed, ticket=ticket)
+
     async def job(self, body: dict, **kw) -> JobResult:
         job_id, key, sealed = seal_job(self.keys.x25519_public, body, **kw)
-        return await post_job(self.session, self.url, job_id, key, sealed)
+        return await self.post(job_id, key, sealed)
 
 
 @pytest.fixture
@@ -188,6 +214,7 @@ async def make_node(
             "state_dir": tmp_path / f"node{len(started)}",
             "devnet": True,
             "upstream": str(up_server.make_url("")).rstrip("/"),
+            "matcher_key": MATCHER_PUBLIC,
         }
         fields.update(overrides)
         handle = await start_node(NodeConfig(**fields), http, port=port)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import stat
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from contracts.protocol import envelope
+from contracts.protocol.tickets import TICKET_HEADER
 from node.app import STATE
-from tests.node.conftest import check_receipt, post_job, seal_job
+from node.jobs import SeenJobs
+from node.keys import NodeKeys
+from tests.node.conftest import check_receipt, post_job, seal_job, sign_ticket
 from tests.node.fixture_upstream import ANSWER, chat_prompt_tokens
 
 PRICES = (20_000_000, 60_000_000)
@@ -60,9 +68,9 @@ async def test_completions_both_modes(node):
 
 async def test_replayed_job_id_refused(node):
     job_id, key, sealed = seal_job(node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES})
-    first = await post_job(node.session, node.url, job_id, key, sealed)
+    first = await node.post(job_id, key, sealed)
     assert first.status == 200 and first.receipt is not None
-    again = await post_job(node.session, node.url, job_id, key, sealed)
+    again = await node.post(job_id, key, sealed)
     assert again.status == 409
     assert again.body["error"]["code"] == "job_replayed"
 
@@ -71,11 +79,11 @@ async def test_replay_refused_after_restart(make_node, tmp_path):
     state = tmp_path / "persist"
     a = await make_node(state_dir=state)
     job_id, key, sealed = seal_job(a.keys.x25519_public, {"model": MODEL, "messages": MESSAGES})
-    assert (await post_job(a.session, a.url, job_id, key, sealed)).status == 200
+    assert (await a.post(job_id, key, sealed)).status == 200
     await a.server.close()
     b = await make_node(state_dir=state)  # same keystore, same job log
     assert b.keys.node_id == a.keys.node_id
-    assert (await post_job(b.session, b.url, job_id, key, sealed)).status == 409
+    assert (await b.post(job_id, key, sealed)).status == 409
 
 
 async def test_tampered_ciphertext_refused(node, upstream):
@@ -83,15 +91,15 @@ async def test_tampered_ciphertext_refused(node, upstream):
     job_id, key, sealed = seal_job(node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES})
     tampered = bytearray(sealed)
     tampered[-5] ^= 0x01
-    r = await post_job(node.session, node.url, job_id, key, bytes(tampered))
+    r = await node.post(job_id, key, bytes(tampered))
     assert r.status == 400
     assert r.body["error"]["code"] == "sealed_request_invalid"
     assert not opts.requests  # nothing reached the engine
     # Sealed for another job id: does not open either.
-    r = await post_job(node.session, node.url, envelope.new_job_id(), key, sealed)
+    r = await node.post(envelope.new_job_id(), key, sealed)
     assert r.status == 400
     # The genuine request still works: a tampered copy does not burn the job id.
-    r = await post_job(node.session, node.url, job_id, key, sealed)
+    r = await node.post(job_id, key, sealed)
     assert r.status == 200
 
 
@@ -192,9 +200,8 @@ async def test_client_disconnect_cancels_upstream(make_node, upstream):
     job_id, key, sealed = seal_job(
         node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES, "stream": True}
     )
-    async with node.session.post(
-        node.url + "/v1/jobs", data=sealed, headers={"X-Imago-Job": job_id.hex()}
-    ) as r:
+    headers = {"X-Imago-Job": job_id.hex(), TICKET_HEADER: node.ticket(job_id, sealed)}
+    async with node.session.post(node.url + "/v1/jobs", data=sealed, headers=headers) as r:
         await r.content.readany()  # the first frame
         r.close()
     for _ in range(50):
@@ -207,3 +214,122 @@ async def test_client_disconnect_cancels_upstream(make_node, upstream):
             break
         await asyncio.sleep(0.05)
     assert node.app[STATE].jobs.active == 0
+
+
+# -- matcher tickets ------------------------------------------------------------------
+
+
+async def test_a_job_without_a_ticket_is_refused(node, upstream):
+    opts, _ = upstream
+    job_id, key, sealed = seal_job(node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES})
+    r = await post_job(node.session, node.url, job_id, key, sealed, ticket=None)
+    assert r.status == 403 and r.body["error"]["code"] == "ticket_missing"
+    assert not opts.requests
+    assert (await node.post(job_id, key, sealed)).status == 200  # the id was not burned
+
+
+async def test_a_ticket_binds_the_matcher_key_node_job_and_request(node, upstream):
+    opts, _ = upstream
+    job_id, key, sealed = seal_job(node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES})
+    other_node = NodeKeys.generate().ed25519_public
+    other_job, _, other_sealed = seal_job(
+        node.keys.x25519_public, {"model": MODEL, "messages": MESSAGES}
+    )
+    public = node.keys.ed25519_public
+    forged = {
+        "another key": sign_ticket(public, job_id, sealed, Ed25519PrivateKey.generate()),
+        "another node": sign_ticket(other_node, job_id, sealed),
+        "another job id": sign_ticket(public, other_job, sealed),
+        "another body": sign_ticket(public, job_id, other_sealed),
+        "not hex": "zz" * 64,
+        "truncated": sign_ticket(public, job_id, sealed)[:-2],
+    }
+    for what, ticket in forged.items():
+        r = await post_job(node.session, node.url, job_id, key, sealed, ticket=ticket)
+        assert r.status == 403, what
+        assert r.body["error"]["code"] == "ticket_invalid", what
+    assert not opts.requests
+    r = await post_job(
+        node.session, node.url, job_id, key, sealed, ticket=sign_ticket(public, job_id, sealed)
+    )
+    assert r.status == 200
+    check_receipt(r, public, MODEL, PRICES)
+
+
+async def test_a_node_refuses_jobs_until_it_knows_a_matcher_key(make_node):
+    node = await make_node(matcher_key=None)  # no pinned key and no matcher to ask
+    r = await node.job({"model": MODEL, "messages": MESSAGES})
+    assert r.status == 503 and r.body["error"]["code"] == "matcher_unknown"
+
+
+# -- job id window and replay memory --------------------------------------------------
+
+
+async def test_job_ids_outside_their_window_are_refused(node, upstream):
+    opts, _ = upstream
+    now = time.time()
+    for created, code in (
+        (now - envelope.JOB_ID_MAX_AGE_S - 5, "job_id_expired"),
+        (now + envelope.JOB_ID_MAX_SKEW_S + 5, "job_id_from_future"),
+    ):
+        job_id, key, sealed = seal_job(
+            node.keys.x25519_public,
+            {"model": MODEL, "messages": MESSAGES},
+            job_id=envelope.new_job_id(created),
+        )
+        r = await node.post(job_id, key, sealed)
+        assert r.status == 400 and r.body["error"]["code"] == code
+    assert not opts.requests
+    for created in (now - envelope.JOB_ID_MAX_AGE_S + 30, now + envelope.JOB_ID_MAX_SKEW_S - 30):
+        r = await node.job(
+            {"model": MODEL, "messages": MESSAGES}, job_id=envelope.new_job_id(created)
+        )
+        assert r.status == 200
+
+
+def _ids_at(created: float, n: int) -> list[bytes]:
+    return [envelope.new_job_id(created) for _ in range(n)]
+
+
+def test_seen_jobs_forget_expired_ids_and_compact_their_file(tmp_path):
+    path = tmp_path / "jobs.seen"
+    start = 1_800_000_000.0
+    seen = SeenJobs(path, now=start)
+    old, recent = _ids_at(start, 50), _ids_at(start + 400, 5)
+    for job_id in old:
+        seen.add(job_id, start)
+    for job_id in recent:
+        seen.add(job_id, start + 400)
+    assert len(seen) == 55 and all(j in seen for j in old + recent)
+    size = path.stat().st_size
+    assert size == 32 * 56  # the header and every id
+
+    later = start + envelope.JOB_ID_MAX_AGE_S + 120  # the old ids expired, the recent not
+    fresh = envelope.new_job_id(later)
+    seen.add(fresh, later)
+    assert len(seen) == 6
+    assert not any(j in seen for j in old)
+    assert all(j in seen for j in [*recent, fresh])
+    assert seen.floor > start  # the old ids are refused even if the clock steps back
+    with pytest.raises(envelope.JobIdRefused):
+        envelope.check_job_id_time(old[0], start + 1, not_before=seen.floor)
+    assert path.stat().st_size == 32 * 7 < size  # compacted
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    seen.close()
+
+    # A restart keeps refusing the ids inside the window, and the floor.
+    again = SeenJobs(path, now=later + 1)
+    assert len(again) == 6 and all(j in again for j in [*recent, fresh])
+    assert again.floor == seen.floor
+    again.close()
+
+
+def test_seen_jobs_drop_a_torn_write_and_read_a_file_without_header(tmp_path):
+    path = tmp_path / "jobs.seen"
+    now = time.time()
+    legacy = _ids_at(now, 3)  # the first format: bare ids, no header
+    path.write_bytes(b"".join(legacy) + b"\x01" * 7)  # and a torn last write
+    seen = SeenJobs(path, now=now)
+    assert len(seen) == 3 and all(j in seen for j in legacy)
+    assert path.stat().st_size == 32 * 4  # rewritten: header and ids
+    seen.close()

@@ -16,7 +16,13 @@ import pytest
 
 from node.app import STATE, NodeConfig
 from node.supervisor import DEFAULT_MODEL_ID, ENGINE_VENV_NAME
-from tests.node.conftest import NodeHandle, check_receipt, engine_home, start_node
+from tests.node.conftest import (
+    MATCHER_PUBLIC,
+    NodeHandle,
+    check_receipt,
+    engine_home,
+    start_node,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -46,6 +52,7 @@ async def vllm_node(tmp_path_factory):
         state_dir=tmp_path_factory.mktemp("vllm-node"),
         devnet=True,
         model_ids=[MODEL, GHOST],
+        matcher_key=MATCHER_PUBLIC,
         engine_port=_free_port(),
         engine_start_timeout=400,
     )
