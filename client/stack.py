@@ -2,11 +2,12 @@
 
 `up` starts, in order, the devnet (and deploys the contracts, funds dev wallets and
 opens the client's escrow on it), the matcher, one node with the embedded model
-(registered on-chain as a Provider with stake), and the client gateway paying from
-that escrow. Each runs as a detached process logging to ``$IMAGO_HOME/logs/``. It
-waits for each to answer, records what runs in ``$IMAGO_HOME/stack.json`` (which the
-`chat` command and `down` read) and prints where everything is. The devnet's state,
-the deployment and the wallets persist in ``$IMAGO_HOME`` across `down` and `up`.
+(registered on-chain as a Provider with stake, its dev image and model allowed on the
+Registry), and the client gateway paying from that escrow. Each runs as a detached
+process logging to ``$IMAGO_HOME/logs/``. It waits for each to answer, records what
+runs in ``$IMAGO_HOME/stack.json`` (which the `chat` command and `down` read) and prints
+where everything is. The devnet's state, the deployment and the wallets persist in
+``$IMAGO_HOME`` across `down` and `up`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from pytoniq_core import Address
 
 from contracts.deploy import provider_address
 from contracts.devnet import pid_alive
+from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
+from contracts.protocol.signed import model_hash
 
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
 DEFAULT_ENGINE_PORT = 8801  # the node's vLLM, on loopback
@@ -235,10 +240,18 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     else:
         node_args += ["--engine-port", str(args.engine_port)]
     # The matcher admits the node only once its Provider is staked with the node's key,
-    # which the node makes at its first start: stake while its engine warms up.
+    # which the node makes at its first start, and once the Registry allows its image
+    # and models: do both while its engine warms up, at once (two wallets, no seqno race).
     node = launcher.spawn("node", node_args, lambda: http_ok(f"{launcher.url('node')}/v1/identity"))
-    register_provider(launcher)
-    launcher.wait("node", node, lambda: matcher_has_nodes(state.matcher_url))
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        allowing = pool.submit(allow_on_registry, launcher, stop)
+        try:
+            register_provider(launcher)
+            launcher.wait("node", node, lambda: node_admitted(state.matcher_url, allowing))
+        finally:
+            stop.set()
+        allowing.result()
     models = http_json(f"{state.matcher_url}/v1/models")["data"]
     state.model = models[0]["id"]
     launcher.spawn(
@@ -369,6 +382,33 @@ def register_provider(launcher: StackLauncher) -> None:
         )  # fmt: skip
     state.provider = status["provider"]
     launcher.say(f"  provider {state.provider} (stake {status.get('stake')} TON)")
+
+
+def allow_on_registry(launcher: StackLauncher, stop: threading.Event) -> None:
+    """As governance (the operator's wallet deployed the Registry), allow the dev image
+    at once, and the node's models as soon as it lists them (once its engine is ready;
+    it registers with the matcher only then, and retries a refusal within seconds).
+    Allowing again is harmless, so a second `up` on the same devnet checks nothing."""
+    home = launcher.home
+    image = f"{image_hash(DEV_MEASUREMENT):064x}"
+    run_imago(home, "registry", "allow-image", image, "--name", "operator")
+    offers: list[dict] = []
+    while not offers:
+        if stop.wait(0.25):  # the launch failed or is over
+            return
+        with contextlib.suppress(urllib.error.URLError, OSError, KeyError, ValueError):
+            offers = http_json(f"{launcher.url('node')}/v1/status")["models"]
+    for offer in offers:  # by hash: the CLI would read a 64-character id as one
+        run_imago(home, "registry", "allow-model", f"{model_hash(offer['id']):064x}",
+                  "--name", "operator")  # fmt: skip
+    names = ", ".join(offer["id"] for offer in offers)
+    launcher.say(f"  registry allows the dev image and {names}")
+
+
+def node_admitted(matcher_url: str, allowing: Future[None]) -> bool:
+    if allowing.done():
+        allowing.result()  # its StackError now, not a timeout waiting for a refused node
+    return matcher_has_nodes(matcher_url)
 
 
 def matcher_has_nodes(matcher_url: str) -> bool:

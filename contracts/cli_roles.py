@@ -38,6 +38,7 @@ from .cli_chain import (
 from .deploy import DEFAULT_PARAMS, PRODUCTION_PARAMS, Deployment
 from .devnet import imago_home
 from .messages import Capabilities, ModelPrice, RegistryParams
+from .protocol.attestation import image_hash
 from .protocol.signed import model_hash
 from .units import format_address, format_ton, parse_address, parse_ton
 from .wallet import WalletKeys, create_keystore, load_keystore
@@ -311,10 +312,22 @@ async def _registry_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_value(text: str) -> int:
+    """A 32-byte image hash as is, or a 48-byte TDX mr_td hashed into one: the size tells
+    them apart, and hashing here spares governance a hand-made sha256."""
+    raw = text.removeprefix("0x")
+    if len(raw) == 96:
+        try:
+            return image_hash(bytes.fromhex(raw))
+        except ValueError:
+            raise CliError("a TDX mr_td must be 48 bytes in hex") from None
+    return int.from_bytes(_hex32(text, "image hash"), "big")
+
+
 async def _registry_allow(args: argparse.Namespace, kind: str) -> int:
     registry = _registry_of(args)
     if kind == "image":
-        value = int.from_bytes(_hex32(args.image, "image hash"), "big")
+        value = _image_value(args.image)
     else:
         m = args.model
         value = (
@@ -789,7 +802,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: run_async(_registry_params(a)))
     p = rs.add_parser("allow-image", help="allow (or --revoke) a TEE image measurement")
     _common(p)
-    p.add_argument("image", help="image hash (32 bytes hex)")
+    p.add_argument(
+        "image", help="image hash (32 bytes hex), or a TDX mr_td (48 bytes hex; its sha256 is used)"
+    )
     p.add_argument("--revoke", action="store_true")
     p.add_argument("--registry")
     p.set_defaults(func=lambda a: run_async(_registry_allow(a, "image")))

@@ -31,6 +31,7 @@ from contracts.protocol.api import (
 from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
 from contracts.protocol.tickets import TICKET_KEY_PATH
 from contracts.toncenter import ToncenterClient
+from marketplace.allowlists import Allowlists
 from marketplace.config import MatcherConfig
 from marketplace.db import SpendVoucherRecord, make_engine
 from marketplace.errors import ApiError, error_middleware
@@ -44,6 +45,7 @@ from marketplace.routing import NoRoute, rank
 from marketplace.tickets import TicketSigner, load_or_create_ticket_key
 
 __all__ = [
+    "ALLOWLISTS",
     "CONFIG",
     "ENGINE",
     "ESCROWS",
@@ -71,6 +73,7 @@ SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 ESCROWS = web.AppKey("escrows", EscrowBook)
 PROVIDERS = web.AppKey("providers", ProviderBook)
 TICKETS = web.AppKey("tickets", TicketSigner)
+ALLOWLISTS = web.AppKey("allowlists", Allowlists)
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -100,6 +103,7 @@ async def _node_client(app: web.Application):
         config.attestation_policy,
         timeout_s=config.node_timeout_s,
         providers=app.get(PROVIDERS),
+        allowlists=app.get(ALLOWLISTS),
     )
     app[REGISTRY] = registry
     app[RELAY] = Relay(
@@ -123,6 +127,7 @@ async def _chain(app: web.Application):
         escrows.voucher_stored(escrow, int(cumulative))
     if config.registry is not None:
         app[PROVIDERS] = ProviderBook(chain, config.registry)
+        app[ALLOWLISTS] = Allowlists(chain, config.registry, ttl_s=config.allowlist_ttl_s)
     yield
     await chain.close()
 
@@ -192,7 +197,8 @@ async def register_node(request: web.Request) -> web.Response:
     try:
         node = await request.app[REGISTRY].admit(registration)
     except AdmissionError as e:
-        raise ApiError(403, f"node not admitted: {e}", type="permission_error", code=e.code) from e
+        kind = "permission_error" if e.status == 403 else "server_error"
+        raise ApiError(e.status, f"node not admitted: {e}", type=kind, code=e.code) from e
     return web.json_response(
         {
             "status": "admitted",

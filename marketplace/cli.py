@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="extend",
         default=[],
         metavar="HEX",
-        help="allowed TDX mr_td values",
+        help="allowed TDX mr_td values (with --registry, not needed: its image allowlist "
+        "decides, and these narrow it); without either, no TDX node is admitted",
     )
     serve.add_argument(
         "--accept-tcb-status", nargs="+", default=["UpToDate"], metavar="STATUS",
@@ -48,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--registry", metavar="ADDR",
         help="with --chain: admit only nodes whose Provider of this Registry is active, "
-        "staked and bound to the attested key",
+        "staked and bound to the attested key, whose image the Registry allows, and only "
+        "for the models it allows",
     )  # fmt: skip
     serve.add_argument("--instance", help="this replica's name in the jobs table")
     serve.add_argument(

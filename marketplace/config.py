@@ -37,7 +37,10 @@ class MatcherConfig:
     instance: str = field(default_factory=lambda: f"matcher@{socket.gethostname()}")
     vault: str | None = None  # the operator's Vault address; vouchers must name it
     chain_url: str | None = None  # toncenter v2 API: check each escrow's spend key on-chain
-    registry: str | None = None  # with chain_url: admit only nodes a staked Provider backs
+    # with chain_url: admit only nodes a staked Provider backs, running an image and
+    # offering models the Registry's allowlists hold (each answer kept allowlist_ttl_s)
+    registry: str | None = None
+    allowlist_ttl_s: float = 30.0
     sqlite_synchronous: str = "NORMAL"  # FULL: a commit also survives a power cut
     attestation_now: int | None = None  # pin the attestation clock (tests only)
     # node admission and monitoring
@@ -63,10 +66,18 @@ class MatcherConfig:
         return f"sqlite:///{Path(self.state_dir).expanduser() / 'matcher.db'}"
 
     @property
+    def reads_allowlists(self) -> bool:
+        return self.chain_url is not None and self.registry is not None
+
+    @property
     def attestation_policy(self) -> AttestationPolicy:
+        # With a Registry its image allowlist is the authority for TDX measurements
+        # (the registry checks it after verification); --allow-mr-td, if given, narrows
+        # it further. Without one, an empty --allow-mr-td accepts no TD at all.
+        checked_on_chain = self.reads_allowlists and not self.allowed_mr_td
         return AttestationPolicy(
             allow_dev=self.devnet,
-            allowed_measurements=self.allowed_mr_td,
+            allowed_measurements=None if checked_on_chain else self.allowed_mr_td,
             accepted_tcb_statuses=self.accepted_tcb_statuses,
             now=self.attestation_now,
         )

@@ -5,6 +5,10 @@ A node gets traffic only while its last attestation verified under the matcher's
 policy and its last status poll (or relay) found it healthy. Attestation failures
 remove it (it must register again); network failures only take it out of rotation
 until a poll succeeds.
+
+With a Registry, the attested image must be on its allowlist (at admission and at every
+re-attestation), and a node offers only the models the Registry allows (filtered at
+admission and at every status poll); a node with offers but none allowed is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -32,8 +37,10 @@ from contracts.protocol.attestation import (
     AttestationError,
     AttestationPolicy,
     VerifiedAttestation,
+    image_hash,
     verify_attestation,
 )
+from marketplace.allowlists import Allowlists, AllowlistUnavailable
 from marketplace.db import now_ms
 from marketplace.ledger import Ledger
 from marketplace.providers import ProviderBook, ProviderRejected
@@ -47,12 +54,18 @@ UNHEALTHY_AFTER_POLL_FAILURES = 2
 MAX_PARALLEL_CHECKS = 64
 
 
-class AdmissionError(Exception):
-    """The node was not admitted; the message says why."""
+# Refusals that say the node itself is unfit (not that it or the chain was unreachable):
+# the node is recorded rejected and leaves the registry until it registers again.
+REJECTING_CODES = frozenset({"attestation_failed", "image_not_allowed", "model_not_allowed"})
 
-    def __init__(self, message: str, code: str = "attestation_failed") -> None:
+
+class AdmissionError(Exception):
+    """The node was not admitted; the message says why, ``status`` is the HTTP answer."""
+
+    def __init__(self, message: str, code: str = "attestation_failed", status: int = 403) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 @dataclass
@@ -104,9 +117,12 @@ class NodeState:
         self.verify_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.node_id))
         self.jobs_url = URL(f"{self.url}/v1/jobs")
 
-    def set_status(self, status: NodeStatus) -> None:
+    def set_status(self, status: NodeStatus, allowed: Collection[str] | None = None) -> None:
+        """Take a status; only the models in ``allowed`` (None: all) are offered."""
         self.status = status
-        self.offers = {offer.id: offer for offer in status.models}
+        self.offers = {
+            offer.id: offer for offer in status.models if allowed is None or offer.id in allowed
+        }
 
     @property
     def load(self) -> float:
@@ -120,6 +136,22 @@ class NodeState:
         return self.healthy and self.status.healthy
 
 
+async def _check_image(
+    allowlists: Allowlists, verified: VerifiedAttestation, *, fresh: bool
+) -> None:
+    try:
+        allowed = await allowlists.image_allowed(verified.measurement, fresh=fresh)
+    except AllowlistUnavailable as e:
+        raise AdmissionError(str(e), "chain_unavailable", 503) from e
+    if not allowed:
+        raise AdmissionError(
+            f"the {verified.kind} image {image_hash(verified.measurement):064x} "
+            f"(measurement {verified.measurement.hex()}) is not allowed on the Registry "
+            "(governance: `imago registry allow-image`)",
+            "image_not_allowed",
+        )
+
+
 class NodeRegistry:
     def __init__(
         self,
@@ -129,11 +161,19 @@ class NodeRegistry:
         *,
         timeout_s: float = 5.0,
         providers: ProviderBook | None = None,
+        allowlists: Allowlists | None = None,
     ) -> None:
+        if policy.allowed_measurements is None and allowlists is None:
+            # None hands the TDX measurement check to us: without the Registry's
+            # allowlist to check it against, any TD would pass.
+            raise ValueError(
+                "a policy without allowed TDX measurements needs the Registry's allowlists"
+            )
         self.session = session
         self.ledger = ledger
         self.policy = policy
         self.providers = providers
+        self.allowlists = allowlists
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.nodes: dict[str, NodeState] = {}
         self._admitting: dict[str, asyncio.Lock] = {}
@@ -146,7 +186,9 @@ class NodeRegistry:
                 raise AdmissionError(f"{url} answered {resp.status}", "node_unreachable")
             return await resp.json(content_type=None)
 
-    async def _attest(self, url: str, identity: NodeIdentity) -> tuple[AttestationDoc, object]:
+    async def _attest(
+        self, url: str, identity: NodeIdentity, *, admission: bool
+    ) -> tuple[AttestationDoc, VerifiedAttestation]:
         nonce = os.urandom(32)
         async with self.session.post(
             f"{url}/v1/attest", json={"nonce": nonce.hex()}, timeout=self.timeout
@@ -165,6 +207,8 @@ class NodeRegistry:
             verified = await asyncio.to_thread(verify_attestation, doc, self.policy, nonce)
         except AttestationError as e:
             raise AdmissionError(str(e)) from e
+        if self.allowlists is not None:
+            await _check_image(self.allowlists, verified, fresh=admission)
         if self.providers is not None:  # with a chain, the stake must back the attested key
             if identity.provider is None:
                 raise AdmissionError("the node names no Provider contract", "provider_rejected")
@@ -173,6 +217,19 @@ class NodeRegistry:
             except ProviderRejected as e:
                 raise AdmissionError(str(e), "provider_rejected") from e
         return doc, verified
+
+    async def _allowed_models(
+        self, status: NodeStatus, *, admission: bool
+    ) -> frozenset[str] | None:
+        """The offered models the Registry allows; None without a Registry (all)."""
+        if self.allowlists is None:
+            return None
+        try:
+            return await self.allowlists.allowed_models(
+                (offer.id for offer in status.models), admission=admission
+            )
+        except AllowlistUnavailable as e:
+            raise AdmissionError(str(e), "chain_unavailable", 503) from e
 
     # --- admission --------------------------------------------------------------------
 
@@ -186,9 +243,17 @@ class NodeRegistry:
                 if identity.ed25519_public.lower() != node_id:
                     raise AdmissionError("the node's identity is not the registered key")
                 status = NodeStatus.model_validate(await self._get_json(f"{url}/v1/status"))
-                doc, verified = await self._attest(url, identity)
+                doc, verified = await self._attest(url, identity, admission=True)
+                allowed = await self._allowed_models(status, admission=True)
+                if allowed is not None and status.models and not allowed:
+                    offered = ", ".join(sorted({offer.id for offer in status.models}))
+                    raise AdmissionError(
+                        f"none of the node's models ({offered}) is allowed on the Registry "
+                        "(governance: `imago registry allow-model`)",
+                        "model_not_allowed",
+                    )
             except AdmissionError as e:
-                if e.code == "attestation_failed":
+                if e.code in REJECTING_CODES:
                     self._save_rejected(node_id, url, str(e))
                 raise
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
@@ -198,6 +263,7 @@ class NodeRegistry:
             except (ValidationError, ValueError) as e:
                 raise AdmissionError(f"the node answered malformed JSON: {e}", "bad_node") from e
             node = NodeState(node_id, url, identity, doc, verified, status)
+            node.set_status(status, allowed)
             previous = self.nodes.get(node_id)
             if previous is not None:  # a re-registration keeps what was measured
                 node.stats = previous.stats
@@ -216,7 +282,7 @@ class NodeRegistry:
             "tcb_status": node.verified.tcb_status,
             "state": state,
             "reason": reason,
-            "models": json.dumps([o.model_dump() for o in node.status.models]),
+            "models": json.dumps([o.model_dump() for o in node.offers.values()]),
             "attested_at": int(node.attested_at * 1000),
         }
         if admitted:
@@ -293,9 +359,9 @@ class NodeRegistry:
 
     async def reattest(self, node: NodeState) -> None:
         try:
-            doc, verified = await self._attest(node.url, node.identity)
+            doc, verified = await self._attest(node.url, node.identity, admission=False)
         except AdmissionError as e:
-            if e.code == "attestation_failed":
+            if e.code in REJECTING_CODES:
                 log.warning("node %s failed re-attestation: %s", node.node_id[:16], e)
                 self._save_rejected(node.node_id, node.url, str(e))
             else:
@@ -326,13 +392,20 @@ class NodeRegistry:
                 self.mark_unhealthy(node, f"status poll failed: {e!r}")
             return
         node.poll_failures = 0
-        models_changed = status.models != node.status.models
-        node.set_status(status)
+        # Cached answers; a model the chain has never answered for waits for its
+        # answer, and an outage keeps the last answers, so the node keeps serving.
+        allowed = await self._allowed_models(status, admission=False)
+        before = node.offers
+        node.set_status(status, allowed)
+        offered = {offer.id for offer in status.models}
+        revoked = [m for m in before if m not in node.offers and m in offered]
+        if revoked:
+            log.info("node %s: %s no longer allowed on the Registry", node.node_id[:16], revoked)
         if not node.healthy:
             node.healthy = True
             self._save(node, "admitted")
             log.info("node %s is healthy again", node.node_id[:16])
-        elif models_changed:
+        elif node.offers != before:
             self._save(node, "admitted")
 
     def mark_unhealthy(self, node: NodeState, reason: str) -> None:

@@ -37,6 +37,16 @@ DEV_EVIDENCE_MAGIC = b"IMAGO-DEV/v1"
 DEV_MEASUREMENT = hashlib.sha256(b"imago-dev-measurement").digest()
 
 
+def image_hash(measurement: bytes) -> int:
+    """The 256-bit id of an attested image in the Registry's ``images`` allowlist.
+
+    ``measurement`` is what verification returns: the 48-byte mr_td of a TDX quote, or
+    DEV_MEASUREMENT for dev evidence. Hashing makes every TEE's measurement fit the
+    contract's uint256 key, whatever its length.
+    """
+    return int.from_bytes(hashlib.sha256(measurement).digest(), "big")
+
+
 class AttestationError(ValueError):
     """Evidence that does not verify; the message says which check failed."""
 
@@ -69,10 +79,16 @@ def verify_dev_evidence(
 
 @dataclass(frozen=True)
 class AttestationPolicy:
-    """What a verifier accepts. ``allow_dev`` is true only on the devnet."""
+    """What a verifier accepts. ``allow_dev`` is true only on the devnet.
+
+    ``allowed_measurements`` lists the TDX mr_td values accepted; empty accepts none.
+    None means the caller checks the returned measurement itself (the matcher, against
+    the Registry's on-chain allowlist): a verifier that does not must never pass None,
+    or it accepts any TD.
+    """
 
     allow_dev: bool = False
-    allowed_measurements: frozenset[bytes] = frozenset()  # TDX mr_td values
+    allowed_measurements: frozenset[bytes] | None = frozenset()
     accepted_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
     now: int | None = None  # pin the verification time (tests); None = wall clock
 
@@ -139,7 +155,7 @@ def verify_tdx_quote(
     collateral: dict,
     *,
     now: int,
-    allowed_mr_td: frozenset[bytes],
+    allowed_mr_td: frozenset[bytes] | None,
     expected_report_data: bytes,
     accepted_tcb_statuses: Iterable[str] = frozenset({"UpToDate"}),
 ) -> VerifiedTdxQuote:
@@ -148,7 +164,8 @@ def verify_tdx_quote(
     Checks, in order, each failure raising a distinct AttestationError: the quote
     parses as TDX; its signature chain and the collateral verify and are valid at
     ``now``; the TCB status is accepted; the DEBUG bit of td_attributes is off; mr_td
-    is allowlisted; report_data equals ``expected_report_data``.
+    is allowlisted (``allowed_mr_td`` None: the caller checks the returned mr_td);
+    report_data equals ``expected_report_data``.
     """
     import dcap_qvl  # a compiled extension: imported only where TDX is verified
 
@@ -237,11 +254,14 @@ def _check_structure(quote: bytes, version: int, collateral: dict) -> None:
 def check_td_report(
     verified: VerifiedTdxQuote,
     *,
-    allowed_mr_td: frozenset[bytes],
+    allowed_mr_td: frozenset[bytes] | None,
     expected_report_data: bytes,
     accepted_tcb_statuses: Iterable[str],
 ) -> None:
-    """The policy checks on a TD report whose signature already verified."""
+    """The policy checks on a TD report whose signature already verified.
+
+    ``allowed_mr_td`` None skips the mr_td check: the caller checks it (see
+    AttestationPolicy)."""
     if verified.tcb_status not in frozenset(accepted_tcb_statuses):
         raise AttestationError(
             f"tdx: TCB status {verified.tcb_status} is not accepted "
@@ -249,7 +269,7 @@ def check_td_report(
         )
     if not verified.td_attributes or verified.td_attributes[0] & TD_ATTRIBUTES_DEBUG:
         raise AttestationError("tdx: the TD runs in DEBUG mode (td_attributes bit 0 set)")
-    if verified.mr_td not in allowed_mr_td:
+    if allowed_mr_td is not None and verified.mr_td not in allowed_mr_td:
         raise AttestationError(f"tdx: mr_td {verified.mr_td.hex()} is not in the allowlist")
     if not hmac.compare_digest(verified.report_data, expected_report_data):
         raise AttestationError("tdx: report_data does not match the keys and nonce")

@@ -208,3 +208,56 @@ def test_verify_attestation_tdx_kind_reaches_the_quote(sample, monkeypatch):
     assert verified.kind == "tdx" and verified.measurement == mr_td
     with pytest.raises(AttestationError, match="no DCAP collateral"):
         verify_attestation(doc.model_copy(update={"collateral": None}), policy)
+
+
+def test_an_mr_td_left_to_the_caller_passes_every_other_check(sample):
+    """allowed_mr_td=None: the matcher checks the mr_td against the Registry itself."""
+    quote, collateral, now = sample
+    result = _verify(quote, collateral, now, allowed_mr_td=None)
+    assert result.mr_td == quote[MR_TD_OFFSET : MR_TD_OFFSET + 48]
+    with pytest.raises(AttestationError, match="report_data does not match"):
+        _verify(quote, collateral, now, allowed_mr_td=None, expected_report_data=bytes(64))
+    with pytest.raises(AttestationError, match="TCB status"):
+        _verify(
+            quote, collateral, now,
+            allowed_mr_td=None, accepted_tcb_statuses=frozenset({"OutOfDate"}),
+        )  # fmt: skip
+    with pytest.raises(AttestationError, match="collateral is not valid"):
+        _verify(quote, collateral, int(time.time()), allowed_mr_td=None)
+
+
+async def test_with_a_registry_the_matcher_checks_the_mr_td_on_chain(
+    sample, monkeypatch, session, start_matcher, start_node
+):
+    """No --allow-mr-td: the TD's image hash must be on the Registry's allowlist."""
+    from contracts.protocol.attestation import image_hash
+    from contracts.protocol.signed import model_hash
+    from tests.marketplace.conftest import signed_registration
+    from tests.marketplace.fakes import MODEL
+    from tests.marketplace.test_allowlists import DEAD_CHAIN, REGISTRY, script_registry
+
+    quote, collateral, now = sample
+    mr_td = quote[MR_TD_OFFSET : MR_TD_OFFSET + 48]
+    chain = script_registry(monkeypatch)
+    chain.models.add(model_hash(MODEL))
+    # The sample quote binds someone else's keys: let its report data stand for this node's.
+    monkeypatch.setattr(attestation, "report_data", lambda *_: quote[REPORT_DATA_OFFSET:BODY_END])
+    matcher = await start_matcher(
+        devnet=False, chain_url=DEAD_CHAIN, registry=REGISTRY,
+        attestation_now=now, allowlist_ttl_s=0,
+    )  # fmt: skip
+    assert matcher.registry.policy.allowed_measurements is None
+    matcher.registry.providers = None  # the Provider check has its own tests
+    node = await start_node(tdx_sample=(quote, collateral))
+
+    async def register() -> tuple[int, dict]:
+        async with session.post(f"{matcher.url}/v1/nodes", json=signed_registration(node)) as r:
+            return r.status, await r.json()
+
+    status, body = await register()
+    assert status == 403 and body["error"]["code"] == "image_not_allowed"
+    assert f"{image_hash(mr_td):064x}" in body["error"]["message"]
+    chain.images.add(image_hash(mr_td))
+    status, body = await register()
+    assert status == 200 and body["attestation_kind"] == "tdx"
+    assert body["measurement"] == mr_td.hex()
