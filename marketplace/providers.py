@@ -15,11 +15,15 @@ from contracts.deploy import provider_address
 from contracts.getters import GetterError, get_provider_data, get_registry_data
 from contracts.toncenter import ToncenterClient, ToncenterError
 
-__all__ = ["ProviderBook", "ProviderRejected"]
+__all__ = ["ProviderBook", "ProviderRejected", "ProviderUnknown"]
 
 
 class ProviderRejected(Exception):
     """The node's Provider contract does not back it; the message says why."""
+
+
+class ProviderUnknown(Exception):
+    """The chain could not be read: neither a yes nor a no about the Provider."""
 
 
 class ProviderBook:
@@ -35,8 +39,10 @@ class ProviderBook:
         try:
             data = await get_provider_data(self.chain, address)
             params = await get_registry_data(self.chain, self.registry)
-        except (GetterError, ToncenterError, ValueError) as e:
+        except (GetterError, ValueError) as e:
             raise ProviderRejected(f"provider {provider} is not deployed ({e})") from e
+        except ToncenterError as e:
+            raise ProviderUnknown(f"the chain did not answer about provider {provider}: {e}") from e
         if provider_address(self.registry, data.owner, data.seq) != address:
             raise ProviderRejected(f"{provider} is not a Provider of registry {self.registry}")
         if data.state_name != "active":

@@ -43,7 +43,7 @@ from contracts.protocol.attestation import (
 from marketplace.allowlists import Allowlists, AllowlistUnavailable
 from marketplace.db import now_ms
 from marketplace.ledger import Ledger
-from marketplace.providers import ProviderBook, ProviderRejected
+from marketplace.providers import ProviderBook, ProviderRejected, ProviderUnknown
 
 __all__ = ["AdmissionError", "NodeRegistry", "NodeState", "NodeStats"]
 
@@ -56,7 +56,9 @@ MAX_PARALLEL_CHECKS = 64
 
 # Refusals that say the node itself is unfit (not that it or the chain was unreachable):
 # the node is recorded rejected and leaves the registry until it registers again.
-REJECTING_CODES = frozenset({"attestation_failed", "image_not_allowed", "model_not_allowed"})
+REJECTING_CODES = frozenset(
+    {"attestation_failed", "image_not_allowed", "model_not_allowed", "provider_rejected"}
+)
 
 
 class AdmissionError(Exception):
@@ -216,6 +218,8 @@ class NodeRegistry:
                 await self.providers.check(identity.provider, verified.ed25519_public)
             except ProviderRejected as e:
                 raise AdmissionError(str(e), "provider_rejected") from e
+            except ProviderUnknown as e:
+                raise AdmissionError(str(e), "chain_unavailable", 503) from e
         return doc, verified
 
     async def _allowed_models(

@@ -37,6 +37,8 @@ DEV_IMAGE = image_hash(DEV_MEASUREMENT)
 class World:
     gov: Wallet
     registry: Address
+    owner: Wallet
+    provider: Address
     node: FakeNode
     matcher: RunningMatcher
     session: aiohttp.ClientSession
@@ -84,7 +86,7 @@ async def world(
     runner, url = await start_site(app)
     matcher = RunningMatcher(app, runner, url, config)
     async with aiohttp.ClientSession() as session:
-        yield World(gov, registry, node, matcher, session)
+        yield World(gov, registry, owner, provider, node, matcher, session)
     await matcher.stop()
     await node.stop()
 
@@ -140,3 +142,16 @@ async def test_a_revoked_image_removes_the_node_at_reattestation(world: World) -
     assert world.matcher.registry.nodes == {}
     assert await world.models() == []
     assert await world.node_state() == "rejected"
+
+
+async def test_an_unbonding_provider_removes_its_node_at_reattestation(world: World) -> None:
+    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await roles.allow_model(world.gov, world.registry, SERVED)
+    assert await world.register() == (200, "")
+
+    await roles.provider_unstake(world.owner, world.provider)
+    await world.matcher.registry.reattest_all()
+    assert world.matcher.registry.nodes == {}
+    assert await world.node_state() == "rejected"
+    await world.matcher.registry.poll_all()  # a healthy status does not bring it back
+    assert await world.models() == []
