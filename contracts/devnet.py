@@ -41,6 +41,7 @@ __all__ = [
     "default_state_dir",
     "free_port",
     "imago_home",
+    "is_devnet",
     "pid_alive",
     "read_status",
     "start_background",
@@ -155,6 +156,19 @@ class DevnetClient(ToncenterClient):
     async def flush(self) -> None:
         """Write the state file now instead of after the debounce delay."""
         await self.call("devnet/flush", {}, post=True)
+
+
+async def is_devnet(chain_url: str) -> bool:
+    """Whether ``chain_url`` is an Imago devnet: only it answers ``/devnet/health``.
+    Dev attestations are acceptable only there, so a false answer here is what keeps a
+    matcher on testnet or mainnet from admitting software-only "TEEs"."""
+    client = DevnetClient(chain_url, max_retries=1, timeout=5.0)
+    try:
+        return (await client.health()).get("status") == "ok"
+    except (ToncenterError, ValueError, TypeError, AttributeError):
+        return False
+    finally:
+        await client.close()
 
 
 class DevnetProcess:

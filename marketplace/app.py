@@ -19,6 +19,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine, select
 
+from contracts.devnet import is_devnet
 from contracts.protocol.api import (
     MatcherTicketKey,
     NodeRegistration,
@@ -57,10 +58,15 @@ __all__ = [
     "SCHEDULER",
     "SESSION",
     "TICKETS",
+    "StartupRefused",
     "create_app",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class StartupRefused(RuntimeError):
+    """The configuration is unsafe against the chain it names; the matcher does not start."""
 
 CONFIG = web.AppKey("config", MatcherConfig)
 ENGINE = web.AppKey("engine", Engine)
@@ -118,6 +124,11 @@ async def _chain(app: web.Application):
     if config.chain_url is None:
         yield
         return
+    if config.devnet and not await is_devnet(config.chain_url):
+        raise StartupRefused(
+            f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
+            f"at {config.chain_url} is not one (it does not answer /devnet/health)"
+        )
     chain = ToncenterClient(config.chain_url)
     escrows = app[ESCROWS] = EscrowBook(chain, config.vault)
     held = await app[LEDGER].call(

@@ -75,7 +75,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from contracts.wallet import KeystoreError
-    from marketplace.app import create_app
+    from marketplace.app import StartupRefused, create_app
     from marketplace.config import MatcherConfig
 
     handlers: list[logging.Handler]
@@ -131,6 +131,9 @@ def serve_command(args: argparse.Namespace) -> int:
             shutdown_timeout=args.shutdown_grace,
             print=lambda *_: print(f"matcher listening on http://{args.host}:{args.port}"),
         )
+    except StartupRefused as e:
+        print(f"imago matcher: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             print(

@@ -16,6 +16,7 @@ from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
 from contracts.protocol.signed import model_hash
 from contracts.toncenter import ToncenterError
 from marketplace import allowlists
+from marketplace import app as matcher_app
 from marketplace.allowlists import Allowlists, AllowlistUnavailable
 from marketplace.config import MatcherConfig
 from marketplace.db import NodeRecord
@@ -56,6 +57,11 @@ def script_registry(monkeypatch: pytest.MonkeyPatch) -> ScriptedRegistry:
     registry = ScriptedRegistry()
     monkeypatch.setattr(allowlists, "is_image_allowed", registry.is_image_allowed)
     monkeypatch.setattr(allowlists, "is_model_allowed", registry.is_model_allowed)
+
+    async def is_devnet(chain_url: str) -> bool:  # FAKE: DEAD_CHAIN stands for the devnet
+        return chain_url == DEAD_CHAIN
+
+    monkeypatch.setattr(matcher_app, "is_devnet", is_devnet)
     return registry
 
 
