@@ -77,6 +77,11 @@ class SeenJobs:
     them even if its clock steps back. The file is a header record (a tag and
     ``floor``) and 32-byte ids; it is rewritten (atomically, 0600, fsynced) at start
     and when forgotten ids make up half of it.
+
+    ``add`` appends at once; ``sync`` waits until the ids added so far are on disk
+    (one fdatasync for everyone waiting, off the event loop). A job's receipt leaves
+    only after that, so not even a power cut can make the node forget an id it signed
+    a receipt for.
     """
 
     def __init__(self, path: Path | None, now: float | None = None) -> None:
@@ -85,6 +90,9 @@ class SeenJobs:
         self._live = 0
         self._records = 0  # ids in the file, forgotten ones included
         self._fd: int | None = None
+        self._appended = 0  # ids appended since start; never reset
+        self._synced = 0  # how many of those are known to be on disk
+        self._syncing: asyncio.Future[None] | None = None
         self._next_prune = 0.0
         self.floor = 0
         now = time.time() if now is None else now
@@ -117,6 +125,23 @@ class SeenJobs:
         if self._fd is not None:
             os.write(self._fd, job_id)
             self._records += 1
+            self._appended += 1
+
+    async def sync(self) -> None:
+        """Return once every id added so far is on disk."""
+        target = self._appended
+        while self._synced < target:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self._fdatasync(self._fd, self._appended))
+            await asyncio.shield(self._syncing)
+
+    async def _fdatasync(self, fd: int | None, upto: int) -> None:
+        try:
+            if fd is not None:
+                await asyncio.to_thread(os.fdatasync, fd)
+            self._synced = max(self._synced, upto)
+        finally:
+            self._syncing = None
 
     def _remember(self, job_id: bytes) -> None:
         bucket = self._buckets.setdefault(envelope.job_id_time(job_id) // _BUCKET_S, set())
@@ -131,8 +156,14 @@ class SeenJobs:
         for index in [i for i in self._buckets if i < first_kept]:
             self._live -= len(self._buckets.pop(index))
         self.floor = max(self.floor, first_kept * _BUCKET_S)
-        # Rewriting costs the whole file: only once forgotten ids are half of it.
-        if compact and self._fd is not None and self._records >= max(1, 2 * self._live):
+        # Rewriting costs the whole file: only once forgotten ids are half of it, and not
+        # while a thread syncs the file descriptor the rewrite would close.
+        if (
+            compact
+            and self._fd is not None
+            and self._syncing is None
+            and self._records >= max(1, 2 * self._live)
+        ):
             self._rewrite()
 
     def _rewrite(self) -> None:
@@ -150,6 +181,7 @@ class SeenJobs:
             os.close(self._fd)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
         self._records = self._live
+        self._synced = self._appended  # every id remembered is in the fsynced file
 
     def close(self) -> None:
         if self._fd is not None:
@@ -383,8 +415,11 @@ class JobService:
                 409, "job id already used (replay)", "invalid_request_error", "job_replayed"
             )
         self._seen.add(job_id, time.time())
+        # The sync runs while the engine works; the receipt waits for it (_Job._last).
+        id_on_disk = asyncio.ensure_future(self._seen.sync())
+        id_on_disk.add_done_callback(lambda f: f.cancelled() or f.exception())
         sealer = ResponseSealer(response_key, job_id)
-        run = _Job(self, job, job_id, escrow, model, sealer, request_hash)
+        run = _Job(self, job, job_id, escrow, model, sealer, request_hash, id_on_disk)
         if job.body.get("stream"):
             return await run.stream(request)
         return await run.complete()
@@ -400,8 +435,10 @@ class _Job:
         model: PricedModel,
         sealer: ResponseSealer,
         request_hash: bytes,
+        id_on_disk: asyncio.Future[None],
     ) -> None:
         self.service = service
+        self.id_on_disk = id_on_disk
         self.backend = service._backend
         self.job = job
         self.job_id = job_id
@@ -456,6 +493,21 @@ class _Job:
         self.service.served += 1
         return envelope.encode_frame(FrameType.END, _dumps(end).encode())
 
+    async def _last(self, served: bool) -> bytes:
+        """The END frame, once the job id is on disk (see SeenJobs)."""
+        try:
+            await asyncio.shield(self.id_on_disk)
+        except OSError as e:
+            log.error("job %s: cannot record its id, so no receipt: %s", self.job_id.hex()[:16], e)
+            refusal = engine_error(
+                500,
+                "the node could not record the job id on disk; the job is not billed",
+                "NodeError",
+                "node_storage_failed",
+            )
+            return self._error(500, refusal) + self._end(False)
+        return self._end(served)
+
     def _unbillable(self, reason: str) -> bytes:
         log.error(
             "job %s: engine gave no usage and it cannot be counted: %s",
@@ -497,7 +549,7 @@ class _Job:
             frames.append(self._error(e.status, e.body))
         except UsageUnavailable as e:
             frames.append(self._unbillable(str(e)))
-        frames.append(self._end(served))
+        frames.append(await self._last(served))
         return web.Response(body=b"".join(frames), content_type=FRAMES_CONTENT_TYPE)
 
     # -- streaming ----------------------------------------------------------------
@@ -561,7 +613,7 @@ class _Job:
             prompt_task.cancel()
             with contextlib.suppress(BaseException):
                 await prompt_task
-        tail.append(self._end(served))
+        tail.append(await self._last(served))
         with contextlib.suppress(ConnectionResetError):  # gone before the end: nothing to do
             await response.write(b"".join(tail))
             await response.write_eof()

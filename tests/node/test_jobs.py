@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import time
 
@@ -333,3 +334,40 @@ def test_seen_jobs_drop_a_torn_write_and_read_a_file_without_header(tmp_path):
     assert len(seen) == 3 and all(j in seen for j in legacy)
     assert path.stat().st_size == 32 * 4  # rewritten: header and ids
     seen.close()
+
+
+async def test_one_fdatasync_serves_every_id_waiting_for_it(tmp_path, monkeypatch):
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:  # a spy: the real sync, counted
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    now = time.time()
+    seen = SeenJobs(tmp_path / "jobs.seen", now=now)
+    await seen.sync()
+    assert calls == []  # nothing added since the start's fsynced rewrite
+    for job_id in _ids_at(now, 3):
+        seen.add(job_id, now)
+    await asyncio.gather(seen.sync(), seen.sync(), seen.sync())
+    assert len(calls) == 1
+    seen.add(envelope.new_job_id(now), now)
+    await seen.sync()
+    await seen.sync()
+    assert len(calls) == 2
+    seen.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_receipt_for_a_job_id_the_node_could_not_put_on_disk(node, monkeypatch, stream):
+    def failing_fdatasync(fd: int) -> None:  # FAKE: a disk that fails
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    r = await node.job({"model": MODEL, "messages": MESSAGES, "stream": stream})
+    assert r.status == 200, r.body
+    assert r.order[-2:] == ["ERROR", "END"]
+    assert r.errors[-1]["error"]["code"] == "node_storage_failed"
+    assert r.end["receipt"] is None and r.end["completion_tokens"] == 0
