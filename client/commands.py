@@ -58,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--devnet", action="store_true", default=None, help="accept dev attestations"
     )
+    serve.add_argument(
+        "--chain", help="toncenter v2 API of the chain (default: the stack's devnet, if any)"
+    )
+    serve.add_argument(
+        "--registry",
+        help="the Registry whose image allowlist nodes must be on (default: the stack's)",
+    )
     serve.add_argument("--state-dir", type=Path, help="default $IMAGO_HOME/client")
     serve.add_argument("--api-key", help="require this bearer key from local apps")
     serve.add_argument(
@@ -65,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="HEX",
-        help="an allowed TDX mr_td (repeatable; default from stack.json)",
+        help="an allowed TDX mr_td (repeatable; default from stack.json); with a Registry, "
+        "a node's image must be on both",
     )
     serve.add_argument("--max-price-prompt", type=int, help="nanoTON per million tokens")
     serve.add_argument("--max-price-completion", type=int, help="nanoTON per million tokens")
@@ -101,7 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from client.gateway import create_app
     from client.keys import KeystoreError, load_or_create_spend_key
     from client.sdk import ImagoClient, LedgerError, PriceCaps
+    from contracts.allowlists import Allowlists
+    from contracts.devnet import is_devnet
     from contracts.protocol.attestation import AttestationPolicy
+    from contracts.toncenter import ToncenterClient
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -142,7 +153,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _fail(f"a TDX measurement is hex: {e}")
-    policy = AttestationPolicy(allow_dev=devnet, allowed_measurements=measurements)
+    chain = args.chain or config.get("chain_url") or None
+    registry = args.registry or config.get("registry") or None
+    if registry and not chain:
+        return _fail("--registry needs --chain to read it")
+    if devnet and chain and not asyncio.run(is_devnet(chain)):
+        return _fail(
+            f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
+            f"at {chain} is not one"
+        )
+    allowlists = Allowlists(ToncenterClient(chain), registry) if registry else None
+    policy = AttestationPolicy(
+        allow_dev=devnet,
+        # With the Registry and no list of our own, the Registry alone names TDX images.
+        allowed_measurements=None if allowlists and not measurements else measurements,
+    )
     ledger = state_dir / f"spend-{hashlib.sha256(escrow_raw.encode()).hexdigest()[:16]}.json"
     matcher = args.matcher or config.get("matcher_url") or DEFAULT_MATCHER
     try:
@@ -155,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             caps=caps,
             state_path=ledger,
             devnet=devnet,
+            allowlists=allowlists,
         )
     except (LedgerError, ValueError) as e:
         return _fail(str(e))
@@ -171,13 +197,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"Imago gateway on http://{args.host}:{port}/v1 → matcher {matcher}\n"
             f"  escrow {escrow}  spend key {spend_public.hex()}"
-            f"{'  (devnet)' if devnet else ''}",
+            f"{'  (devnet)' if devnet else ''}"
+            f"{f'  registry {registry}' if registry else ''}",
             flush=True,
         )
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop
+    app = create_app(client, api_key=api_key)
+    if allowlists is not None:
+        app.on_cleanup.append(lambda _: allowlists.chain.close())
     web.run_app(
-        create_app(client, api_key=api_key),
+        app,
         sock=sock,
         handler_cancellation=True,
         access_log=None,

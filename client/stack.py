@@ -261,6 +261,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
             "--host", launcher.host, "--port", str(launcher.ports["gateway"]),
             "--matcher", state.matcher_url, "--state-dir", str(home / "client"),
             "--escrow", state.escrow, "--vault", state.vault,
+            "--chain", state.chain_url, "--registry", state.registry,
         ],
         lambda: http_ok(f"{state.gateway_url}/v1/models"),
     )  # fmt: skip

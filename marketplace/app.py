@@ -19,6 +19,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine, select
 
+from contracts.allowlists import Allowlists
 from contracts.devnet import is_devnet
 from contracts.protocol.api import (
     MatcherTicketKey,
@@ -32,7 +33,6 @@ from contracts.protocol.api import (
 from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
 from contracts.protocol.tickets import TICKET_KEY_PATH
 from contracts.toncenter import ToncenterClient
-from marketplace.allowlists import Allowlists
 from marketplace.config import MatcherConfig
 from marketplace.db import SpendVoucherRecord, make_engine
 from marketplace.errors import ApiError, error_middleware

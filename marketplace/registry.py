@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 from yarl import URL
 
+from contracts.allowlists import Allowlists, AllowlistUnavailable
 from contracts.protocol.api import (
     AttestationDoc,
     ModelOffer,
@@ -40,7 +41,6 @@ from contracts.protocol.attestation import (
     image_hash,
     verify_attestation,
 )
-from marketplace.allowlists import Allowlists, AllowlistUnavailable
 from marketplace.db import now_ms
 from marketplace.ledger import Ledger
 from marketplace.providers import ProviderBook, ProviderRejected, ProviderUnknown

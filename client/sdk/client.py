@@ -38,6 +38,7 @@ from client.sdk.errors import (
 )
 from client.sdk.ledger import SpendLedger
 from client.sdk.receipts import Expected, PriceCaps, VerifiedReceipt, verify_receipt
+from contracts.allowlists import Allowlists, AllowlistUnavailable
 from contracts.protocol.api import (
     EndFrame,
     ModelOffer,
@@ -47,6 +48,7 @@ from contracts.protocol.api import (
 from contracts.protocol.attestation import (
     AttestationError,
     AttestationPolicy,
+    image_hash,
     verify_attestation,
 )
 from contracts.protocol.envelope import (
@@ -157,6 +159,9 @@ class ImagoClient:
     ``escrow``, ``vault``: the client's Escrow contract and the matcher's Vault.
     ``spend_key``: the ed25519 key the Escrow accepts vouchers from (client.keys).
     ``policy``: what attestations to accept; ``allow_dev`` requires ``devnet=True``.
+    ``allowlists``: the Registry's, read on-chain: a node's attested image must be on
+    it too; with it, ``policy.allowed_measurements`` may be None (the Registry alone
+    decides which TDX images are acceptable).
     ``caps``: default price caps (nanoTON per million tokens); per call overridable.
     ``state_path``: the local spend ledger (cumulative spend, survives restarts).
     ``session``: an aiohttp session to share; one is made (and closed) otherwise.
@@ -180,9 +185,12 @@ class ImagoClient:
         fanout: int = 2,
         read_timeout: float = 300.0,
         voucher_interval: float = 1.0,
+        allowlists: Allowlists | None = None,
     ) -> None:
         if policy.allow_dev and not devnet:
             raise ValueError("dev attestations are accepted only in devnet mode")
+        if policy.allowed_measurements is None and allowlists is None:
+            raise ValueError("TDX images need a measurement list or the Registry's allowlist")
         if fanout < 1:
             raise ValueError("fanout is at least 1")
         self.matcher_url = matcher_url.rstrip("/")
@@ -191,6 +199,7 @@ class ImagoClient:
         self.escrow_str = self.escrow.to_str(is_user_friendly=False)
         self.vault_str = self.vault.to_str(is_user_friendly=False)
         self.policy = policy
+        self.allowlists = allowlists
         self.caps = caps
         self.devnet = devnet
         self.fanout = fanout
@@ -387,7 +396,7 @@ class ImagoClient:
     def _forget_route(self, model: str, caps: PriceCaps) -> None:
         self._routes.pop((model, caps.prompt, caps.completion), None)
 
-    def _verified_x25519(self, candidate: RouteCandidate) -> bytes:
+    async def _verified_x25519(self, candidate: RouteCandidate) -> bytes:
         doc = candidate.attestation
         if candidate.node_id != doc.ed25519_public:
             raise AttestationError("node id is not the attested ed25519 key")
@@ -395,12 +404,22 @@ class ImagoClient:
         now = time.monotonic()
         cached = self._attested.get(key)
         if cached is not None and cached.expires > now:
-            return cached.value
-        verified = verify_attestation(doc, self.policy)
-        self._attested[key] = _Cached(verified.x25519_public, now + ATTESTATION_CACHE_SECONDS)
+            verified = cached.value
+        else:
+            verified = verify_attestation(doc, self.policy)
+            self._attested[key] = _Cached(verified, now + ATTESTATION_CACHE_SECONDS)
+        if self.allowlists is not None:  # asked every time: its own cache follows revocations
+            try:
+                allowed = await self.allowlists.image_allowed(verified.measurement)
+            except AllowlistUnavailable as e:
+                raise AttestationError(str(e)) from e
+            if not allowed:
+                raise AttestationError(
+                    f"the Registry does not allow the image {image_hash(verified.measurement):064x}"
+                )
         return verified.x25519_public
 
-    def _prepare_copies(
+    async def _prepare_copies(
         self,
         route: RouteResponse,
         endpoint: str,
@@ -421,7 +440,7 @@ class ImagoClient:
                 rejected.append(f"{candidate.node_id[:12]}: price above the cap")
                 continue
             try:
-                x25519_public = self._verified_x25519(candidate)
+                x25519_public = await self._verified_x25519(candidate)
             except (AttestationError, ValueError) as e:
                 log.warning("node %s: attestation rejected: %s", candidate.node_id[:16], e)
                 rejected.append(f"{candidate.node_id[:12]}: {e}")
@@ -488,7 +507,7 @@ class ImagoClient:
             route, cached = await self._route(model, caps)
             job_id = new_job_id()
             result.job_id = job_id.hex()
-            copies = self._prepare_copies(route, endpoint, body, model, caps, job_id)
+            copies = await self._prepare_copies(route, endpoint, body, model, caps, job_id)
             job = _JobState(job_id=job_id, copies=copies)
             relay = {
                 "job_id": job_id.hex(),

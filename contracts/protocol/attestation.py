@@ -82,9 +82,9 @@ class AttestationPolicy:
     """What a verifier accepts. ``allow_dev`` is true only on the devnet.
 
     ``allowed_measurements`` lists the TDX mr_td values accepted; empty accepts none.
-    None means the caller checks the returned measurement itself (the matcher, against
-    the Registry's on-chain allowlist): a verifier that does not must never pass None,
-    or it accepts any TD.
+    None means the caller checks the returned measurement itself (the matcher and the
+    client SDK, against the Registry's on-chain allowlist): a verifier that does not
+    must never pass None, or it accepts any TD.
     """
 
     allow_dev: bool = False

@@ -14,6 +14,7 @@ from openai import AsyncOpenAI
 
 from client.gateway import create_app
 from client.sdk import ImagoClient, PriceCaps
+from contracts.allowlists import Allowlists
 from contracts.protocol.attestation import AttestationPolicy
 from tests.client.client_fakes import FakeMatcher, FakeNode
 
@@ -30,6 +31,7 @@ def make_client(
     policy: AttestationPolicy | None = None,
     devnet: bool = True,
     caps: PriceCaps = CAPS,
+    allowlists: Allowlists | None = None,
 ) -> ImagoClient:
     return ImagoClient(
         matcher_url=matcher_url,
@@ -40,6 +42,7 @@ def make_client(
         caps=caps,
         state_path=state_path,
         devnet=devnet,
+        allowlists=allowlists,
     )
 
 

@@ -108,3 +108,16 @@ async def test_chat_without_gateway(tmp_path: Path) -> None:
         env, "chat", "hi", "--gateway", f"http://127.0.0.1:{free_port()}", "--model", "m"
     )
     assert code == 1 and "cannot reach the gateway" in err
+
+
+async def test_serve_refuses_dev_attestations_on_a_chain_that_is_not_the_devnet(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "IMAGO_HOME": str(tmp_path)}
+    nothing = f"http://127.0.0.1:{free_port()}"  # no devnet answers there
+    code, _, err = await run(
+        env, "client", "serve", "--devnet", "--chain", nothing, "--port", str(free_port())
+    )
+    assert code == 2 and "only the Imago devnet" in err
+    code, _, err = await run(env, "client", "serve", "--devnet", "--registry", "0:" + "44" * 32)
+    assert code == 2 and "--registry needs --chain" in err

@@ -27,14 +27,18 @@ from client.sdk import (
     SpendLedger,
     UpstreamError,
 )
+from contracts import allowlists as allowlists_module
+from contracts.allowlists import Allowlists
 from contracts.protocol.api import AttestationDoc
-from contracts.protocol.attestation import AttestationPolicy
+from contracts.protocol.attestation import DEV_MEASUREMENT, AttestationPolicy, image_hash
 from contracts.protocol.signed import SpendVoucher, cost_nanoton
+from contracts.toncenter import ToncenterClient
 from tests.client.client_fakes import FakeMatcher
 from tests.client.conftest import ESCROW, VAULT, make_client
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "What is 2 + 2 ?"}]}
 FULL_COST = cost_nanoton(6, 7, 2_000_000, 6_000_000)
+REGISTRY = "0:" + "44" * 32
 
 
 @pytest.fixture
@@ -162,6 +166,39 @@ async def test_dev_attestation_refused_outside_devnet(fake_matcher, tmp_path: Pa
     )
     async with client:
         with pytest.raises(AttestationRejected, match="devnet"):
+            await client.complete("chat/completions", CHAT)
+
+
+async def test_a_registry_decides_which_images_the_client_accepts(
+    fake_matcher, tmp_path: Path, monkeypatch
+) -> None:
+    _, url = fake_matcher
+    allowed: set[int] = set()
+
+    async def scripted_is_image_allowed(chain, registry, image: int) -> bool:  # FAKE getter
+        return image in allowed
+
+    monkeypatch.setattr(allowlists_module, "is_image_allowed", scripted_is_image_allowed)
+    clock = [0.0]
+    registry = Allowlists(
+        ToncenterClient("http://127.0.0.1:9"), REGISTRY, ttl_s=30, clock=lambda: clock[0]
+    )
+    no_list = AttestationPolicy(allow_dev=True, allowed_measurements=None)
+    with pytest.raises(ValueError, match="Registry"):  # None with no Registry would accept any TD
+        make_client(url, tmp_path / "s.json", Ed25519PrivateKey.generate(), policy=no_list)
+    client = make_client(
+        url, tmp_path / "s.json", Ed25519PrivateKey.generate(), policy=no_list, allowlists=registry
+    )
+    async with client:
+        with pytest.raises(AttestationRejected, match="Registry does not allow the image"):
+            await client.complete("chat/completions", CHAT)
+        allowed.add(image_hash(DEV_MEASUREMENT))
+        clock[0] += 31  # the refusal was cached for one TTL
+        await client.complete("chat/completions", CHAT)
+        allowed.clear()  # revoked: the client follows within one TTL
+        await client.complete("chat/completions", CHAT)
+        clock[0] += 31
+        with pytest.raises(AttestationRejected, match="Registry does not allow the image"):
             await client.complete("chat/completions", CHAT)
 
 

@@ -12,12 +12,12 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
+from contracts import allowlists
+from contracts.allowlists import Allowlists, AllowlistUnavailable
 from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
 from contracts.protocol.signed import model_hash
 from contracts.toncenter import ToncenterError
-from marketplace import allowlists
 from marketplace import app as matcher_app
-from marketplace.allowlists import Allowlists, AllowlistUnavailable
 from marketplace.config import MatcherConfig
 from marketplace.db import NodeRecord
 from marketplace.registry import NodeRegistry

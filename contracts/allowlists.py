@@ -1,5 +1,5 @@
-"""The Registry's allowlists as the matcher reads them: which attested images and which
-models may get traffic.
+"""The Registry's allowlists as the matcher and the client read them: which attested
+images and which models may get traffic.
 
 Governance allows and revokes both on-chain (`imago registry allow-image|allow-model`);
 an image is ``image_hash(measurement)``, a model ``model_hash(model id)``. Each getter
