@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 class StartupRefused(RuntimeError):
     """The configuration is unsafe against the chain it names; the matcher does not start."""
 
+
 CONFIG = web.AppKey("config", MatcherConfig)
 ENGINE = web.AppKey("engine", Engine)
 LEDGER = web.AppKey("ledger", Ledger)
