@@ -110,16 +110,18 @@ async def ticketed_job(node, signer: Ed25519PrivateKey):
     return await post_job(node.session, node.url, job_id, key, sealed, ticket=ticket)
 
 
+async def node_learning_its_key(make_node, matcher, port: int):
+    """A node with no pinned key, registering with ``matcher``."""
+    return await make_node(
+        port=port, matcher=matcher.url, matcher_key=None, public_url=f"http://127.0.0.1:{port}"
+    )
+
+
 async def test_the_node_learns_the_matcher_key_before_it_registers(make_node, unused_tcp_port):
     matcher = FakeMatcher(ticket_key=None)  # no key to give yet
     await matcher.server.start_server()
     try:
-        node = await make_node(
-            port=unused_tcp_port,
-            matcher=matcher.url,
-            matcher_key=None,
-            public_url=f"http://127.0.0.1:{unused_tcp_port}",
-        )
+        node = await node_learning_its_key(make_node, matcher, unused_tcp_port)
         await wait_for(lambda: matcher.key_fetches >= 1, "the node asks for the key")
         r = await ticketed_job(node, MATCHER_KEY)
         assert r.status == 503 and r.body["error"]["code"] == "matcher_unknown"
@@ -138,12 +140,7 @@ async def test_a_matcher_key_change_keeps_the_previous_key(make_node, unused_tcp
     matcher = FakeMatcher()
     await matcher.server.start_server()
     try:
-        node = await make_node(
-            port=unused_tcp_port,
-            matcher=matcher.url,
-            matcher_key=None,
-            public_url=f"http://127.0.0.1:{unused_tcp_port}",
-        )
+        node = await node_learning_its_key(make_node, matcher, unused_tcp_port)
         await wait_for(lambda: matcher.registered, "the node registers")
         old, new = MATCHER_KEY, Ed25519PrivateKey.generate()
         matcher.ticket_key = new  # the matcher restarted with a new key; the node stays
