@@ -49,8 +49,10 @@ class MatcherConfig:
     node_timeout_s: float = 5.0  # identity, status, attest calls
     # relay
     connect_timeout_s: float = 3.0
-    first_byte_timeout_s: float = 120.0  # a node must send its first frame within this
-    read_timeout_s: float = 300.0  # and then never pause longer than this
+    first_byte_timeout_s: float = 120.0  # a node must accept (answer headers) within this
+    # and then never pause longer than this: a non-streaming answer comes whole, so this
+    # bounds its generation (OpenAI's own clients wait 600 s)
+    read_timeout_s: float = 600.0
     route_ttl_s: float = 10.0
     max_relay_body_bytes: int = 32 * 1024 * 1024
     ticket_key: Path | None = None  # keystore of the ticket key; None: in state_dir

@@ -6,7 +6,8 @@ relays a job it pays for.
   the escrow's getter the first time it sees an escrow. They are part of the escrow's
   address, so the answer never changes and is cached for good; an escrow that is not
   deployed yet is asked again next time.
-- A job is relayed only while the escrow is open and its deposit is above what the
+- A job is relayed only for whoever holds the escrow's spend key (the relay request is
+  signed with it), and only while the escrow is open and its deposit is above what the
   client has already signed away (the latest voucher the matcher holds). The deposit
   and state are re-read at most every ``balance_ttl_s``, off the request's way once
   known; the vouchers held are this process's (replicas each guard their own share).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pytoniq_core import Address
 
 from contracts.getters import GetterError, get_escrow_data
@@ -51,6 +54,7 @@ class EscrowBook:
         self.vault = Address(vault) if vault else None
         self.balance_ttl_s = balance_ttl_s
         self._known: dict[str, tuple[bytes, Address]] = {}  # raw escrow → (spend key, vault)
+        self._spend_keys: dict[str, Ed25519PublicKey] = {}  # parsed once per escrow
         self._funds: dict[str, tuple[float, str, int]] = {}  # raw → (read at, state, deposited)
         self._refreshing: dict[str, asyncio.Task] = {}
         self.signed: dict[str, int] = {}  # raw escrow → cumulative of the latest voucher held
@@ -77,6 +81,19 @@ class EscrowBook:
                 f"escrow {escrow} is spent: its deposit of {deposited} nanoTON is all signed "
                 "away; deposit more to go on",
             )
+
+    def signed_by_spend_key(self, escrow: str, signature: bytes, message: bytes) -> bool:
+        """Whether the spend key of ``escrow`` (raw form, read by ``ensure_funded``)
+        signed ``message``."""
+        key = self._spend_keys.get(escrow)
+        if key is None:
+            key = Ed25519PublicKey.from_public_bytes(self._known[escrow][0])
+            self._spend_keys[escrow] = key
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
 
     async def _read_funds(self, escrow: str) -> tuple[float, str, int]:
         await self._read(Address(escrow), EscrowUnfunded)

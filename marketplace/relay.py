@@ -29,13 +29,14 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 from pytoniq_core import Address
 
-from contracts.protocol.api import EndFrame, RelayRequest
+from contracts.protocol.api import EndFrame, RelayRequest, relay_message
 from contracts.protocol.envelope import (
     EnvelopeError,
     FrameDecoder,
@@ -83,8 +84,27 @@ class _FrameStream(web.StreamResponse):
     _send_headers_immediately = False
 
 
+@dataclass
+class _RelayJob:
+    """One relay request on its way through the candidates."""
+
+    job_id: str  # hex, as the ledger and the node header have it
+    job_bytes: bytes
+    escrow: str  # raw form
+    model: str
+    sealed: dict[str, bytes]  # node id → sealed request
+    request_hashes: dict[str, bytes]  # node id → its SHA-256 (ticket, receipt, signature)
+    started: float
+    failed: list[str] = field(default_factory=list)  # nodes that failed before a byte
+    streaming: bool = False  # set once _relay_to owns the job's record
+
+
 class _NodeFailed(Exception):
     """The node failed before its first byte: try the next one."""
+
+
+class _NodeBusy(_NodeFailed):
+    """The node is at capacity (429): try the next one, without holding it against it."""
 
 
 class _NodeRefused(Exception):
@@ -155,8 +175,10 @@ class Relay:
                 node_id.lower(): base64.b64decode(b64, validate=True)
                 for node_id, b64 in body.sealed.items()
             }
+            hashes = {node_id: hashlib.sha256(data).digest() for node_id, data in sealed.items()}
+            signature = bytes.fromhex(body.signature) if body.signature else None
         except (ValueError, binascii.Error) as e:
-            raise ApiError(400, f"malformed job id or sealed request: {e}") from e
+            raise ApiError(400, f"malformed job id, sealed request or signature: {e}") from e
         try:  # nodes would refuse it: say so now, without a node round trip
             check_job_id_time(job_bytes, time.time())
         except JobIdRefused as e:
@@ -167,6 +189,18 @@ class Relay:
                 await self.escrows.ensure_funded(escrow)
             except EscrowUnfunded as e:
                 raise ApiError(402, str(e), code=e.code, param="escrow") from e
+            message = relay_message(job_bytes, escrow, body.model, hashes)
+            if signature is None or not self.escrows.signed_by_spend_key(
+                escrow, signature, message
+            ):
+                raise ApiError(
+                    403,
+                    "the relay request is not signed by the escrow's spend key: only its "
+                    "owner may spend from it",
+                    type="permission_error",
+                    code="relay_unauthorized",
+                    param="signature",
+                )
         order = self._order(body.model, sealed)
         opening = time.perf_counter()
         try:
@@ -184,15 +218,11 @@ class Relay:
             raise ApiError(503, f"metering is unavailable: {e}", type="server_error") from e
         self.metrics.record_seconds.observe(time.perf_counter() - opening)
 
-        failed: list[str] = []
-        streaming: list[bool] = []  # set once _relay_to owns the job's record
+        job = _RelayJob(job_id, job_bytes, escrow, body.model, sealed, hashes, started)
         try:
-            return await self._try_nodes(
-                request, order, sealed, job_id, job_bytes, escrow, body.model, started, failed,
-                streaming,
-            )  # fmt: skip
+            return await self._try_nodes(request, order, job)
         except BaseException as e:
-            if not streaming:  # cut before any node answered: the client pays nothing
+            if not job.streaming:  # cut before any node answered: the client pays nothing
                 if self.stopping:
                     status, error = JobStatus.ABORTED_BY_RESTART, "the matcher stopped"
                 elif isinstance(e, asyncio.CancelledError | ConnectionError):
@@ -203,69 +233,87 @@ class Relay:
                 self.ledger.close_job(
                     job_id,
                     status,
-                    failed_nodes=",".join(failed),
+                    failed_nodes=",".join(job.failed),
                     error=error[:500],
                     duration_ms=(time.perf_counter() - started) * 1000,
                 )
             raise
 
     async def _try_nodes(
-        self, request, order, sealed, job_id, job_bytes, escrow, model, started, failed, streaming
+        self, request: web.Request, order: list[NodeState], job: _RelayJob
     ) -> web.StreamResponse:
+        busy = 0
         for node in order:
-            data = sealed[node.node_id]
             node.stats.inflight += 1
             try:
-                return await self._relay_to(
-                    request, node, job_id, job_bytes, escrow, model, data, started, failed,
-                    streaming,
-                )  # fmt: skip
+                return await self._relay_to(request, node, job)
+            except _NodeBusy:
+                busy += 1  # at capacity is not a failure: its score stays
+                job.failed.append(node.node_id)
+                self.metrics.attempts["busy"] += 1
             except _NodeFailed as e:
-                failed.append(node.node_id)
+                job.failed.append(node.node_id)
                 node.stats.record_failure()
                 self.metrics.attempts["failed_before_first_byte"] += 1
                 log.info(
                     "job %s: node %s failed before its first byte: %s",
-                    job_id[:12],
+                    job.job_id[:12],
                     node.node_id[:12],
                     e,
                 )
             except _NodeRefused as e:
                 self.metrics.attempts["refused"] += 1
-                streaming.append(True)
+                job.streaming = True
                 self.ledger.close_job(
-                    job_id,
+                    job.job_id,
                     JobStatus.ERRORED,
                     node_id=node.node_id,
-                    failed_nodes=",".join(failed),
+                    failed_nodes=",".join(job.failed),
                     error=f"node refused the job ({e.status}): {e}"[:500],
-                    duration_ms=(time.perf_counter() - started) * 1000,
+                    duration_ms=(time.perf_counter() - job.started) * 1000,
                 )
                 return await self._error_stream(request, e.status, str(e), "node_refused")
             finally:
                 node.stats.inflight -= 1
-        streaming.append(True)
+        job.streaming = True
+        all_busy = busy == len(order)
         self.ledger.close_job(
-            job_id,
+            job.job_id,
             JobStatus.FAILED_BEFORE_FIRST_BYTE,
-            failed_nodes=",".join(failed),
-            error="every candidate failed before its first byte",
-            duration_ms=(time.perf_counter() - started) * 1000,
+            failed_nodes=",".join(job.failed),
+            error="every candidate was at capacity"
+            if all_busy
+            else "every candidate failed before its first byte",
+            duration_ms=(time.perf_counter() - job.started) * 1000,
         )
+        if all_busy:  # as OpenAI and vLLM's own overload answer: the caller retries
+            return await self._error_stream(
+                request,
+                429,
+                "every node serving this model is at capacity; retry shortly (nothing was charged)",
+                "nodes_busy",
+                "rate_limit_error",
+            )
         return await self._error_stream(
             request, 502, "no node could take the job; nothing was charged", "no_node_available"
         )
 
     async def _error_stream(
-        self, request: web.Request, status: int, message: str, code: str
+        self, request: web.Request, status: int, message: str, code: str, type: str = "relay_error"
     ) -> web.StreamResponse:
-        frame = relay_error_frame(status, message, code)
+        frame = relay_error_frame(status, message, code, type)
         return web.Response(body=frame, content_type=FRAMES_CONTENT_TYPE)
 
     async def _open(
         self, node: NodeState, job_id: str, data: bytes, ticket: str
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """POST the job and wait for the node's first byte."""
+        """POST the job and wait for the node's first byte.
+
+        The node answers its headers when it accepts the job, before its engine runs:
+        ``first_byte_timeout_s`` bounds that; the first frame may then take as long as
+        generating takes (a non-streaming answer comes whole), bounded by the read
+        timeout only. Until that frame the client has seen nothing, so a node that
+        fails even then is failed over."""
         resp = None
         headers = {
             "X-Imago-Job": job_id,
@@ -277,17 +325,19 @@ class Relay:
                 resp = await self.session.post(
                     node.jobs_url, data=data, headers=headers, timeout=self.timeout
                 )
-                if resp.status >= 500 or resp.status == 429:  # failed, or busy: try another
-                    raise _NodeFailed(f"node answered {resp.status}")
-                if resp.status != 200:
-                    text = (await resp.content.read(4096)).decode("utf-8", "replace")
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        text = json.loads(text)["error"]["message"]
-                    raise _NodeRefused(resp.status, text or f"node answered {resp.status}")
-                first = await resp.content.readany()
-                if not first:
-                    raise _NodeFailed("node closed the stream before its first byte")
-                return resp, first
+            if resp.status == 429:
+                raise _NodeBusy("node answered 429")
+            if resp.status >= 500:
+                raise _NodeFailed(f"node answered {resp.status}")
+            if resp.status != 200:
+                text = (await resp.content.read(4096)).decode("utf-8", "replace")
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    text = json.loads(text)["error"]["message"]
+                raise _NodeRefused(resp.status, text or f"node answered {resp.status}")
+            first = await resp.content.readany()
+            if not first:
+                raise _NodeFailed("node closed the stream before its first byte")
+            return resp, first
         except (_NodeFailed, _NodeRefused):
             if resp is not None:
                 resp.close()
@@ -304,22 +354,13 @@ class Relay:
             raise
 
     async def _relay_to(
-        self,
-        request: web.Request,
-        node: NodeState,
-        job_id: str,
-        job_bytes: bytes,
-        escrow: str,
-        model: str,
-        data: bytes,
-        started: float,
-        failed: list[str],
-        streaming: list[bool],
+        self, request: web.Request, node: NodeState, job: _RelayJob
     ) -> web.StreamResponse:
-        request_hash = hashlib.sha256(data).digest()  # the ticket's and the receipt's
-        ticket = self.tickets.sign(bytes.fromhex(node.node_id), job_bytes, request_hash)
+        job_id, started, data = job.job_id, job.started, job.sealed[node.node_id]
+        request_hash = job.request_hashes[node.node_id]  # the ticket's and the receipt's
+        ticket = self.tickets.sign(bytes.fromhex(node.node_id), job.job_bytes, request_hash)
         resp, first = await self._open(node, job_id, data, ticket)
-        streaming.append(True)
+        job.streaming = True
         ttft_ms = (time.perf_counter() - started) * 1000
         self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
         self.metrics.bytes_relayed["request"] += len(data)
@@ -329,7 +370,11 @@ class Relay:
         end_payload: bytes | None = None
         tail = bytearray()  # frames that arrived with END
         sent = 0
-        common = {"node_id": node.node_id, "failed_nodes": ",".join(failed), "ttft_ms": ttft_ms}
+        common = {
+            "node_id": node.node_id,
+            "failed_nodes": ",".join(job.failed),
+            "ttft_ms": ttft_ms,
+        }
 
         def finish(status: JobStatus, error: str = "", **fields) -> None:
             duration_ms = (time.perf_counter() - started) * 1000
@@ -405,7 +450,7 @@ class Relay:
         try:
             end = EndFrame.model_validate_json(end_payload)
             fields = self._check_receipt(
-                end, node, job_bytes, escrow, model, request_hash, transcript.digest()
+                end, node, job.job_bytes, job.escrow, job.model, request_hash, transcript.digest()
             )
         except (ValidationError, ValueError, SignedObjectError) as e:
             node.stats.record_failure()

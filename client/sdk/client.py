@@ -44,6 +44,7 @@ from contracts.protocol.api import (
     ModelOffer,
     RouteCandidate,
     RouteResponse,
+    relay_message,
 )
 from contracts.protocol.attestation import (
     AttestationError,
@@ -183,7 +184,7 @@ class ImagoClient:
         devnet: bool = False,
         session: aiohttp.ClientSession | None = None,
         fanout: int = 2,
-        read_timeout: float = 300.0,
+        read_timeout: float = 600.0,
         voucher_interval: float = 1.0,
         allowlists: Allowlists | None = None,
     ) -> None:
@@ -509,11 +510,14 @@ class ImagoClient:
             result.job_id = job_id.hex()
             copies = await self._prepare_copies(route, endpoint, body, model, caps, job_id)
             job = _JobState(job_id=job_id, copies=copies)
+            hashes = {c.node_id.lower(): c.request_hash for c in copies}
+            authorization = relay_message(job_id, self.escrow_str, model, hashes)
             relay = {
                 "job_id": job_id.hex(),
                 "model": model,
                 "escrow": self.escrow_str,
-                "sealed": {c.node_id: c.sealed_b64 for c in copies},
+                "sealed": {c.node_id.lower(): c.sealed_b64 for c in copies},
+                "signature": self._spend_key.sign(authorization).hex(),
             }
             try:
                 resp = await self.session.post(

@@ -6,6 +6,8 @@ sealed blobs). Prices are nanoTON per million tokens.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,7 @@ __all__ = [
     "VoucherSubmission",
     "error_json",
     "registration_message",
+    "relay_message",
 ]
 
 Hex32 = str  # 64 hex chars
@@ -125,13 +128,32 @@ class RelayRequest(_Model):
     """Client → matcher: ``POST /v1/relay``; sealed copies for one or more candidates.
 
     The matcher tries them in its current preferred order and fails over to the next
-    one if a node fails before its first byte.
+    one if a node fails before its first byte. ``signature`` is the escrow's spend key
+    over ``relay_message``: with a chain, the matcher relays only for whoever can spend
+    from the escrow named (else anyone naming a funded escrow is served, unpaid).
     """
 
     job_id: Hex32
     model: str
     escrow: str
     sealed: dict[str, str]  # node_id → base64 sealed request
+    signature: Hex64 | None = None
+
+
+def relay_message(
+    job_id: bytes, escrow: str, model: str, request_hashes: Mapping[str, bytes]
+) -> bytes:
+    """What a relay request's signature covers: the job, the escrow (raw form), the model
+    and every sealed copy (node id and the SHA-256 of the sealed bytes), so it fits no
+    other job or body."""
+    copies = b"".join(bytes.fromhex(node) + request_hashes[node] for node in sorted(request_hashes))
+    return (
+        b"imago/relay/v1\x00"
+        + job_id
+        + hashlib.sha256(escrow.encode()).digest()
+        + hashlib.sha256(model.encode()).digest()
+        + hashlib.sha256(copies).digest()
+    )
 
 
 class SealedRequest(_Model):

@@ -6,6 +6,7 @@ import pytest
 from pytoniq_core import Address
 
 from contracts import getters, roles
+from contracts.protocol.api import relay_message
 from marketplace.escrows import EscrowBook, EscrowMismatch, EscrowUnfunded
 from tests.contracts.conftest import TON, Key
 
@@ -50,6 +51,10 @@ async def test_jobs_stop_when_the_escrow_is_spent_or_closed(
     book = EscrowBook(chain, contracts_set.vault.to_str(is_user_friendly=False))
 
     await book.ensure_funded(raw)  # open, nothing signed away yet
+    # a relay request is authorized by the spend key the escrow was deployed with only
+    message = relay_message(bytes(32), raw, "a-model", {"11" * 32: bytes(32)})
+    assert book.signed_by_spend_key(raw, spend.private.sign(message), message)
+    assert not book.signed_by_spend_key(raw, Key().private.sign(message), message)
     book.voucher_stored(raw, deposited - 1)
     await book.ensure_funded(raw)  # one nanoTON left
     book.voucher_stored(raw, deposited)

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,7 @@ from contracts.protocol.api import (
     NodeStatus,
     RelayRequest,
     SealedRequest,
+    relay_message,
 )
 from contracts.protocol.attestation import make_dev_evidence, report_data
 from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener, ResponseSealer
@@ -52,7 +54,8 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
 
 @dataclass
 class FakeNode:
-    """A fake node. ``mode``: ok, error500, busy, die, slow, midstream, forge, hang,
+    """A fake node. ``mode``: ok, error500, busy, die, slow, slow_after_headers, midstream,
+    forge, hang,
     refuse, bad_hash. ``attest_mode``: good, wrong_nonce, wrong_key."""
 
     models: dict[str, tuple[int, int]] = field(default_factory=lambda: {MODEL: (100, 200)})
@@ -177,6 +180,8 @@ class FakeNode:
         sealer = ResponseSealer(bytes.fromhex(req.response_key), bytes.fromhex(job_id))
         out = web.StreamResponse(headers={"Content-Type": "application/x-imago-frames"})
         await out.prepare(request)
+        if self.mode == "slow_after_headers":  # accepted at once, then a long generation
+            await asyncio.sleep(1.5)
         sent = self.sent.setdefault(job_id, bytearray())
 
         async def write(frame: bytes) -> None:
@@ -284,10 +289,21 @@ class FakeClient:
         *,
         job_id: bytes | None = None,
         model: str = MODEL,
+        signer: Ed25519PrivateKey | None | Literal["unsigned"] = None,
     ) -> RelayResult:
+        """``signer``: the spend key that authorizes the relay (default this client's)."""
         job_id = job_id or envelope.new_job_id()
         response_key, sealed = self.seal(nodes, prompt, job_id, model)
-        body = RelayRequest(job_id=job_id.hex(), model=model, escrow=ESCROW.to_str(), sealed=sealed)
+        hashes = {n: envelope.request_hash(base64.b64decode(b)) for n, b in sealed.items()}
+        message = relay_message(job_id, ESCROW.to_str(is_user_friendly=False), model, hashes)
+        signature = None if signer == "unsigned" else (signer or self.spend_key).sign(message)
+        body = RelayRequest(
+            job_id=job_id.hex(),
+            model=model,
+            escrow=ESCROW.to_str(),
+            sealed=sealed,
+            signature=signature.hex() if signature else None,
+        )
         async with self.session.post(f"{self.url}/v1/relay", data=body.model_dump_json()) as resp:
             raw = await resp.read()
             status = resp.status

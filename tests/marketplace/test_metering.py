@@ -8,7 +8,8 @@ import json
 import time
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select
 
 from contracts.protocol import envelope
@@ -99,6 +100,37 @@ async def test_every_node_fails_before_first_byte(
     job = (await jobs(matcher))[result.job_id]
     assert job["status"] == "failed_before_first_byte" and job["amount"] == 0
     assert job["node_id"] is None
+
+
+async def test_every_node_at_capacity_is_a_429_the_caller_may_retry(
+    session, start_matcher, start_node, client_for, database_url
+):
+    matcher, nodes = await setup(start_matcher, start_node, session, database_url, "busy", "busy")
+    result = await client_for(matcher).relay(nodes)
+    assert [t for t, _ in result.frames] == [FrameType.RELAY_ERROR]
+    assert result.relay_error["status"] == 429
+    assert (result.relay_error["code"], result.relay_error["type"]) == (
+        "nodes_busy",
+        "rate_limit_error",
+    )
+    job = (await jobs(matcher))[result.job_id]
+    assert job["status"] == "failed_before_first_byte" and job["amount"] == 0
+    for node in nodes:  # being busy is not held against a node
+        assert matcher.registry.nodes[node.node_id].stats.success == 1.0
+
+
+async def test_an_accepted_job_may_take_longer_than_the_first_byte_timeout(
+    session, start_matcher, start_node, client_for, database_url
+):
+    """The timeout bounds acceptance (the node's headers), not generation: a whole
+    non-streaming answer comes as one first frame."""
+    matcher, (node,) = await setup(
+        start_matcher, start_node, session, database_url, "slow_after_headers",
+        first_byte_timeout_s=0.5,
+    )  # fmt: skip
+    result = await client_for(matcher).relay([node])
+    assert result.status == 200 and result.relay_error is None
+    assert (await jobs(matcher))[result.job_id]["status"] == "completed"
 
 
 async def test_midstream_failure_appends_relay_error(
@@ -202,7 +234,6 @@ async def test_vouchers(session, start_matcher, start_node, client_for, database
     # Replays and lower cumulatives are refused; so are bad signatures and other keys.
     assert (await client.post_voucher(0, [b.job_id])).status == 409
     assert (await client.post_voucher(0, [b.job_id], cumulative=stored_before - 1)).status == 409
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     other = Ed25519PrivateKey.generate()
     resp = await client.post_voucher(amount_b, [b.job_id], key=other)
@@ -391,14 +422,23 @@ async def test_in_flight_insert_cancelled_midway_is_failed_behind(start_matcher,
 
 
 class FakeEscrowBook:
-    """FAKE: stands in for the on-chain escrow book (tests/contracts checks the real one)."""
+    """FAKE: stands in for the on-chain escrow book (tests/contracts checks the real one):
+    every escrow's spend key is ``spend_public``."""
 
-    def __init__(self, error: EscrowUnfunded | None) -> None:
+    def __init__(self, error: EscrowUnfunded | None, spend_public: Ed25519PublicKey) -> None:
         self.error = error
+        self.spend_public = spend_public
 
     async def ensure_funded(self, escrow: str) -> None:
         if self.error is not None:
             raise self.error
+
+    def signed_by_spend_key(self, escrow: str, signature: bytes, message: bytes) -> bool:
+        try:
+            self.spend_public.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
 
 
 @pytest.mark.parametrize("code", ["escrow_exhausted", "escrow_closed"])
@@ -408,13 +448,34 @@ async def test_a_job_the_escrow_cannot_pay_for_is_refused_before_any_node(
     from marketplace.app import RELAY
 
     matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
-    matcher.app[RELAY].escrows = FakeEscrowBook(EscrowUnfunded(code, "the escrow is spent"))
-    result = await client_for(matcher).relay([node])
+    client = client_for(matcher)
+    spend_public = client.spend_key.public_key()
+    refusal = EscrowUnfunded(code, "the escrow is spent")
+    matcher.app[RELAY].escrows = FakeEscrowBook(refusal, spend_public)
+    result = await client.relay([node])
     assert result.status == 402
     assert json.loads(result.raw)["error"]["code"] == code
     assert node.jobs_seen == [] and await jobs(matcher) == {}
-    matcher.app[RELAY].escrows = FakeEscrowBook(None)
-    assert (await client_for(matcher).relay([node])).status == 200
+    matcher.app[RELAY].escrows = FakeEscrowBook(None, spend_public)
+    assert (await client.relay([node])).status == 200
+
+
+@pytest.mark.parametrize("signer", ["unsigned", "another key"])
+async def test_only_the_escrows_spend_key_may_relay_on_it(
+    session, start_matcher, start_node, client_for, database_url, signer
+):
+    """Naming a funded escrow is not enough: whoever cannot spend from it is not served."""
+    from marketplace.app import RELAY
+
+    matcher, (node,) = await setup(start_matcher, start_node, session, database_url, "ok")
+    client = client_for(matcher)
+    matcher.app[RELAY].escrows = FakeEscrowBook(None, client.spend_key.public_key())
+    result = await client.relay(
+        [node], signer="unsigned" if signer == "unsigned" else Ed25519PrivateKey.generate()
+    )
+    assert result.status == 403
+    assert json.loads(result.raw)["error"]["code"] == "relay_unauthorized"
+    assert node.jobs_seen == [] and await jobs(matcher) == {}
 
 
 async def test_each_attempt_carries_a_ticket_under_the_matchers_key(
