@@ -202,7 +202,11 @@ class OpenAIHttpBackend:
         return doc
 
     def with_stream_usage(self, body: dict) -> dict:
-        """The body with streaming usage requested (running usage where supported)."""
+        """The body with streaming usage requested (running usage where supported).
+
+        vLLM's running usage is per choice (and per prompt) when a request has several
+        (``n > 1``, a list of prompts): node.jobs sums it into the job's running count.
+        """
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         if self.continuous_usage:

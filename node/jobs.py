@@ -6,9 +6,9 @@ matcher can fail over: a malformed, expired or future job id (400), busy (429), 
 matcher key known yet (503), a missing or invalid matcher ticket (403), replay (409),
 a request that does not open (400), a model the node does not offer (404), prices
 above the client's caps (402), an engine that is not ready (503). Once the job is
-accepted the answer is 200 and a frame stream: DATA frames, the engine's errors as
-sealed ERROR frames, and always a last END frame with the receipt (null when nothing
-was served).
+accepted the answer is 200 and a frame stream, whose headers leave at once (before the
+engine answers, streaming or not): DATA frames, the engine's errors as sealed ERROR
+frames, and always a last END frame with the receipt (null when nothing was served).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -227,15 +227,45 @@ class OfferBook:
 
 @dataclass
 class _Tally:
-    """Token counts of one job, from the engine's usage or counted by the node."""
+    """Token counts of one job, from the engine's usage or counted by the node.
+
+    ``prompt`` and ``completion`` are the job's counts so far, and its final counts
+    (the receipt's) once the stream ended. With continuous usage, vLLM reports usage
+    per choice on each chunk that carries one choice: that choice's completion tokens
+    so far and the tokens of its prompt (for completions with several prompts, choice
+    ``i`` answers prompt ``i // n``). The tally keeps the most each choice and each
+    prompt reported and sums them, so that the count only grows with ``n > 1`` or
+    several prompts; vLLM's last chunk (``choices: []``) carries the totals, which
+    replace the sums.
+    """
 
     prompt: int = 0
     completion: int = 0
     engine_usage: bool = False  # the last chunk seen carried usage
     chunks_with_text: int = 0
+    per_choice: dict[int, int] = field(default_factory=dict)  # completion tokens
+    per_prompt: dict[int, int] = field(default_factory=dict)  # prompt tokens
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion}
+
+    def add_engine_usage(self, chunk: dict, usage: tuple[int, int], n: int) -> None:
+        """Count the usage the engine sent with ``chunk`` (of a request for ``n``)."""
+        prompt, completion = usage
+        choices = chunk.get("choices")
+        if not choices:  # the final usage chunk: the engine's totals for the job
+            self.prompt, self.completion = prompt, completion
+            return
+        index = choices[0].get("index", 0) if isinstance(choices[0], dict) else None
+        if len(choices) != 1 or type(index) is not int or index < 0:
+            # Not vLLM's one choice per chunk: read it as a running total.
+            self.prompt = max(self.prompt, prompt)
+            self.completion = max(self.completion, completion)
+            return
+        self.per_choice[index] = max(self.per_choice.get(index, 0), completion)
+        self.per_prompt[index // n] = max(self.per_prompt.get(index // n, 0), prompt)
+        self.prompt = max(self.prompt, sum(self.per_prompt.values()))
+        self.completion = max(self.completion, sum(self.per_choice.values()))
 
 
 def _texts_of(obj: dict, texts: dict[int, list[str]]) -> bool:
@@ -255,6 +285,12 @@ def _texts_of(obj: dict, texts: dict[int, list[str]]) -> bool:
             texts.setdefault(index, []).append(part)
             found = True
     return found
+
+
+def _choices_per_prompt(body: dict) -> int:
+    """The request's ``n`` (choices per prompt), 1 when absent or not a count."""
+    n = body.get("n")
+    return n if type(n) is int and n >= 1 else 1
 
 
 def _usage_of(obj: dict) -> tuple[int, int] | None:
@@ -420,9 +456,14 @@ class JobService:
         id_on_disk.add_done_callback(lambda f: f.cancelled() or f.exception())
         sealer = ResponseSealer(response_key, job_id)
         run = _Job(self, job, job_id, escrow, model, sealer, request_hash, id_on_disk)
+        # Accepted: the 200 and its headers leave now, before the engine answers, so
+        # the matcher knows at once that this node took the job (a long non-streaming
+        # generation would otherwise look like a node that hangs).
+        response = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
+        await response.prepare(request)
         if job.body.get("stream"):
-            return await run.stream(request)
-        return await run.complete()
+            return await run.stream(response)
+        return await run.complete(response)
 
 
 class _Job:
@@ -447,10 +488,24 @@ class _Job:
         self.sealer = sealer
         self.request_hash = request_hash
         self.tally = _Tally()
+        self.shown = (0, 0)  # the running count in the last DATA frame
 
     # -- frames -------------------------------------------------------------------
     def _data(self, chunk: dict) -> bytes:
-        payload = _dumps({"chunk": chunk, "usage": self.tally.as_dict()}).encode()
+        # The client refuses a running count that goes down (it pays for the last one
+        # if the stream breaks), so a frame never shows less than the one before, even
+        # if the engine's totals came out below the sum of its running counts.
+        shown = (max(self.shown[0], self.tally.prompt), max(self.shown[1], self.tally.completion))
+        if shown != (self.tally.prompt, self.tally.completion):
+            log.warning(
+                "job %s: the engine's usage %s is below its running count %s",
+                self.job_id.hex()[:16],
+                self.tally.as_dict(),
+                shown,
+            )
+        self.shown = shown
+        usage = {"prompt_tokens": shown[0], "completion_tokens": shown[1]}
+        payload = _dumps({"chunk": chunk, "usage": usage}).encode()
         return self.sealer.seal(FrameType.DATA, payload)
 
     def _error(self, status: int, body: dict) -> bytes:
@@ -526,37 +581,41 @@ class _Job:
         )
 
     # -- non-streaming ------------------------------------------------------------
-    async def complete(self) -> web.Response:
+    async def complete(self, response: web.StreamResponse) -> web.StreamResponse:
+        """The frames of a non-streaming job, on the response already prepared."""
         body = dict(self.job.body)
         body.pop("stream_options", None)
         frames: list[bytes] = []
         served = False
         try:
-            response = await self.backend.complete(self.job.endpoint, body)
-            usage = _usage_of(response)
+            answer = await self.backend.complete(self.job.endpoint, body)
+            usage = _usage_of(answer)
             if usage is not None and sum(usage) > 0:
                 self.tally.prompt, self.tally.completion = usage
             else:
                 texts: dict[int, list[str]] = {}
-                _texts_of(response, texts)
+                _texts_of(answer, texts)
                 self.tally.prompt = await self.backend.count_prompt(self.job.endpoint, body)
                 self.tally.completion = await self.backend.count_text(
                     body["model"], ["".join(t) for t in texts.values()]
                 )
-            frames.append(self._data(response))
+            frames.append(self._data(answer))
             served = True
         except EngineError as e:
             frames.append(self._error(e.status, e.body))
         except UsageUnavailable as e:
             frames.append(self._unbillable(str(e)))
         frames.append(await self._last(served))
-        return web.Response(body=b"".join(frames), content_type=FRAMES_CONTENT_TYPE)
+        with contextlib.suppress(ConnectionResetError):  # gone before the end: nothing to do
+            await response.write(b"".join(frames))
+            await response.write_eof()
+        return response
 
     # -- streaming ----------------------------------------------------------------
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
-        await response.prepare(request)
+    async def stream(self, response: web.StreamResponse) -> web.StreamResponse:
+        """The frames of a streaming job, on the response already prepared."""
         body = self.job.body
+        n = _choices_per_prompt(body)
         tally = self.tally
         texts: dict[int, list[str]] = {}
         prompt_task: asyncio.Task[int] | None = None
@@ -567,7 +626,7 @@ class _Job:
                 async for chunk in chunks:
                     usage = _usage_of(chunk)
                     if usage is not None:
-                        tally.prompt, tally.completion = usage
+                        tally.add_engine_usage(chunk, usage, n)
                         tally.engine_usage = True
                     else:
                         tally.engine_usage = False

@@ -107,26 +107,42 @@ async def post_job(
     if ticket is not None:
         headers[TICKET_HEADER] = ticket
     async with session.post(url + "/v1/jobs", data=sealed, headers=headers) as r:
-        result = JobResult(status=r.status, job_id=job_id, sealed=sealed)
-        if r.status != 200:
-            result.body = await r.json()
-            return result
-        assert r.headers["Content-Type"].startswith("application/x-imago-frames")
-        decoder, opener = FrameDecoder(), ResponseOpener(key, job_id)
-        async for piece in r.content.iter_any():
-            for ftype, payload in decoder.feed(piece):
-                result.order.append(ftype.name)
-                if ftype == FrameType.DATA:
-                    result.data.append(json.loads(opener.open(ftype, payload)))
-                elif ftype == FrameType.ERROR:
-                    result.errors.append(json.loads(opener.open(ftype, payload)))
-                elif ftype == FrameType.END:
-                    result.end = json.loads(payload)
-        assert decoder.pending == 0
+        return await read_job(r, job_id, key, sealed)
+
+
+async def read_job(
+    r: aiohttp.ClientResponse, job_id: bytes, key: bytes, sealed: bytes
+) -> JobResult:
+    """The node's answer to a job: its clear error, or its frames opened."""
+    result = JobResult(status=r.status, job_id=job_id, sealed=sealed)
+    if r.status != 200:
+        result.body = await r.json()
+        return result
+    assert r.headers["Content-Type"].startswith("application/x-imago-frames")
+    decoder, opener = FrameDecoder(), ResponseOpener(key, job_id)
+    async for piece in r.content.iter_any():
+        for ftype, payload in decoder.feed(piece):
+            result.order.append(ftype.name)
+            if ftype == FrameType.DATA:
+                result.data.append(json.loads(opener.open(ftype, payload)))
+            elif ftype == FrameType.ERROR:
+                result.errors.append(json.loads(opener.open(ftype, payload)))
+            elif ftype == FrameType.END:
+                result.end = json.loads(payload)
+    assert decoder.pending == 0
     result.transcript_hash = opener.transcript_hash
     if result.end and result.end["receipt"]:
         result.receipt = Receipt.from_boc(base64.b64decode(result.end["receipt"]))
     return result
+
+
+def running_counts(result: JobResult) -> list[tuple[int, int]]:
+    """The node's running (prompt, completion) count in each DATA frame; a client
+    refuses a stream where either goes down."""
+    counts = [(f["usage"]["prompt_tokens"], f["usage"]["completion_tokens"]) for f in result.data]
+    for before, after in zip(counts, counts[1:], strict=False):
+        assert after[0] >= before[0] and after[1] >= before[1], counts
+    return counts
 
 
 def check_receipt(result: JobResult, node_ed25519: bytes, model: str, prices: tuple[int, int]):

@@ -13,9 +13,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from contracts.protocol import envelope
 from contracts.protocol.tickets import TICKET_HEADER
 from node.app import STATE
-from node.jobs import SeenJobs
+from node.jobs import FRAMES_CONTENT_TYPE, SeenJobs, _Tally
 from node.keys import NodeKeys
-from tests.node.conftest import check_receipt, post_job, seal_job, sign_ticket
+from tests.node.conftest import (
+    check_receipt,
+    post_job,
+    read_job,
+    running_counts,
+    seal_job,
+    sign_ticket,
+)
 from tests.node.fixture_upstream import ANSWER, chat_prompt_tokens
 
 PRICES = (20_000_000, 60_000_000)
@@ -65,6 +72,131 @@ async def test_completions_both_modes(node):
         assert r.text == ANSWER
         receipt = check_receipt(r, node.keys.ed25519_public, MODEL, PRICES)
         assert receipt.prompt_tokens == 5 and receipt.completion_tokens == ANSWER_TOKENS
+
+
+# What vLLM 0.32 streamed for a chat with n=2, max_tokens=5 and continuous usage stats
+# (each chunk: its choice index and usage), as it came from the real engine.
+VLLM_CHAT_N2 = [
+    (0, 34, 0), (1, 34, 0), (0, 34, 1), (0, 34, 2), (1, 34, 1), (0, 34, 3), (1, 34, 2),
+    (0, 34, 4), (1, 34, 3), (0, 34, 5), (1, 34, 4), (1, 34, 5), (None, 34, 10),
+]  # fmt: skip
+# And for completions of two prompts (5 and 3 tokens), max_tokens=4, n=1.
+VLLM_COMPLETIONS_2_PROMPTS = [
+    (0, 5, 1), (0, 5, 2), (1, 3, 1), (1, 3, 2), (0, 5, 3), (0, 5, 4), (1, 3, 3), (1, 3, 4),
+    (None, 8, 8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("chunks", "n", "expected"),
+    [
+        (VLLM_CHAT_N2, 2, [(34, c) for c in (0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10)]),
+        (
+            VLLM_COMPLETIONS_2_PROMPTS,
+            1,
+            [(5, 1), (5, 2), (8, 3), (8, 4), (8, 5), (8, 6), (8, 7), (8, 8), (8, 8)],
+        ),
+    ],
+)
+def test_tally_of_vllm_usage_per_choice(chunks, n, expected):
+    tally = _Tally()
+    counts = []
+    for index, prompt, completion in chunks:
+        choices = [] if index is None else [{"index": index, "text": "x"}]
+        tally.add_engine_usage({"choices": choices}, (prompt, completion), n)
+        counts.append((tally.prompt, tally.completion))
+    assert counts == expected
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "prompt_tokens", "completion_tokens"),
+    [
+        ("chat/completions", {"messages": MESSAGES, "n": 2}, PROMPT_TOKENS, 6 + 5),
+        ("completions", {"prompt": ["The capital of France is", "One two three"]}, 8, 6 + 5),
+        (
+            "completions",
+            {"prompt": ["The capital of France is", "One two three"], "n": 2},
+            8,
+            6 + 5 + 4 + 3,
+        ),
+    ],
+    ids=["chat-n2", "completions-2-prompts", "completions-2-prompts-n2"],
+)
+async def test_streams_of_several_choices_count_up_and_bill_the_engine_totals(
+    node, endpoint, body, prompt_tokens, completion_tokens
+):
+    r = await node.job({"model": MODEL, **body, "stream": True}, endpoint=endpoint)
+    assert r.status == 200, r.body
+    engine = [f["chunk"]["usage"]["completion_tokens"] for f in r.data]
+    assert any(b < a for a, b in zip(engine, engine[1:], strict=False))  # per choice, as vLLM
+    counts = running_counts(r)  # the node's count never goes down
+    # Each chunk of text is one token here: the running count is exact after each one.
+    n, prompts = body.get("n", 1), [5, 3]
+    seen: set[int] = set()
+    texts = 0
+    for frame, (prompt, completion) in zip(r.data[:-1], counts, strict=False):
+        for choice in frame["chunk"]["choices"]:
+            seen.add(choice["index"])
+            texts += bool(choice.get("text") or choice.get("delta", {}).get("content"))
+        assert completion == texts
+        if endpoint == "completions":
+            assert prompt == sum(prompts[p] for p in {i // n for i in seen})
+        else:
+            assert prompt == prompt_tokens
+    assert r.data[-1]["chunk"]["choices"] == []
+    assert r.data[-1]["chunk"]["usage"]["completion_tokens"] == completion_tokens
+    assert counts[-1] == (prompt_tokens, completion_tokens)
+    receipt = check_receipt(r, node.keys.ed25519_public, MODEL, PRICES)
+    assert (receipt.prompt_tokens, receipt.completion_tokens) == (prompt_tokens, completion_tokens)
+
+
+async def test_a_running_count_never_goes_down_even_if_the_engine_totals_do(node, monkeypatch):
+    from node import jobs
+
+    real = jobs._Tally.add_engine_usage
+
+    def low_totals(self, chunk, usage, n):  # FAKE: an engine whose totals undercount
+        if not chunk.get("choices"):
+            usage = (usage[0], usage[1] - 1)
+        real(self, chunk, usage, n)
+
+    monkeypatch.setattr(jobs._Tally, "add_engine_usage", low_totals)
+    r = await node.job({"model": MODEL, "messages": MESSAGES, "stream": True})
+    counts = running_counts(r)
+    assert counts[-1] == (PROMPT_TOKENS, ANSWER_TOKENS)
+    receipt = check_receipt(r, node.keys.ed25519_public, MODEL, PRICES)
+    assert receipt.completion_tokens == ANSWER_TOKENS - 1  # the engine's totals are billed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_headers_leave_when_the_job_is_accepted_before_the_engine_answers(
+    make_node, upstream, stream
+):
+    opts, _ = upstream
+    opts.release = asyncio.Event()  # FIXTURE: an engine that works until released
+    node = await make_node()
+    body = {"model": MODEL, "messages": MESSAGES, "stream": stream}
+    job_id, key, sealed = seal_job(node.keys.x25519_public, body)
+    headers = {"X-Imago-Job": job_id.hex(), TICKET_HEADER: node.ticket(job_id, sealed)}
+    try:
+        r = await asyncio.wait_for(
+            node.session.post(node.url + "/v1/jobs", data=sealed, headers=headers), 5
+        )
+    except TimeoutError:
+        opts.release.set()
+        pytest.fail("no response headers while the engine works on the job")
+    async with r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == FRAMES_CONTENT_TYPE
+        for _ in range(100):  # the engine gets the job, and cannot answer until released
+            if opts.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert len(opts.requests) == 1 and not r.content.is_eof()
+        opts.release.set()
+        result = await read_job(r, job_id, key, sealed)
+    assert result.text == ANSWER and result.order[-1] == "END"
+    check_receipt(result, node.keys.ed25519_public, MODEL, PRICES)
 
 
 async def test_replayed_job_id_refused(node):

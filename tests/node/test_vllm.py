@@ -21,6 +21,7 @@ from tests.node.conftest import (
     NodeHandle,
     check_receipt,
     engine_home,
+    running_counts,
     start_node,
 )
 
@@ -122,6 +123,59 @@ async def test_vllm_completions_streaming(vllm_node: NodeHandle):
     assert r.status == 200, r.body
     receipt = check_receipt(r, vllm_node.keys.ed25519_public, MODEL, PRICES)
     assert receipt.completion_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "choices"),
+    [
+        ("chat/completions", {"messages": QUESTION, "n": 2}, 2),
+        ("completions", {"prompt": ["The capital of France is", "One, two, three,"]}, 2),
+        ("completions", {"prompt": ["The capital of France is", "One, two"], "n": 2}, 4),
+    ],
+    ids=["chat-n2", "completions-2-prompts", "completions-2-prompts-n2"],
+)
+async def test_vllm_streams_of_several_choices_count_up_and_bill_vllm_totals(
+    vllm_node: NodeHandle, endpoint, body, choices
+):
+    """vLLM reports continuous usage per choice (and per prompt): the node's running
+    count still only grows, and the receipt bills vLLM's totals."""
+    r = await vllm_node.job(
+        {"model": MODEL, **body, "temperature": 1, "seed": 7, "max_tokens": 12, "stream": True},
+        endpoint=endpoint,
+    )
+    assert r.status == 200, r.body
+    counts = running_counts(r)  # what the client requires of every DATA frame
+    n = body.get("n", 1)
+    per_choice: dict[int, int] = {}
+    per_prompt: dict[int, int] = {}
+    for frame, count in zip(r.data[:-1], counts, strict=False):
+        (choice,) = frame["chunk"]["choices"]  # vLLM: one choice per chunk, with its usage
+        usage, i = frame["chunk"]["usage"], choice["index"]
+        per_choice[i] = max(per_choice.get(i, 0), usage["completion_tokens"])
+        per_prompt[i // n] = max(per_prompt.get(i // n, 0), usage["prompt_tokens"])
+        # The node's running count: every choice's tokens so far, every prompt once.
+        assert count == (sum(per_prompt.values()), sum(per_choice.values()))
+    assert sorted(per_choice) == list(range(choices))
+    totals = r.data[-1]["chunk"]
+    assert totals["choices"] == []
+    assert totals["usage"]["completion_tokens"] == sum(per_choice.values())
+    assert counts[-1] == (totals["usage"]["prompt_tokens"], totals["usage"]["completion_tokens"])
+    receipt = check_receipt(r, vllm_node.keys.ed25519_public, MODEL, PRICES)
+    assert receipt.prompt_tokens == totals["usage"]["prompt_tokens"]
+    assert receipt.completion_tokens == totals["usage"]["completion_tokens"]
+    print(f"\n{endpoint}, {choices} choices: {len(counts)} DATA frames, totals {counts[-1]}")
+
+
+async def test_vllm_chat_n2_non_streaming_bills_vllm_usage(vllm_node: NodeHandle):
+    r = await vllm_node.job(
+        {"model": MODEL, "messages": QUESTION, "n": 2, "temperature": 1, "max_tokens": 12}
+    )
+    assert r.status == 200, r.body
+    response = r.data[0]["chunk"]
+    assert len(response["choices"]) == 2
+    receipt = check_receipt(r, vllm_node.keys.ed25519_public, MODEL, PRICES)
+    assert receipt.prompt_tokens == response["usage"]["prompt_tokens"]
+    assert receipt.completion_tokens == response["usage"]["completion_tokens"]
 
 
 async def test_vllm_tokenize_counts_agree_with_usage(vllm_node: NodeHandle):
