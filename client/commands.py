@@ -2,8 +2,13 @@
 
 Defaults come from ``$IMAGO_HOME/stack.json`` (written by ``imago up``; IMAGO_HOME
 defaults to ``~/.imago``) when it exists: ``matcher_url``, ``gateway_url``, ``escrow``,
-``vault``, ``model``, and optionally ``devnet``, ``max_price_prompt``,
-``max_price_completion``, ``api_key``, ``tdx_measurements`` (hex list). Flags override.
+``vault``, ``model``, and optionally ``devnet``, ``chain_url``, ``registry``,
+``max_price_prompt``, ``max_price_completion``, ``api_key``, ``tdx_measurements`` (hex
+list). Flags override.
+
+With a chain, ``client serve`` reads its escrow there before it serves, and refuses to
+start (exit 2) unless the escrow is deployed, pays the given vault and names this
+gateway's spend key: the matcher would refuse every voucher otherwise.
 """
 
 from __future__ import annotations
@@ -75,8 +80,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an allowed TDX mr_td (repeatable; default from stack.json); with a Registry, "
         "a node's image must be on both",
     )
-    serve.add_argument("--max-price-prompt", type=int, help="nanoTON per million tokens")
-    serve.add_argument("--max-price-completion", type=int, help="nanoTON per million tokens")
+    serve.add_argument(
+        "--max-price-prompt",
+        type=int,
+        help="nanoTON per million tokens; a request may only lower it",
+    )
+    serve.add_argument(
+        "--max-price-completion",
+        type=int,
+        help="nanoTON per million tokens; a request may only lower it",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="let web pages of this origin (scheme://host[:port]) call the gateway, with "
+        "CORS (repeatable); by default a request with an Origin header is refused",
+    )
     serve.set_defaults(func=cmd_serve)
 
     chat = subparsers.add_parser("chat", help="ask one question through the gateway")
@@ -106,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
     from pytoniq_core import Address
 
-    from client.gateway import create_app
+    from client.gateway import create_app, normalize_origin
     from client.keys import KeystoreError, load_or_create_spend_key
     from client.sdk import ImagoClient, LedgerError, PriceCaps
     from contracts.allowlists import Allowlists
@@ -128,10 +149,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeystoreError as e:
         return _fail(str(e))
     spend_public = spend_key.public_key().public_bytes_raw()
+    try:
+        origins = [normalize_origin(o) for o in args.allow_origin or []]
+    except ValueError as e:
+        return _fail(f"--allow-origin: {e}")
+    chain = args.chain or config.get("chain_url") or None
+    registry = args.registry or config.get("registry") or None
+    if registry and not chain:
+        return _fail("--registry needs --chain to read it")
+    if devnet and chain and not asyncio.run(is_devnet(chain)):
+        return _fail(
+            f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
+            f"at {chain} is not one"
+        )
     escrow = args.escrow or config.get("escrow")
     vault = args.vault or config.get("vault")
     if not escrow or not vault:
-        if not devnet:
+        # With a chain, a placeholder escrow could only be refused (it is not deployed).
+        if not devnet or chain:
             return _fail("give --escrow and --vault (or run `imago up`, which writes them)")
         escrow = escrow or _devnet_placeholder("escrow", spend_public)
         vault = vault or _devnet_placeholder("vault", b"")
@@ -153,15 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _fail(f"a TDX measurement is hex: {e}")
-    chain = args.chain or config.get("chain_url") or None
-    registry = args.registry or config.get("registry") or None
-    if registry and not chain:
-        return _fail("--registry needs --chain to read it")
-    if devnet and chain and not asyncio.run(is_devnet(chain)):
-        return _fail(
-            f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
-            f"at {chain} is not one"
-        )
+    if chain:
+        refusal = asyncio.run(_check_escrow(chain, escrow, vault, spend_public))
+        if refusal:
+            return _fail(refusal)
     allowlists = Allowlists(ToncenterClient(chain), registry) if registry else None
     policy = AttestationPolicy(
         allow_dev=devnet,
@@ -203,7 +233,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # about a third less per hop
-    app = create_app(client, api_key=api_key)
+    app = create_app(
+        client,
+        api_key=api_key,
+        allow_origins=origins,
+        loopback_hosts_only=_is_loopback(args.host),
+    )
     if allowlists is not None:
         app.on_cleanup.append(lambda _: allowlists.chain.close())
     web.run_app(
@@ -214,6 +249,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=announce,
     )
     return 0
+
+
+async def _check_escrow(chain: str, escrow: str, vault: str, spend_public: bytes) -> str | None:
+    """Why this gateway cannot pay from ``escrow`` on ``chain``, or None if it can."""
+    import aiohttp
+    from pytoniq_core import Address
+
+    from contracts.getters import GetterError, get_escrow_data
+    from contracts.toncenter import ToncenterClient, ToncenterError
+
+    client = ToncenterClient(chain, max_retries=2, timeout=10.0)
+    not_deployed = f"escrow {escrow} is not deployed on the chain at {chain} (or is no escrow)"
+    try:
+        data = await get_escrow_data(client, escrow)
+    except GetterError as e:
+        return f"{not_deployed}: {e}"
+    except ToncenterError as e:
+        if e.exit_code is not None:  # the get-method ran, and failed
+            return f"{not_deployed}: {e}"
+        return f"cannot read escrow {escrow} from the chain at {chain}: {e}"
+    except (aiohttp.ClientError, ValueError) as e:
+        return f"cannot read escrow {escrow} from the chain at {chain}: {e}"
+    finally:
+        await client.close()
+    on_chain = data.spend_key.to_bytes(32, "big")
+    if on_chain != spend_public:
+        return (
+            f"escrow {escrow} accepts vouchers signed by spend key {on_chain.hex()}, but this "
+            f"gateway's spend key is {spend_public.hex()}: the matcher would refuse every "
+            "voucher; use the state dir (spend.key) that opened it, or open an escrow "
+            "for this key"
+        )
+    if data.vault != Address(vault):
+        return (
+            f"escrow {escrow} pays vault {data.vault.to_str(is_user_friendly=False)}, "
+            f"not {Address(vault).to_str(is_user_friendly=False)} (--vault)"
+        )
+    if data.state_name != "open":
+        print(
+            f"warning: escrow {escrow} is {data.state_name}: the matcher takes no new jobs "
+            "paid from it",
+            file=sys.stderr,
+        )
+    return None
 
 
 def _bind(host: str, port: int) -> socket.socket | None:

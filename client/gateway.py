@@ -6,20 +6,28 @@ ImagoClient (which seals it, relays it through the matcher, opens the answer and
 the receipt) and answers in OpenAI's format, with ``usage`` extended by
 ``cost_nanoton`` and ``imago_receipt``.
 
-Price caps default to the client's; a request may lower or raise them with the extra
-body fields ``imago_max_price_prompt`` / ``imago_max_price_completion`` (nanoTON per
-million tokens; ``extra_body=`` in the openai package).
+Price caps default to the client's; a request may only lower them with the extra body
+fields ``imago_max_price_prompt`` / ``imago_max_price_completion`` (nanoTON per million
+tokens; ``extra_body=`` in the openai package): above the gateway's it gets a 400.
+
+Whoever reaches the gateway spends from the escrow, so it answers only local apps, not
+web pages: a request with an ``Origin`` header (which browsers add to cross-origin
+requests; the openai package and curl do not) is refused unless that origin was allowed
+(``--allow-origin``), a POST body must be ``application/json`` (what a page can send
+without a CORS preflight is not), and a gateway on loopback refuses a ``Host`` that is
+not a loopback name, so a DNS-rebound name cannot reach it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from client.sdk import (
@@ -32,17 +40,22 @@ from client.sdk import (
 )
 
 __all__ = [
+    "ALLOWED_ORIGINS",
     "API_KEY",
     "CLIENT",
+    "LOOPBACK_HOSTS_ONLY",
     "ChatCompletionRequest",
     "CompletionRequest",
     "create_app",
+    "normalize_origin",
 ]
 
 log = logging.getLogger("imago.gateway")
 
 CLIENT = web.AppKey("imago_client", ImagoClient)
 API_KEY = web.AppKey("imago_api_key", str)  # empty: no key required
+ALLOWED_ORIGINS = web.AppKey("imago_allowed_origins", frozenset)  # empty: no browser page
+LOOPBACK_HOSTS_ONLY = web.AppKey("imago_loopback_hosts_only", bool)
 
 CAP_PROMPT_FIELD = "imago_max_price_prompt"
 CAP_COMPLETION_FIELD = "imago_max_price_completion"
@@ -144,6 +157,110 @@ async def _auth(
     return await handler(request)
 
 
+def _forbidden(message: str, code: str) -> ImagoError:
+    return ImagoError(message, status=403, error_type="invalid_request_error", code=code)
+
+
+@web.middleware
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
+) -> web.StreamResponse:
+    """Keep web pages out: every route, before the API key is even looked at."""
+    host = request.headers.get(hdrs.HOST)
+    if request.app[LOOPBACK_HOSTS_ONLY] and host is not None and not _loopback_host(host):
+        # A page whose DNS name was rebound to 127.0.0.1 still sends its own name here.
+        raise _forbidden(
+            f"the gateway listens on loopback and answers only a loopback Host "
+            f"(127.0.0.1, localhost, [::1]), not {host!r}",
+            "host_not_allowed",
+        )
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None:
+        if origin.rstrip("/").lower() not in request.app[ALLOWED_ORIGINS]:
+            raise _forbidden(
+                f"requests from web pages (Origin {origin!r}) are refused: whoever reaches "
+                "the gateway spends from its escrow; start it with --allow-origin to allow one",
+                "origin_not_allowed",
+            )
+        if (
+            request.method == hdrs.METH_OPTIONS
+            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+        ):
+            return _preflight(request)
+    elif request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
+        # A browser's no-cors request from another site (an <img>, a <form>) has no Origin.
+        raise _forbidden(
+            "requests from web pages are refused: whoever reaches the gateway spends from "
+            "its escrow",
+            "origin_not_allowed",
+        )
+    if request.method == hdrs.METH_POST and request.content_type != "application/json":
+        raise ImagoError(
+            "Unsupported Media Type: only 'application/json' is allowed, not "
+            f"{request.headers.get(hdrs.CONTENT_TYPE, 'no Content-Type')!r}",
+            status=415,
+            error_type="invalid_request_error",
+            code="unsupported_media_type",
+        )
+    return await handler(request)
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header names loopback: ``localhost`` or a loopback address, with or
+    without a port. A rebound page sends its own DNS name, never one of these."""
+    host = host.strip()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = host.partition(":")
+        if colon and not port.isdigit():
+            return False
+    name = name.lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """A CORS preflight from an allowed origin (its CORS headers come from _cors)."""
+    return web.Response(
+        status=204,
+        headers={
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST",
+            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: request.headers.get(
+                hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "Authorization, Content-Type"
+            ),
+            hdrs.ACCESS_CONTROL_MAX_AGE: "600",
+        },
+    )
+
+
+async def _cors(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS headers on every answer (errors and streams too) to an allowed origin only."""
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and origin.rstrip("/").lower() in request.app[ALLOWED_ORIGINS]:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        response.headers[hdrs.VARY] = hdrs.ORIGIN
+
+
+def normalize_origin(origin: str) -> str:
+    """``scheme://host[:port]`` as a browser sends it; ValueError for anything else."""
+    from urllib.parse import urlsplit
+
+    text = origin.strip().rstrip("/").lower()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f"an origin is scheme://host[:port], like http://localhost:3000: {origin!r}"
+        )
+    return text
+
+
 # -- handlers --------------------------------------------------------------------------
 
 
@@ -161,7 +278,22 @@ async def _read_body(request: web.Request, endpoint: str) -> tuple[dict[str, Any
         param = ".".join(str(p) for p in first["loc"]) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
         raise InvalidRequest(message, param=param) from None
+    if parsed.stream_options is not None and not parsed.stream:
+        raise InvalidRequest(
+            "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
     caps = request.app[CLIENT].caps
+    for field, asked, ceiling in (
+        (CAP_PROMPT_FIELD, parsed.imago_max_price_prompt, caps.prompt),
+        (CAP_COMPLETION_FIELD, parsed.imago_max_price_completion, caps.completion),
+    ):
+        if asked is not None and asked > ceiling:
+            raise InvalidRequest(
+                f"{field} {asked} is above the gateway's own cap of {ceiling} nanoTON per "
+                "million tokens: a request may only lower it",
+                code="price_cap_above_gateway",
+                param=field,
+            )
     if parsed.imago_max_price_prompt is not None or parsed.imago_max_price_completion is not None:
         caps = PriceCaps(
             prompt=_or(parsed.imago_max_price_prompt, caps.prompt),
@@ -255,12 +387,25 @@ async def health(request: web.Request) -> web.Response:
 # -- the app ---------------------------------------------------------------------------
 
 
-def create_app(client: ImagoClient, *, api_key: str | None = None) -> web.Application:
+def create_app(
+    client: ImagoClient,
+    *,
+    api_key: str | None = None,
+    allow_origins: Iterable[str] = (),
+    loopback_hosts_only: bool = True,
+) -> web.Application:
     """The gateway app. It starts ``client`` with the app and closes it (flushing
-    outstanding vouchers) at shutdown."""
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=16 * 1024 * 1024)
+    outstanding vouchers) at shutdown.
+
+    ``allow_origins``: the web origins (``scheme://host[:port]``) whose pages may call
+    it, with CORS; none by default. ``loopback_hosts_only``: refuse a Host header that
+    is not loopback (leave it on whenever the gateway listens on loopback)."""
+    app = web.Application(middlewares=[_errors, _guard, _auth], client_max_size=16 * 1024 * 1024)
     app[CLIENT] = client
     app[API_KEY] = api_key or ""
+    app[ALLOWED_ORIGINS] = frozenset(normalize_origin(o) for o in allow_origins)
+    app[LOOPBACK_HOSTS_ONLY] = loopback_hosts_only
+    app.on_response_prepare.append(_cors)
 
     async def client_lifetime(app: web.Application) -> AsyncIterator[None]:
         await app[CLIENT].start()

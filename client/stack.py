@@ -63,6 +63,8 @@ class StackState:
     matcher_url: str = ""
     gateway_url: str = ""
     model: str = ""
+    # `imago client serve` started by hand takes it, like the rest, as its default.
+    devnet: bool = False
     escrow: str = ""
     vault: str = ""
     chain_url: str = ""
@@ -216,6 +218,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     home = launcher.home
     state.matcher_url = launcher.url("matcher")
     state.gateway_url = launcher.url("gateway")
+    state.devnet = True  # the stack runs on its own devnet: dev attestations are fine there
     launcher.say("Starting Imago on loopback:")
     start_devnet(launcher)
     setup_chain(launcher)

@@ -269,3 +269,180 @@ async def test_client_disconnect_cancels_upstream(stack: Stack) -> None:
     assert node.frames_sent < 7
     # the tokens that were delivered are paid for, at the offer
     assert 0 < stack.client.cumulative_spend < expected_cost(stack, 6, 7)
+
+
+BODY = {"model": "fake-model", "messages": QUESTION}
+
+
+async def _post(url: str, data: bytes, **headers: str) -> tuple[int, dict, dict]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=data, headers=headers) as resp,
+    ):
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def test_web_pages_cannot_spend_from_the_escrow(stack: Stack) -> None:
+    """What a page can make a browser send (a text/plain "simple request", an Origin, a
+    DNS-rebound Host, a no-cors request) is refused before anything is relayed."""
+    port = stack.gateway_url.rsplit(":", 1)[1]
+    chat = f"{stack.gateway_url}/v1/chat/completions"
+    body = json.dumps(BODY).encode()
+    # the request of the review, as curl would send it
+    status, headers, error = await _post(
+        chat,
+        body,
+        Host=f"evil.example:{port}",
+        Origin="http://evil.example",
+        **{"Content-Type": "text/plain;charset=UTF-8"},
+    )
+    assert status == 403 and error["error"]["code"] == "host_not_allowed"
+    assert "Access-Control-Allow-Origin" not in headers
+    # each defence alone
+    status, _, error = await _post(chat, body, **{"Content-Type": "text/plain;charset=UTF-8"})
+    assert status == 415 and error["error"]["code"] == "unsupported_media_type"
+    assert "application/json" in error["error"]["message"]
+    assert error["error"]["type"] == "invalid_request_error"
+    status, _, error = await _post(
+        chat, body, **{"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 415
+    status, headers, error = await _post(
+        chat, body, Origin="http://evil.example", **{"Content-Type": "application/json"}
+    )
+    assert status == 403 and error["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in headers
+    status, _, error = await _post(
+        chat, body, Host=f"evil.example:{port}", **{"Content-Type": "application/json"}
+    )
+    assert status == 403 and error["error"]["code"] == "host_not_allowed"
+    status, _, error = await _post(  # a no-cors request from another site has no Origin
+        chat, body, **{"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}
+    )
+    assert status == 403 and error["error"]["code"] == "origin_not_allowed"
+    async with aiohttp.ClientSession() as session:
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {"Host": f"evil.example:{port}"},
+            {"Host": "127.0.0.1.evil.example"},
+            {"Host": "localhost.evil.example:80"},
+        ):
+            async with session.get(f"{stack.gateway_url}/v1/models", headers=headers) as resp:
+                assert resp.status == 403, headers
+                assert (await resp.json())["error"]["code"] in (
+                    "origin_not_allowed",
+                    "host_not_allowed",
+                )
+                assert "Access-Control-Allow-Origin" not in resp.headers
+        preflight = {
+            "Origin": "http://evil.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        }
+        async with session.options(chat, headers=preflight) as resp:
+            assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+        # loopback names, with or without the port, are what local apps send
+        for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", "[::1]"):
+            async with session.get(
+                f"{stack.gateway_url}/v1/models", headers={"Host": host}
+            ) as resp:
+                assert resp.status == 200, host
+    assert stack.matcher.relay_calls == 0
+    assert stack.client.cumulative_spend == 0
+    # the openai package is none of the above
+    response = await stack.openai.chat.completions.create(model="fake-model", messages=QUESTION)
+    assert response.choices[0].message.content == ANSWER
+
+
+async def test_an_allowed_origin_gets_cors(stack: Stack) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from client.gateway import create_app
+    from tests.client.conftest import make_client
+
+    client = make_client(stack.matcher_url, stack.state_path.with_name("o.json"), stack.spend_key)
+    app = create_app(client, allow_origins=["http://localhost:3000/"], loopback_hosts_only=False)
+    server = TestServer(app)
+    await server.start_server()
+    chat = str(server.make_url("/v1/chat/completions"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.options(
+                chat,
+                headers={
+                    "Origin": "http://localhost:3000",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            ) as resp:
+                assert resp.status == 204
+                assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+                assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+                assert resp.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+            async with session.post(
+                chat, json=BODY, headers={"Origin": "http://localhost:3000"}
+            ) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+                assert (await resp.json())["choices"][0]["message"]["content"] == ANSWER
+            async with session.post(  # errors carry it too, so the page can read them
+                chat, data=b"{}", headers={"Origin": "http://localhost:3000"}
+            ) as resp:
+                assert resp.status == 415
+                assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+            async with session.post(
+                chat, json=BODY, headers={"Origin": "http://localhost:3001"}
+            ) as resp:
+                assert resp.status == 403
+                assert "Access-Control-Allow-Origin" not in resp.headers
+            # off loopback (with an API key, which commands.py requires) any Host is fine
+            async with session.get(
+                str(server.make_url("/v1/models")), headers={"Host": "gateway.lan:8900"}
+            ) as resp:
+                assert resp.status == 200
+    finally:
+        await server.close()
+
+
+async def test_stream_options_need_stream(stack: Stack) -> None:
+    for stream in (None, False):
+        extra = {} if stream is None else {"stream": stream}
+        with pytest.raises(openai.BadRequestError) as info:
+            await stack.openai.chat.completions.create(
+                model="fake-model",
+                messages=QUESTION,
+                stream_options={"include_usage": True},
+                **extra,
+            )
+        assert info.value.param == "stream_options"
+        assert "Stream options can only be defined when `stream=True`" in info.value.message
+    with pytest.raises(openai.BadRequestError):
+        await stack.openai.completions.create(
+            model="fake-model", prompt="Hi", stream_options={"include_usage": False}
+        )
+    assert stack.matcher.relay_calls == 0
+
+
+async def test_a_request_may_only_lower_the_gateways_caps(stack: Stack) -> None:
+    caps = stack.client.caps
+    for field, value in (
+        ("imago_max_price_prompt", caps.prompt + 1),
+        ("imago_max_price_completion", caps.completion * 10),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            await stack.openai.chat.completions.create(
+                model="fake-model", messages=QUESTION, extra_body={field: value}
+            )
+        assert info.value.code == "price_cap_above_gateway"
+        assert info.value.param == field
+    assert stack.matcher.relay_calls == 0
+    # at or below the gateway's caps, it is the request's own
+    response = await stack.openai.chat.completions.create(
+        model="fake-model",
+        messages=QUESTION,
+        extra_body={
+            "imago_max_price_prompt": caps.prompt,
+            "imago_max_price_completion": stack.nodes[0].offer.price_completion,
+        },
+    )
+    assert response.choices[0].message.content == ANSWER
