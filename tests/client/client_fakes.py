@@ -287,6 +287,7 @@ class FakeMatcher:
     nodes: list[FakeNode]
     ttl_seconds: float = 30.0
     relay_error_after: int | None = None  # frames relayed before a RELAY_ERROR
+    all_busy: bool = False  # every node at capacity: the matcher's 429 RELAY_ERROR
     tamper_frame: int | None = None  # index of a frame whose ciphertext is flipped
     dead_nodes: set[str] = field(default_factory=set)  # fail before their first byte
     reject_vouchers: bool = False
@@ -345,6 +346,9 @@ class FakeMatcher:
         response = web.StreamResponse(headers={"Content-Type": "application/x-imago-frames"})
         await response.prepare(request)
         relayed = 0
+        if self.all_busy:
+            await response.write(_relay_error(429, "every node is at capacity", "nodes_busy"))
+            return response
         for node_id, sealed_b64 in req.sealed.items():
             if node_id in self.dead_nodes:
                 continue  # failover before the first byte
@@ -423,6 +427,6 @@ def _error(status: int, message: str, code: str) -> web.Response:
     )
 
 
-def _relay_error(status: int, message: str) -> bytes:
-    payload = {"status": status, "message": message, "type": "relay_error", "code": "node_failed"}
+def _relay_error(status: int, message: str, code: str = "node_failed") -> bytes:
+    payload = {"status": status, "message": message, "type": "relay_error", "code": code}
     return encode_frame(FrameType.RELAY_ERROR, json.dumps(payload).encode())

@@ -183,6 +183,18 @@ async def test_price_cap_below_every_node_is_402(stack: Stack) -> None:
     assert stack.client.cumulative_spend == 0
 
 
+async def test_every_node_busy_is_a_429_the_openai_package_retries(stack: Stack) -> None:
+    stack.matcher.all_busy = True
+    with pytest.raises(openai.RateLimitError) as info:
+        await stack.openai.chat.completions.create(model="fake-model", messages=QUESTION)
+    assert info.value.code == "nodes_busy"
+    with pytest.raises(openai.RateLimitError):  # streaming keeps the status too
+        await stack.openai.chat.completions.create(
+            model="fake-model", messages=QUESTION, stream=True
+        )
+    assert stack.client.cumulative_spend == 0
+
+
 async def test_engine_error_passes_through(stack: Stack) -> None:
     for node in stack.nodes:
         node.fault = "engine_error"
