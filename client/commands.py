@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -127,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
     from pytoniq_core import Address
 
-    from client.gateway import create_app, normalize_origin
+    from client.gateway import create_app, is_loopback_name, normalize_origin
     from client.keys import KeystoreError, load_or_create_spend_key
     from client.sdk import ImagoClient, LedgerError, PriceCaps
     from contracts.allowlists import Allowlists
@@ -215,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (LedgerError, ValueError) as e:
         return _fail(str(e))
     api_key = args.api_key or os.environ.get("IMAGO_API_KEY") or None
-    if api_key is None and not _is_loopback(args.host):
+    loopback = is_loopback_name(args.host)
+    if api_key is None and not loopback:
         # Whoever reaches the gateway spends from the escrow.
         return _fail(f"--host {args.host} is reachable from other machines: set --api-key")
     port = args.port if args.port is not None else _port_from(config.get("gateway_url"))
@@ -237,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client,
         api_key=api_key,
         allow_origins=origins,
-        loopback_hosts_only=_is_loopback(args.host),
+        loopback_hosts_only=loopback,
     )
     if allowlists is not None:
         app.on_cleanup.append(lambda _: allowlists.chain.close())
@@ -321,13 +321,6 @@ def _first_int(*values: Any) -> int:
         if value is not None:
             return int(value)
     raise ValueError("no value")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _fail(message: str) -> int:

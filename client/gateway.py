@@ -26,6 +26,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
@@ -40,13 +41,12 @@ from client.sdk import (
 )
 
 __all__ = [
-    "ALLOWED_ORIGINS",
     "API_KEY",
     "CLIENT",
-    "LOOPBACK_HOSTS_ONLY",
     "ChatCompletionRequest",
     "CompletionRequest",
     "create_app",
+    "is_loopback_name",
     "normalize_origin",
 ]
 
@@ -176,7 +176,7 @@ async def _guard(
         )
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is not None:
-        if origin.rstrip("/").lower() not in request.app[ALLOWED_ORIGINS]:
+        if not _allowed_origin(request, origin):
             raise _forbidden(
                 f"requests from web pages (Origin {origin!r}) are refused: whoever reaches "
                 "the gateway spends from its escrow; start it with --allow-origin to allow one",
@@ -217,13 +217,15 @@ def _loopback_host(host: str) -> bool:
         name, colon, port = host.partition(":")
         if colon and not port.isdigit():
             return False
-    name = name.lower()
-    if name == "localhost":
-        return True
+    return is_loopback_name(name)
+
+
+def is_loopback_name(name: str) -> bool:
+    """``localhost`` or a loopback address (no port, no brackets)."""
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
-        return False
+        return name.lower() == "localhost"
 
 
 def _preflight(request: web.Request) -> web.Response:
@@ -240,18 +242,20 @@ def _preflight(request: web.Request) -> web.Response:
     )
 
 
+def _allowed_origin(request: web.Request, origin: str) -> bool:
+    return origin.rstrip("/").lower() in request.app[ALLOWED_ORIGINS]
+
+
 async def _cors(request: web.Request, response: web.StreamResponse) -> None:
     """CORS headers on every answer (errors and streams too) to an allowed origin only."""
     origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and origin.rstrip("/").lower() in request.app[ALLOWED_ORIGINS]:
+    if origin is not None and _allowed_origin(request, origin):
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
         response.headers[hdrs.VARY] = hdrs.ORIGIN
 
 
 def normalize_origin(origin: str) -> str:
     """``scheme://host[:port]`` as a browser sends it; ValueError for anything else."""
-    from urllib.parse import urlsplit
-
     text = origin.strip().rstrip("/").lower()
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:

@@ -5,10 +5,11 @@ Governance allows and revokes both on-chain (`imago registry allow-image|allow-m
 an image is ``image_hash(measurement)``, a model ``model_hash(model id)``. Each getter
 answer is kept for ``ttl_s`` per hash, so status polls of thousands of nodes every few
 seconds cost one getter call per image or model and TTL, not one per node and poll; a
-revocation therefore takes effect within one TTL of a poll (models) or at the next
-re-attestation (images). Admission asks ``fresh``: it re-reads answers older than
-FRESH_S, so a node registering just after governance allowed its model is not refused
-for a TTL on an old answer, while a burst of admissions (a restart) still shares reads.
+revocation therefore takes effect within one TTL of a poll (models), at the matcher's
+next re-attestation (images; the client asks per request, so within one TTL).
+Admission asks ``fresh``: it re-reads answers older than FRESH_S, so a node registering
+just after governance allowed its model is not refused for a TTL on an old answer, while
+a burst of admissions (a restart) still shares reads.
 
 When the chain does not answer, the last answer stands (a healthy node is not evicted
 by an outage) and the read is retried after ``retry_s`` (at most the TTL). With no

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.allowlists import ALLOWLIST_TTL_S
 from contracts.protocol.attestation import AttestationPolicy
 
 __all__ = ["MatcherConfig", "default_state_dir", "imago_home"]
@@ -40,7 +41,7 @@ class MatcherConfig:
     # with chain_url: admit only nodes a staked Provider backs, running an image and
     # offering models the Registry's allowlists hold (each answer kept allowlist_ttl_s)
     registry: str | None = None
-    allowlist_ttl_s: float = 30.0
+    allowlist_ttl_s: float = ALLOWLIST_TTL_S
     sqlite_synchronous: str = "NORMAL"  # FULL: a commit also survives a power cut
     attestation_now: int | None = None  # pin the attestation clock (tests only)
     # node admission and monitoring

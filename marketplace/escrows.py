@@ -53,8 +53,8 @@ class EscrowBook:
         self.chain = chain
         self.vault = Address(vault) if vault else None
         self.balance_ttl_s = balance_ttl_s
-        self._known: dict[str, tuple[bytes, Address]] = {}  # raw escrow → (spend key, vault)
-        self._spend_keys: dict[str, Ed25519PublicKey] = {}  # parsed once per escrow
+        # raw escrow → (spend key, vault, spend key parsed): fixed by the escrow's address
+        self._known: dict[str, tuple[bytes, Address, Ed25519PublicKey]] = {}
         self._funds: dict[str, tuple[float, str, int]] = {}  # raw → (read at, state, deposited)
         self._refreshing: dict[str, asyncio.Task] = {}
         self.signed: dict[str, int] = {}  # raw escrow → cumulative of the latest voucher held
@@ -85,12 +85,8 @@ class EscrowBook:
     def signed_by_spend_key(self, escrow: str, signature: bytes, message: bytes) -> bool:
         """Whether the spend key of ``escrow`` (raw form, read by ``ensure_funded``)
         signed ``message``."""
-        key = self._spend_keys.get(escrow)
-        if key is None:
-            key = Ed25519PublicKey.from_public_bytes(self._known[escrow][0])
-            self._spend_keys[escrow] = key
         try:
-            key.verify(signature, message)
+            self._known[escrow][2].verify(signature, message)
         except InvalidSignature:
             return False
         return True
@@ -106,14 +102,15 @@ class EscrowBook:
             data = await get_escrow_data(self.chain, escrow)
         except (GetterError, ToncenterError, ValueError) as e:
             raise refusal("unknown_escrow", f"escrow {raw} is not deployed on-chain ({e})") from e
-        self._known[raw] = (data.spend_key.to_bytes(32, "big"), data.vault)
+        spend_key = data.spend_key.to_bytes(32, "big")
+        self._known[raw] = (spend_key, data.vault, Ed25519PublicKey.from_public_bytes(spend_key))
         self._funds[raw] = (time.monotonic(), data.state_name, data.deposited)
 
     async def check(self, escrow: Address, spend_public: bytes) -> None:
         raw = escrow.to_str(is_user_friendly=False)
         if raw not in self._known:
             await self._read(escrow, EscrowMismatch)
-        spend_key, vault = self._known[raw]
+        spend_key, vault, _ = self._known[raw]
         if spend_key != spend_public:
             raise EscrowMismatch(
                 "wrong_spend_key", "the voucher is not signed by the escrow's on-chain spend key"

@@ -22,7 +22,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 from yarl import URL
 
@@ -116,7 +115,7 @@ class NodeState:
 
     def __post_init__(self) -> None:
         self.set_status(self.status)
-        self.verify_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.node_id))
+        self.public = bytes.fromhex(self.node_id)
         self.jobs_url = URL(f"{self.url}/v1/jobs")
 
     def set_status(self, status: NodeStatus, allowed: Collection[str] | None = None) -> None:

@@ -38,12 +38,15 @@ from pytoniq_core import Address
 
 from contracts.protocol.api import EndFrame, RelayRequest, relay_message
 from contracts.protocol.envelope import (
+    FRAMES_CONTENT_TYPE,
+    JOB_HEADER,
     EnvelopeError,
     FrameDecoder,
     FrameType,
     JobIdRefused,
     check_job_id_time,
     encode_frame,
+    request_hash,
 )
 from contracts.protocol.receipts import ReceiptExpectations, receipt_problems
 from contracts.protocol.signed import Receipt, SignedObjectError
@@ -58,11 +61,9 @@ from marketplace.registry import NodeRegistry, NodeState
 from marketplace.routing import NoRoute, rank
 from marketplace.tickets import TicketSigner
 
-__all__ = ["FRAMES_CONTENT_TYPE", "Relay", "normalize_escrow", "relay_error_frame"]
+__all__ = ["Relay", "normalize_escrow", "relay_error_frame"]
 
 log = logging.getLogger(__name__)
-
-FRAMES_CONTENT_TYPE = "application/x-imago-frames"
 
 
 def normalize_escrow(escrow: str) -> str:
@@ -175,7 +176,7 @@ class Relay:
                 node_id.lower(): base64.b64decode(b64, validate=True)
                 for node_id, b64 in body.sealed.items()
             }
-            hashes = {node_id: hashlib.sha256(data).digest() for node_id, data in sealed.items()}
+            hashes = {node_id: request_hash(data) for node_id, data in sealed.items()}
             signature = bytes.fromhex(body.signature) if body.signature else None
         except (ValueError, binascii.Error) as e:
             raise ApiError(400, f"malformed job id, sealed request or signature: {e}") from e
@@ -316,7 +317,7 @@ class Relay:
         fails even then is failed over."""
         resp = None
         headers = {
-            "X-Imago-Job": job_id,
+            JOB_HEADER: job_id,
             TICKET_HEADER: ticket,
             "Content-Type": "application/octet-stream",
         }
@@ -357,8 +358,8 @@ class Relay:
         self, request: web.Request, node: NodeState, job: _RelayJob
     ) -> web.StreamResponse:
         job_id, started, data = job.job_id, job.started, job.sealed[node.node_id]
-        request_hash = job.request_hashes[node.node_id]  # the ticket's and the receipt's
-        ticket = self.tickets.sign(bytes.fromhex(node.node_id), job.job_bytes, request_hash)
+        copy_hash = job.request_hashes[node.node_id]  # the ticket's and the receipt's
+        ticket = self.tickets.sign(node.public, job.job_bytes, copy_hash)
         resp, first = await self._open(node, job_id, data, ticket)
         job.streaming = True
         ttft_ms = (time.perf_counter() - started) * 1000
@@ -450,7 +451,7 @@ class Relay:
         try:
             end = EndFrame.model_validate_json(end_payload)
             fields = self._check_receipt(
-                end, node, job.job_bytes, job.escrow, job.model, request_hash, transcript.digest()
+                end, node, job.job_bytes, job.escrow, job.model, copy_hash, transcript.digest()
             )
         except (ValidationError, ValueError, SignedObjectError) as e:
             node.stats.record_failure()
@@ -508,7 +509,7 @@ class Relay:
             cell_hash,
             signature,
             ReceiptExpectations(
-                node_key=bytes.fromhex(node.node_id),
+                node_key=node.public,
                 job_id=int.from_bytes(job_bytes, "big"),
                 escrow=Address(escrow),
                 model=model,

@@ -30,7 +30,13 @@ from pytoniq_core import Address
 
 from contracts.protocol import envelope
 from contracts.protocol.api import ModelOffer, SealedRequest, error_json
-from contracts.protocol.envelope import EnvelopeError, FrameType, ResponseSealer
+from contracts.protocol.envelope import (
+    FRAMES_CONTENT_TYPE,
+    JOB_HEADER,
+    EnvelopeError,
+    FrameType,
+    ResponseSealer,
+)
 from contracts.protocol.signed import Receipt, cost_nanoton, model_hash
 from contracts.protocol.tickets import TICKET_HEADER
 from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
@@ -38,8 +44,6 @@ from node.keys import NodeKeys
 from node.tickets import MatcherKeys
 
 __all__ = [
-    "FRAMES_CONTENT_TYPE",
-    "JOB_HEADER",
     "JobService",
     "OfferBook",
     "SeenJobs",
@@ -48,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger("imago.node.jobs")
 
-JOB_HEADER = "X-Imago-Job"
-FRAMES_CONTENT_TYPE = "application/x-imago-frames"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _RECORD = envelope.JOB_ID_BYTES
 _BUCKET_S = 60  # ids are forgotten a bucket at a time: up to this long after they expire
@@ -84,7 +86,7 @@ class SeenJobs:
     a receipt for.
     """
 
-    def __init__(self, path: Path | None, now: float | None = None) -> None:
+    def __init__(self, path: Path, now: float | None = None) -> None:
         self._path = path
         self._buckets: dict[int, set[bytes]] = {}
         self._live = 0
@@ -96,8 +98,6 @@ class SeenJobs:
         self._next_prune = 0.0
         self.floor = 0
         now = time.time() if now is None else now
-        if path is None:
-            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             raw = path.read_bytes()
@@ -168,7 +168,6 @@ class SeenJobs:
 
     def _rewrite(self) -> None:
         """Replace the file with the header and the ids remembered now."""
-        assert self._path is not None
         tmp = self._path.with_name(self._path.name + ".tmp")
         tmp.unlink(missing_ok=True)
         header = _HEADER_TAG + self.floor.to_bytes(_RECORD - len(_HEADER_TAG), "big")

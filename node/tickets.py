@@ -62,8 +62,6 @@ class MatcherKeys:
         return True
 
     def valid(self, ticket: bytes, node_public: bytes, job_id: bytes, request_hash: bytes) -> bool:
-        if len(ticket) != 64:
-            return False
         message = ticket_message(node_public, job_id, request_hash)
         for _, key in self._keys:
             try:
@@ -77,9 +75,11 @@ class MatcherKeys:
         self, ticket: bytes, node_public: bytes, job_id: bytes, request_hash: bytes
     ) -> bool:
         """``valid``, or valid under a key the matcher has rotated to since."""
+        if len(ticket) != 64:
+            return False
         if self.valid(ticket, node_public, job_id, request_hash):
             return True
-        if len(ticket) != 64 or self.pinned is not None or not await self._refresh():
+        if self.pinned is not None or not await self._refresh():
             return False
         return self.valid(ticket, node_public, job_id, request_hash)
 

@@ -150,7 +150,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], workdir: Path)
         "aggregate_tokens_per_s_at_8": round(statistics.median(aggregate["imago"]), 1),
         "direct_tokens_per_s": round(direct, 2),
         "direct_ttft_ms": round(ttft(single["direct"]), 1),
-        "direct_aggregate_tokens_per_s_at_8": round(statistics.median(aggregate["direct"]), 1),
+        "direct_aggregate_tokens_per_s_at_8": round(direct_8, 1),
         "through_vs_direct": round(through / direct, 3),
         "aggregate_through_vs_direct": round(statistics.median(aggregate["imago"]) / direct_8, 3),
         "sdk": {  # the same through the SDK in this process, without the gateway's hop

@@ -510,13 +510,14 @@ class ImagoClient:
             result.job_id = job_id.hex()
             copies = await self._prepare_copies(route, endpoint, body, model, caps, job_id)
             job = _JobState(job_id=job_id, copies=copies)
-            hashes = {c.node_id.lower(): c.request_hash for c in copies}
+            by_node = {c.node_id.lower(): c for c in copies}
+            hashes = {node_id: c.request_hash for node_id, c in by_node.items()}
             authorization = relay_message(job_id, self.escrow_str, model, hashes)
             relay = {
                 "job_id": job_id.hex(),
                 "model": model,
                 "escrow": self.escrow_str,
-                "sealed": {c.node_id.lower(): c.sealed_b64 for c in copies},
+                "sealed": {node_id: c.sealed_b64 for node_id, c in by_node.items()},
                 "signature": self._spend_key.sign(authorization).hex(),
             }
             try:

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 __all__ = [
+    "FRAMES_CONTENT_TYPE",
+    "JOB_HEADER",
     "JOB_ID_MAX_AGE_S",
     "JOB_ID_MAX_SKEW_S",
     "EnvelopeError",
@@ -60,6 +62,8 @@ JOB_ID_MAX_AGE_S = 600  # a job may wait this long between its creation and a no
 JOB_ID_MAX_SKEW_S = 60  # how far ahead of a verifier's clock a client's clock may run
 RESPONSE_KEY_BYTES = 32
 FRAME_HEADER = struct.Struct(">BI")
+JOB_HEADER = "X-Imago-Job"  # matcher → node: the job id, hex
+FRAMES_CONTENT_TYPE = "application/x-imago-frames"  # node → matcher → client
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 

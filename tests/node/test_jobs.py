@@ -11,9 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from contracts.protocol import envelope
+from contracts.protocol.envelope import FRAMES_CONTENT_TYPE
 from contracts.protocol.tickets import TICKET_HEADER
 from node.app import STATE
-from node.jobs import FRAMES_CONTENT_TYPE, SeenJobs, _Tally
+from node.jobs import SeenJobs, _Tally
 from node.keys import NodeKeys
 from tests.node.conftest import (
     check_receipt,
