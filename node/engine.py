@@ -182,11 +182,7 @@ class OpenAIHttpBackend:
 
     async def complete(self, endpoint: Endpoint, body: dict) -> dict:
         try:
-            async with self._session.post(
-                f"{self.base_url}/v1/{endpoint}", data=json.dumps(body), headers=self._headers
-            ) as r:
-                raw = await r.read()
-                status = r.status
+            status, raw = await self._post(f"/v1/{endpoint}", body)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise _unreachable(e) from e
         if status != 200:
@@ -242,13 +238,15 @@ class OpenAIHttpBackend:
             else:
                 response.close()
 
+    async def _post(self, path: str, payload: dict) -> tuple[int, bytes]:
+        async with self._session.post(
+            f"{self.base_url}{path}", data=json.dumps(payload), headers=self._headers
+        ) as r:
+            return r.status, await r.read()
+
     async def _tokenize(self, payload: dict) -> int:
         try:
-            async with self._session.post(
-                f"{self.base_url}/tokenize", data=json.dumps(payload), headers=self._headers
-            ) as r:
-                raw = await r.read()
-                status = r.status
+            status, raw = await self._post("/tokenize", payload)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UsageUnavailable(f"/tokenize unreachable: {type(e).__name__}") from e
         if status != 200:
