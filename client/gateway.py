@@ -1,4 +1,4 @@
-"""The local OpenAI-compatible gateway (`imago client serve`).
+"""The local OpenAI-compatible gateway (`imago gateway`).
 
 Any app using the official ``openai`` package points its ``base_url`` here
 (``http://127.0.0.1:8900/v1``). The gateway validates the request, hands it to the

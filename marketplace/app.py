@@ -19,20 +19,9 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine, select
 
-from contracts.allowlists import Allowlists
-from contracts.devnet import is_devnet
-from contracts.protocol.api import (
-    MatcherTicketKey,
-    NodeRegistration,
-    RelayRequest,
-    RouteCandidate,
-    RouteRequest,
-    RouteResponse,
-    VoucherSubmission,
-)
-from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
-from contracts.protocol.tickets import TICKET_KEY_PATH
-from contracts.toncenter import ToncenterClient
+from contracts.chain.allowlists import Allowlists
+from contracts.chain.devnet import is_devnet
+from contracts.chain.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
 from marketplace.db import SpendVoucherRecord, make_engine
 from marketplace.errors import ApiError, error_middleware
@@ -44,6 +33,17 @@ from marketplace.registry import AdmissionError, NodeRegistry
 from marketplace.relay import Relay, normalize_escrow
 from marketplace.routing import NoRoute, rank
 from marketplace.tickets import TicketSigner, load_or_create_ticket_key
+from protocol.api import (
+    MatcherTicketKey,
+    NodeRegistration,
+    RelayRequest,
+    RouteCandidate,
+    RouteRequest,
+    RouteResponse,
+    VoucherSubmission,
+)
+from protocol.signed import SignedObjectError, SpendVoucher, signature_valid
+from protocol.tickets import TICKET_KEY_PATH
 
 __all__ = [
     "ALLOWLISTS",

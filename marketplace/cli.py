@@ -74,7 +74,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvloop
     from aiohttp import web
 
-    from contracts.wallet import KeystoreError
+    from contracts.chain.wallet import KeystoreError
     from marketplace.app import StartupRefused, create_app
     from marketplace.config import MatcherConfig
 

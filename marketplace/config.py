@@ -7,8 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts.allowlists import ALLOWLIST_TTL_S
-from contracts.protocol.attestation import AttestationPolicy
+from contracts.chain.allowlists import ALLOWLIST_TTL_S
+from protocol.attestation import AttestationPolicy
 
 __all__ = ["MatcherConfig", "default_state_dir", "imago_home"]
 

@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from pydantic import ValidationError
 
-from contracts.protocol.api import error_json
+from protocol.api import error_json
 
 __all__ = ["ApiError", "error_middleware", "error_response"]
 

@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pytoniq_core import Address
 
-from contracts.getters import GetterError, get_escrow_data
-from contracts.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.getters import GetterError, get_escrow_data
+from contracts.chain.toncenter import ToncenterClient, ToncenterError
 
 __all__ = ["EscrowBook", "EscrowMismatch", "EscrowRefused", "EscrowUnfunded"]
 

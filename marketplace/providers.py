@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pytoniq_core import Address
 
-from contracts.deploy import provider_address
-from contracts.getters import GetterError, get_provider_data, get_registry_data
-from contracts.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.addresses import provider_address
+from contracts.chain.getters import GetterError, get_provider_data, get_registry_data
+from contracts.chain.toncenter import ToncenterClient, ToncenterError
 
 __all__ = ["ProviderBook", "ProviderRejected", "ProviderUnknown"]
 

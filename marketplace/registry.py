@@ -25,24 +25,24 @@ import aiohttp
 from pydantic import ValidationError
 from yarl import URL
 
-from contracts.allowlists import Allowlists, AllowlistUnavailable
-from contracts.protocol.api import (
+from contracts.chain.allowlists import Allowlists, AllowlistUnavailable
+from marketplace.db import now_ms
+from marketplace.ledger import Ledger
+from marketplace.providers import ProviderBook, ProviderRejected, ProviderUnknown
+from protocol.api import (
     AttestationDoc,
     ModelOffer,
     NodeIdentity,
     NodeRegistration,
     NodeStatus,
 )
-from contracts.protocol.attestation import (
+from protocol.attestation import (
     AttestationError,
     AttestationPolicy,
     VerifiedAttestation,
     image_hash,
     verify_attestation,
 )
-from marketplace.db import now_ms
-from marketplace.ledger import Ledger
-from marketplace.providers import ProviderBook, ProviderRejected, ProviderUnknown
 
 __all__ = ["AdmissionError", "NodeRegistry", "NodeState", "NodeStats"]
 

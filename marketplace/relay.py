@@ -14,7 +14,7 @@ the clear END frame until its receipt verifies, and count bytes.
 - A client disconnect closes the node request.
 
 Each attempt carries a ticket: the matcher's signature over the node, the job id and
-the hash of the sealed request that node gets (``contracts.protocol.tickets``), so
+the hash of the sealed request that node gets (``protocol.tickets``), so
 nodes serve only what the matcher dispatched (and metered). A job id outside its time
 window is refused before anything is recorded.
 """
@@ -36,8 +36,17 @@ from aiohttp import web
 from pydantic import ValidationError
 from pytoniq_core import Address
 
-from contracts.protocol.api import EndFrame, RelayRequest, relay_message
-from contracts.protocol.envelope import (
+from marketplace.config import MatcherConfig
+from marketplace.db import JobStatus
+from marketplace.errors import ApiError
+from marketplace.escrows import EscrowBook, EscrowUnfunded
+from marketplace.ledger import DuplicateJob, Ledger, LedgerError
+from marketplace.metrics import Metrics
+from marketplace.registry import NodeRegistry, NodeState
+from marketplace.routing import NoRoute, rank
+from marketplace.tickets import TicketSigner
+from protocol.api import EndFrame, RelayRequest, relay_message
+from protocol.envelope import (
     FRAMES_CONTENT_TYPE,
     JOB_HEADER,
     EnvelopeError,
@@ -48,18 +57,9 @@ from contracts.protocol.envelope import (
     encode_frame,
     request_hash,
 )
-from contracts.protocol.receipts import ReceiptExpectations, receipt_problems
-from contracts.protocol.signed import Receipt, SignedObjectError
-from contracts.protocol.tickets import TICKET_HEADER
-from marketplace.config import MatcherConfig
-from marketplace.db import JobStatus
-from marketplace.errors import ApiError
-from marketplace.escrows import EscrowBook, EscrowUnfunded
-from marketplace.ledger import DuplicateJob, Ledger, LedgerError
-from marketplace.metrics import Metrics
-from marketplace.registry import NodeRegistry, NodeState
-from marketplace.routing import NoRoute, rank
-from marketplace.tickets import TicketSigner
+from protocol.receipts import ReceiptExpectations, receipt_problems
+from protocol.signed import Receipt, SignedObjectError
+from protocol.tickets import TICKET_HEADER
 
 __all__ = ["Relay", "normalize_escrow", "relay_error_frame"]
 

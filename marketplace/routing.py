@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.protocol.api import ModelOffer
 from marketplace.registry import NodeState
+from protocol.api import ModelOffer
 
 __all__ = ["NoRoute", "Ranked", "rank"]
 

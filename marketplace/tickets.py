@@ -1,8 +1,8 @@
 """The matcher's ticket key: it signs every attempt the relay sends a node.
 
 Nodes serve only jobs with a ticket under the key of the matcher they registered with
-(see ``contracts.protocol.tickets``). The key lives in a wallet-format keystore file
-(``contracts.wallet``, mode 0600; one that others may read is refused), created at the
+(see ``protocol.tickets``). The key lives in a wallet-format keystore file
+(``contracts.chain.wallet``, mode 0600; one that others may read is refused), created at the
 first start in the state dir, or at ``--ticket-key PATH`` so that replicas share one.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contracts.protocol.tickets import ticket_message
-from contracts.wallet import KeystoreError, WalletKeys, create_keystore, load_keystore
+from contracts.chain.wallet import KeystoreError, WalletKeys, create_keystore, load_keystore
+from protocol.tickets import ticket_message
 
 __all__ = ["TicketSigner", "load_or_create_ticket_key"]
 
@@ -29,7 +29,7 @@ class TicketSigner:
 
 
 def load_or_create_ticket_key(path: Path) -> TicketSigner:
-    """Raises contracts.wallet.KeystoreError for a file that is not a keystore or that
+    """Raises contracts.chain.wallet.KeystoreError for a file that is not a keystore or that
     others may read."""
     if not path.exists():
         try:

@@ -22,12 +22,6 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from contracts.protocol.api import (
-    NodeIdentity,
-    NodeRegistration,
-    NodeStatus,
-    registration_message,
-)
 from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
@@ -40,6 +34,12 @@ from node.supervisor import (
     vllm_launch,
 )
 from node.tickets import MatcherKeys
+from protocol.api import (
+    NodeIdentity,
+    NodeRegistration,
+    NodeStatus,
+    registration_message,
+)
 
 __all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
 

@@ -7,7 +7,7 @@
   proves nothing about the machine, so a node uses it only on the devnet.
 
 Both bind the node's two public keys and the verifier's nonce into report_data
-(``contracts.protocol.attestation.report_data``).
+(``protocol.attestation.report_data``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
-from contracts.protocol.api import AttestationDoc
-from contracts.protocol.attestation import make_dev_evidence, report_data
 from node.keys import NodeKeys
+from protocol.api import AttestationDoc
+from protocol.attestation import make_dev_evidence, report_data
 
 __all__ = [
     "AttestationUnavailable",

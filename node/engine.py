@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from contracts.protocol.api import error_json
+from protocol.api import error_json
 
 __all__ = [
     "EngineBackend",

@@ -28,20 +28,20 @@ from aiohttp import web
 from pydantic import ValidationError
 from pytoniq_core import Address
 
-from contracts.protocol import envelope
-from contracts.protocol.api import ModelOffer, SealedRequest, error_json
-from contracts.protocol.envelope import (
+from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
+from node.keys import NodeKeys
+from node.tickets import MatcherKeys
+from protocol import envelope
+from protocol.api import ModelOffer, SealedRequest, error_json
+from protocol.envelope import (
     FRAMES_CONTENT_TYPE,
     JOB_HEADER,
     EnvelopeError,
     FrameType,
     ResponseSealer,
 )
-from contracts.protocol.signed import Receipt, cost_nanoton, model_hash
-from contracts.protocol.tickets import TICKET_HEADER
-from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
-from node.keys import NodeKeys
-from node.tickets import MatcherKeys
+from protocol.signed import Receipt, cost_nanoton, model_hash
+from protocol.tickets import TICKET_HEADER
 
 __all__ = [
     "JobService",

@@ -1,4 +1,4 @@
-"""The matcher ticket keys a node trusts (see ``contracts.protocol.tickets``).
+"""The matcher ticket keys a node trusts (see ``protocol.tickets``).
 
 The node learns its matcher's key from the matcher URL it is configured with, before
 each registration, or has it pinned (``--matcher-key``): then a different key from the
@@ -19,8 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from contracts.protocol.api import MatcherTicketKey
-from contracts.protocol.tickets import TICKET_KEY_PATH, ticket_message
+from protocol.api import MatcherTicketKey
+from protocol.tickets import TICKET_KEY_PATH, ticket_message
 
 __all__ = ["REFRESH_INTERVAL_S", "MatcherKeys"]
 

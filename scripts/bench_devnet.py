@@ -6,7 +6,7 @@ times two phases, every operation confirmed through the toncenter API:
 
 * transfers: each wallet sends plain TON to fresh (uninitialized) addresses;
 * deposits: each wallet deposits into its own Imago Escrow contract (Registry and
-  Vault deployed first; ``contracts.roles``). If the contract set cannot be
+  Vault deployed first; ``contracts.chain.operations``). If the contract set cannot be
   deployed, deposits go to other deployed wallets instead (a body with op +
   query_id; the receiver executes it) and ``deposit_target`` says so.
 
@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pytoniq_core import Address, Builder  # noqa: E402
 
-from contracts.devnet import DevnetClient, DevnetProcess  # noqa: E402
-from contracts.toncenter import Transaction  # noqa: E402
-from contracts.units import parse_ton  # noqa: E402
-from contracts.wallet import OutMessage, Wallet, WalletKeys  # noqa: E402
+from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
+from contracts.chain.toncenter import Transaction  # noqa: E402
+from contracts.chain.units import parse_ton  # noqa: E402
+from contracts.chain.wallet import OutMessage, Wallet, WalletKeys  # noqa: E402
 
 DEPOSIT_OP = 0x4445504F  # "DEPO" (fallback deposits into wallets)
 
@@ -45,8 +45,8 @@ async def open_escrows(chain: DevnetClient, ws: list[Wallet]) -> tuple[list[Addr
     """Deploy Registry + Vault, open one Escrow per wallet; returns escrows and a body maker."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from contracts import deploy, roles
-    from contracts.messages import Deposit, RegistryParams
+    from contracts.chain import operations
+    from contracts.chain.messages import Deposit, RegistryParams
 
     params = RegistryParams(
         min_provider_stake=parse_ton("2"),
@@ -62,7 +62,7 @@ async def open_escrows(chain: DevnetClient, ws: list[Wallet]) -> tuple[list[Addr
         await chain.faucet(w.address, parse_ton("1000"))
         await w.deploy()
     op_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-    dep = await deploy.deploy_all(
+    dep = await operations.deploy_all(
         gov,
         params=params,
         operator=operator,
@@ -73,7 +73,7 @@ async def open_escrows(chain: DevnetClient, ws: list[Wallet]) -> tuple[list[Addr
     escrows = []
     for w in ws:
         spend = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-        addr, _ = await roles.escrow_open(
+        addr, _ = await operations.escrow_open(
             w, vault, spend, parse_ton("1"), params.escrow_close_delay
         )
         escrows.append(addr)

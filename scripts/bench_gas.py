@@ -35,18 +35,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 from pytoniq_core import Address  # noqa: E402
 
-from contracts import artifacts, deploy, getters, roles  # noqa: E402
-from contracts.devnet import DevnetClient, DevnetProcess  # noqa: E402
-from contracts.messages import Capabilities, ModelPrice, RegistryParams  # noqa: E402
-from contracts.protocol.signed import (  # noqa: E402
+from contracts.chain import addresses, artifacts, getters, operations  # noqa: E402
+from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
+from contracts.chain.messages import Capabilities, ModelPrice, RegistryParams  # noqa: E402
+from contracts.chain.toncenter import Trace  # noqa: E402
+from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
+from protocol.signed import (  # noqa: E402
     EpochCommit,
     PayoutVoucher,
     Receipt,
     SpendVoucher,
     model_hash,
 )
-from contracts.toncenter import Trace  # noqa: E402
-from contracts.wallet import Wallet, WalletKeys  # noqa: E402
 
 TON = 1_000_000_000
 SNAPSHOT = ROOT / "contracts" / "gas-snapshot.json"
@@ -126,7 +126,7 @@ class _Recorder:
     def add(self, name: str, trace: Trace) -> None:
         txs = trace.transactions[1:]  # not the initiating wallet's transaction
         if not all(t.success for t in txs):
-            codes = roles.failed_exit_codes(trace)
+            codes = operations.failed_exit_codes(trace)
             raise RuntimeError(f"{name}: a transaction failed: {codes}")
         self.operations[name] = {
             "gas": sum(t.gas_used for t in txs),
@@ -155,66 +155,80 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     operator_key, node_key, spend_key = _Key(), _Key(), _Key()
     caps = Capabilities("H100", 80, 8, "eu-west", (ModelPrice(model_hash("m"), 100, 200),))
 
-    registry, tr = await deploy.deploy_registry(gov, BENCH_PARAMS)
+    registry, tr = await operations.deploy_registry(gov, BENCH_PARAMS)
     rec.label(registry, "registry")
     rec.add("registry_deploy", tr)
-    rec.add("registry_allow_image", await roles.allow_image(gov, registry, 1234))
-    rec.add("registry_allow_model", await roles.allow_model(gov, registry, "m"))
-    rec.add("registry_update_params", await roles.update_params(gov, registry, BENCH_PARAMS))
+    rec.add("registry_allow_image", await operations.allow_image(gov, registry, 1234))
+    rec.add("registry_allow_model", await operations.allow_model(gov, registry, "m"))
+    rec.add("registry_update_params", await operations.update_params(gov, registry, BENCH_PARAMS))
 
-    vault = deploy.vault_address(registry, operator.address, operator_key.int)
+    vault = addresses.vault_address(registry, operator.address, operator_key.int)
     rec.label(vault, "vault")
     reg = await getters.get_registry_data(chain, registry)
-    from contracts.messages import DeployVault
+    from contracts.chain.messages import DeployVault
 
     tr = await operator.transfer(
         registry,
         10 * TON + reg.deploy_vault_fee,
-        DeployVault(roles.new_query_id(), operator_key.int).to_cell(),
+        DeployVault(operations.new_query_id(), operator_key.int).to_cell(),
     )
     rec.add("vault_deploy", tr)
-    rec.add("vault_top_up_stake", await roles.vault_top_up_stake(operator, vault, TON))
+    rec.add("vault_top_up_stake", await operations.vault_top_up_stake(operator, vault, TON))
 
-    provider = deploy.provider_address(registry, node.address, 0)
+    provider = addresses.provider_address(registry, node.address, 0)
     rec.label(provider, "provider")
-    _, tr = await roles.register_provider(node, chain, registry, node_key.public, 5 * TON, caps)
+    _, tr = await operations.register_provider(
+        node, chain, registry, node_key.public, 5 * TON, caps
+    )
     rec.add("provider_register", tr)
-    rec.add("provider_top_up", await roles.provider_top_up(node, provider, TON))
+    rec.add("provider_top_up", await operations.provider_top_up(node, provider, TON))
     rec.add(
         "provider_update_capabilities",
-        await roles.provider_update_capabilities(node, provider, caps),
+        await operations.provider_update_capabilities(node, provider, caps),
     )
 
-    escrow = deploy.escrow_address(vault, client.address, spend_key.int, DELAY)
+    escrow = addresses.escrow_address(vault, client.address, spend_key.int, DELAY)
     rec.label(escrow, "escrow")
-    _, tr = await roles.escrow_open(client, vault, spend_key.public, 5 * TON, DELAY)
+    _, tr = await operations.escrow_open(client, vault, spend_key.public, 5 * TON, DELAY)
     rec.add("escrow_open", tr)
-    rec.add("escrow_deposit", await roles.escrow_deposit(client, escrow, TON))
+    rec.add("escrow_deposit", await operations.escrow_deposit(client, escrow, TON))
     sv = SpendVoucher(escrow, vault, 2 * TON)
-    rec.add("escrow_charge", await roles.escrow_charge(operator, escrow, sv, spend_key.sign(sv)))
+    rec.add(
+        "escrow_charge", await operations.escrow_charge(operator, escrow, sv, spend_key.sign(sv))
+    )
     commit = EpochCommit(vault, 1, b"\x01" * 32, 2 * TON, 0, 4 * TON // 100, 10)
-    tr = await roles.vault_commit_epoch(operator, vault, commit, operator_key.sign(commit))
+    tr = await operations.vault_commit_epoch(operator, vault, commit, operator_key.sign(commit))
     rec.add("vault_epoch_commit", tr)
     pv = PayoutVoucher(vault, provider, 1, TON)
-    rec.add("provider_claim", await roles.provider_claim(node, provider, pv, operator_key.sign(pv)))
-    rec.add("vault_withdraw_fees", await roles.vault_withdraw_fees(operator, vault, TON // 100))
+    rec.add(
+        "provider_claim", await operations.provider_claim(node, provider, pv, operator_key.sign(pv))
+    )
+    rec.add(
+        "vault_withdraw_fees", await operations.vault_withdraw_fees(operator, vault, TON // 100)
+    )
 
-    rec.add("escrow_close", await roles.escrow_close(client, escrow))
-    rec.add("provider_rotate_key", await roles.provider_rotate_key(node, provider, _Key().public))
-    rec.add("provider_unstake", await roles.provider_unstake(node, provider))
-    rec.add("vault_unstake", await roles.vault_unstake(operator, vault, TON))
+    rec.add("escrow_close", await operations.escrow_close(client, escrow))
+    rec.add(
+        "provider_rotate_key", await operations.provider_rotate_key(node, provider, _Key().public)
+    )
+    rec.add("provider_unstake", await operations.provider_unstake(node, provider))
+    rec.add("vault_unstake", await operations.vault_unstake(operator, vault, TON))
     await chain.set_clock(start + DELAY + 1)
-    rec.add("escrow_withdraw", await roles.escrow_withdraw(client, escrow))
-    rec.add("provider_withdraw", await roles.provider_withdraw(node, provider))
-    rec.add("vault_withdraw_stake", await roles.vault_withdraw_stake(operator, vault))
+    rec.add("escrow_withdraw", await operations.escrow_withdraw(client, escrow))
+    rec.add("provider_withdraw", await operations.provider_withdraw(node, provider))
+    rec.add("vault_withdraw_stake", await operations.vault_withdraw_stake(operator, vault))
 
     # a second node equivocates and is slashed
     node2, key2 = await wallet(), _Key()
-    provider2, _ = await roles.register_provider(node2, chain, registry, key2.public, 5 * TON, caps)
+    provider2, _ = await operations.register_provider(
+        node2, chain, registry, key2.public, 5 * TON, caps
+    )
     rec.label(provider2, "provider")
     r1 = Receipt(escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 5, b"\0" * 32, b"\1" * 32)
     r2 = Receipt(escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 6, b"\0" * 32, b"\1" * 32)
-    tr = await roles.provider_slash(reporter, provider2, (r1, key2.sign(r1)), (r2, key2.sign(r2)))
+    tr = await operations.provider_slash(
+        reporter, provider2, (r1, key2.sign(r1)), (r2, key2.sign(r2))
+    )
     rec.add("provider_slash", tr)
     await chain.set_clock(None)
 

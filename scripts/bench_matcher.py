@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from contracts.protocol import envelope  # noqa: E402
-from contracts.protocol.api import RelayRequest, SealedRequest  # noqa: E402
+from protocol import envelope  # noqa: E402
+from protocol.api import RelayRequest, SealedRequest  # noqa: E402
 
 NODE_SCRIPT = """
 import asyncio, json, sys

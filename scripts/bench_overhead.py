@@ -42,7 +42,7 @@ from pytoniq_core import Address
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.sdk.client import ImagoClient  # noqa: E402
 from client.sdk.receipts import PriceCaps  # noqa: E402
-from contracts.protocol.attestation import AttestationPolicy  # noqa: E402
+from protocol.attestation import AttestationPolicy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fixture-model"  # what tests/node/fixture_upstream.py serves
@@ -205,7 +205,7 @@ async def start_imago(
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     state = procs.workdir
     node_flags = [arg for k, v in extra_node_args.items() for arg in (f"--{k}", v)]
-    cli = ["-m", "client.cli"]
+    cli = ["-m", "imago.cli"]
     procs.start("matcher", [*cli, "matcher", "serve", "--devnet",
                             "--port", str(ports["matcher"]),
                             "--state-dir", str(state / "matcher")])  # fmt: skip
@@ -213,7 +213,7 @@ async def start_imago(
                          "--port", str(ports["node"]), "--upstream", upstream_url,
                          "--matcher", url["matcher"], "--public-url", url["node"],
                          "--state-dir", str(state / "node"), *node_flags])  # fmt: skip
-    procs.start("gateway", [*cli, "client", "serve", "--devnet",
+    procs.start("gateway", [*cli, "gateway", "--devnet",
                             "--port", str(ports["gateway"]), "--matcher", url["matcher"],
                             "--state-dir", str(state / "client")])  # fmt: skip
     async with aiohttp.ClientSession() as session:

@@ -10,4 +10,5 @@ if ! pg_isready -q -h 127.0.0.1 2>/dev/null && command -v pg_ctlcluster >/dev/nu
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
 fi
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache  # the import rule in pyproject.toml
 exec .venv/bin/pytest "$@"

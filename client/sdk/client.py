@@ -38,21 +38,21 @@ from client.sdk.errors import (
 )
 from client.sdk.ledger import SpendLedger
 from client.sdk.receipts import Expected, PriceCaps, VerifiedReceipt, verify_receipt
-from contracts.allowlists import Allowlists, AllowlistUnavailable
-from contracts.protocol.api import (
+from contracts.chain.allowlists import Allowlists, AllowlistUnavailable
+from protocol.api import (
     EndFrame,
     ModelOffer,
     RouteCandidate,
     RouteResponse,
     relay_message,
 )
-from contracts.protocol.attestation import (
+from protocol.attestation import (
     AttestationError,
     AttestationPolicy,
     image_hash,
     verify_attestation,
 )
-from contracts.protocol.envelope import (
+from protocol.envelope import (
     EnvelopeError,
     FrameDecoder,
     FrameType,
@@ -62,7 +62,7 @@ from contracts.protocol.envelope import (
     request_hash,
     seal_request,
 )
-from contracts.protocol.signed import (
+from protocol.signed import (
     SpendVoucher,
     cost_nanoton,
 )

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pytoniq_core import Address
 
 from client.sdk.errors import ReceiptRejected
-from contracts.protocol.api import EndFrame, ModelOffer
-from contracts.protocol.receipts import ReceiptExpectations
-from contracts.protocol.receipts import receipt_problems as shared_receipt_problems
-from contracts.protocol.signed import Receipt, SignedObjectError
+from protocol.api import EndFrame, ModelOffer
+from protocol.receipts import ReceiptExpectations
+from protocol.receipts import receipt_problems as shared_receipt_problems
+from protocol.signed import Receipt, SignedObjectError
 
 __all__ = ["Expected", "PriceCaps", "VerifiedReceipt", "verify_receipt"]
 
@@ -88,7 +88,7 @@ def verify_receipt(end: EndFrame, expected: Expected) -> VerifiedReceipt:
 def receipt_problems(
     receipt: Receipt, cell_hash: bytes, signature: bytes, end: EndFrame, x: Expected
 ) -> list[str]:
-    """The checks every party makes (contracts.protocol.receipts), then the client's
+    """The checks every party makes (protocol.receipts), then the client's
     own: its price caps and the usage it opened itself."""
     problems = shared_receipt_problems(
         receipt,

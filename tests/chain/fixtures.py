@@ -4,10 +4,10 @@ Use them from a conftest with ``from tests.chain.fixtures import devnet, chain, 
 or as a plugin (``pytest_plugins = ["tests.chain.fixtures"]`` in the root conftest).
 
 * ``devnet`` (session): a devnet on a free port in a temp dir; ``.url``, ``.chain`` (an
-  open :class:`~contracts.devnet.DevnetClient`), ``.process``, ``.state_dir``.
+  open :class:`~contracts.chain.devnet.DevnetClient`), ``.process``, ``.state_dir``.
 * ``chain`` (session): the same adapter, for tests that need only the API.
 * ``make_wallet`` (session): ``await make_wallet(amount)`` gives a funded, deployed v5r1
-  :class:`~contracts.wallet.Wallet`.
+  :class:`~contracts.chain.wallet.Wallet`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.devnet import DevnetClient, DevnetProcess
-from contracts.wallet import Wallet, WalletKeys
+from contracts.chain.devnet import DevnetClient, DevnetProcess
+from contracts.chain.wallet import Wallet, WalletKeys
 
 TON = 1_000_000_000
 

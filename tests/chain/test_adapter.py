@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from contracts.toncenter import ToncenterClient, ToncenterError, chain_url
+from contracts.chain.toncenter import ToncenterClient, ToncenterError, chain_url
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ async def test_client_side_rate_limit(fake_toncenter) -> None:
 
 
 async def test_transport_error_is_toncenter_error() -> None:
-    from contracts.devnet import free_port
+    from contracts.chain.devnet import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     async with ToncenterClient(url, max_retries=1) as client:

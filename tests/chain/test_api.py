@@ -11,14 +11,14 @@ import aiohttp
 import pytest
 from pytoniq_core import Address, Builder, Cell
 
-from contracts.devnet import DevnetProcess
-from contracts.toncenter import (
+from contracts.chain.devnet import DevnetProcess
+from contracts.chain.toncenter import (
     ToncenterError,
     decode_stack,
     encode_stack,
     external_message_hash_norm,
 )
-from contracts.wallet import OutMessage, Wallet, WalletKeys
+from contracts.chain.wallet import OutMessage, Wallet, WalletKeys
 from tests.chain.fixtures import TON, DevnetFixture, about
 
 

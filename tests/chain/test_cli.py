@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts import cli_chain
-from contracts.devnet import free_port, read_status, stop_background
+from contracts.chain import devnet_cli
+from contracts.chain.devnet import free_port, read_status, stop_background
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def imago(home: Path, *args: str, env: dict | None = None) -> subprocess.Complet
     full_env = {**os.environ, "IMAGO_HOME": str(home), **(env or {})}
     full_env.pop("IMAGO_CHAIN", None)
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "imago.cli", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,
@@ -39,7 +39,7 @@ class InProcess:
 
     def __call__(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
         parser = argparse.ArgumentParser(prog="imago")
-        cli_chain.register(parser.add_subparsers(dest="command", required=True))
+        devnet_cli.register(parser.add_subparsers(dest="command", required=True))
         with self.monkeypatch.context() as m:
             m.setenv("IMAGO_HOME", str(self.home))
             m.delenv("IMAGO_CHAIN", raising=False)

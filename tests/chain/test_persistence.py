@@ -7,8 +7,8 @@ import os
 
 from pytoniq_core import Address
 
-from contracts.devnet import DevnetProcess
-from contracts.wallet import Wallet, WalletKeys
+from contracts.chain.devnet import DevnetProcess
+from contracts.chain.wallet import Wallet, WalletKeys
 from tests.chain.fixtures import TON, about
 
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from contracts.units import (
+from contracts.chain.units import (
     UnitsError,
     address_equal,
     format_address,

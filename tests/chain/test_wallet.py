@@ -10,8 +10,8 @@ import pytest
 from pytoniq import WalletV5R1
 from pytoniq_core import Address
 
-from contracts.toncenter import ToncenterError
-from contracts.wallet import (
+from contracts.chain.toncenter import ToncenterError
+from contracts.chain.wallet import (
     KeystoreError,
     ToncenterProvider,
     Wallet,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pytoniq_core import Address
 
-from contracts.protocol.api import (
+from protocol.api import (
     AttestationDoc,
     ModelOffer,
     RelayRequest,
@@ -28,8 +28,8 @@ from contracts.protocol.api import (
     SealedRequest,
     VoucherSubmission,
 )
-from contracts.protocol.attestation import make_dev_evidence, report_data
-from contracts.protocol.envelope import (
+from protocol.attestation import make_dev_evidence, report_data
+from protocol.envelope import (
     FrameDecoder,
     FrameType,
     ResponseSealer,
@@ -37,7 +37,7 @@ from contracts.protocol.envelope import (
     open_request,
     request_hash,
 )
-from contracts.protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
+from protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
 
 FAKE_MODEL = "fake-model"
 

@@ -14,8 +14,8 @@ from openai import AsyncOpenAI
 
 from client.gateway import create_app
 from client.sdk import ImagoClient, PriceCaps
-from contracts.allowlists import Allowlists
-from contracts.protocol.attestation import AttestationPolicy
+from contracts.chain.allowlists import Allowlists
+from protocol.attestation import AttestationPolicy
 from tests.client.client_fakes import FakeMatcher, FakeNode
 
 ESCROW = "0:" + "e5" * 32

@@ -1,4 +1,4 @@
-"""`imago client serve` and `imago chat` as real processes, against the fake matcher
+"""`imago gateway` and `imago chat` as real processes, against the fake matcher
 (and, where the gateway reads its escrow on-chain, the real devnet)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from client import stack as imago_stack
+from imago import stack as imago_stack
 from client.keys import load_or_create_spend_key
-from contracts import getters, roles
-from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
+from contracts.chain import getters, operations
+from protocol.attestation import DEV_MEASUREMENT, image_hash
 from tests.client.client_fakes import FakeMatcher
 from tests.contracts import conftest as chain_fixtures
 
@@ -40,7 +40,7 @@ async def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client.cli",
+        "imago.cli",
         *args,
         cwd=ROOT,
         env=env,
@@ -75,9 +75,8 @@ async def test_serve_and_chat(fake_matcher: tuple[FakeMatcher, str], tmp_path: P
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client.cli",
-        "client",
-        "serve",
+        "imago.cli",
+        "gateway",
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -93,10 +92,10 @@ async def test_serve_and_chat(fake_matcher: tuple[FakeMatcher, str], tmp_path: P
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
         # a taken port gives a clear message
-        code, _, err = await run(env, "client", "serve", "--port", str(port))
+        code, _, err = await run(env, "gateway", "--port", str(port))
         assert code == 2 and "is taken" in err
         # a gateway other machines can reach must have an API key
-        code, _, err = await run(env, "client", "serve", "--host", "0.0.0.0", "--port", "0")
+        code, _, err = await run(env, "gateway", "--host", "0.0.0.0", "--port", "0")
         assert code == 2 and "--api-key" in err
 
         code, out, err = await run(env, "chat", "What is the capital of France?")
@@ -135,17 +134,17 @@ async def test_serve_refuses_dev_attestations_on_a_chain_that_is_not_the_devnet(
     env = {**os.environ, "IMAGO_HOME": str(tmp_path)}
     nothing = f"http://127.0.0.1:{free_port()}"  # no devnet answers there
     code, _, err = await run(
-        env, "client", "serve", "--devnet", "--chain", nothing, "--port", str(free_port())
+        env, "gateway", "--devnet", "--chain", nothing, "--port", str(free_port())
     )
     assert code == 2 and "only the Imago devnet" in err
-    code, _, err = await run(env, "client", "serve", "--devnet", "--registry", "0:" + "44" * 32)
+    code, _, err = await run(env, "gateway", "--devnet", "--registry", "0:" + "44" * 32)
     assert code == 2 and "--registry needs --chain" in err
 
 
 async def start_gateway(env: dict[str, str], port: int, *args: str) -> asyncio.subprocess.Process:
-    """`imago client serve` in the background; returns once /health answers."""
+    """`imago gateway` in the background; returns once /health answers."""
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client.cli", "client", "serve", *args,
+        sys.executable, "-m", "imago.cli", "gateway", *args,
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     async with aiohttp.ClientSession() as session:
@@ -195,7 +194,7 @@ async def test_serve_by_hand_next_to_imago_up(
     contracts_set,
     make_wallet,
 ) -> None:
-    """`imago client serve` with no flags, in the home `imago up` wrote, is the stack's
+    """`imago gateway` with no flags, in the home `imago up` wrote, is the stack's
     gateway: devnet (dev attestations), chain, Registry and escrow from stack.json."""
     matcher, matcher_url = fake_matcher
     home = tmp_path / "home"
@@ -203,12 +202,14 @@ async def test_serve_by_hand_next_to_imago_up(
     spend_public = spend.public_key().public_bytes_raw()
     owner = await make_wallet()
     vault_data = await getters.get_vault_data(chain, contracts_set.vault)
-    escrow, _ = await roles.escrow_open(
+    escrow, _ = await operations.escrow_open(
         owner, contracts_set.vault, spend_public, 2 * chain_fixtures.TON,
         vault_data.escrow_close_delay,
     )  # fmt: skip
     # the node (a fake, dev-attested) runs the dev image, which the stack's Registry allows
-    await roles.allow_image(contracts_set.gov, contracts_set.registry, image_hash(DEV_MEASUREMENT))
+    await operations.allow_image(
+        contracts_set.gov, contracts_set.registry, image_hash(DEV_MEASUREMENT)
+    )
     raw = {
         "registry": contracts_set.registry.to_str(is_user_friendly=False),
         "vault": contracts_set.vault.to_str(is_user_friendly=False),
@@ -249,16 +250,16 @@ async def test_serve_by_hand_next_to_imago_up(
 
     # another spend key (another state dir) than the one the escrow names: refused
     code, _, err = await run(
-        env, "client", "serve", "--state-dir", str(tmp_path / "other"), "--port", str(free_port())
+        env, "gateway", "--state-dir", str(tmp_path / "other"), "--port", str(free_port())
     )
     other = load_or_create_spend_key(tmp_path / "other" / "spend.key")
     assert code == 2, err
     assert spend_public.hex() in err and other.public_key().public_bytes_raw().hex() in err
     # an escrow that is not deployed, or that pays another vault: refused
     nowhere = "0:" + "44" * 32
-    code, _, err = await run(env, "client", "serve", "--escrow", nowhere, "--port", "0")
+    code, _, err = await run(env, "gateway", "--escrow", nowhere, "--port", "0")
     assert code == 2 and f"escrow {nowhere} is not deployed" in err
-    code, _, err = await run(env, "client", "serve", "--vault", "0:" + "7a" * 32, "--port", "0")
+    code, _, err = await run(env, "gateway", "--vault", "0:" + "7a" * 32, "--port", "0")
     assert code == 2 and f"pays vault {raw['vault']}" in err
 
 
@@ -267,18 +268,18 @@ async def test_serve_refuses_an_escrow_it_cannot_read(tmp_path: Path) -> None:
     nothing = f"http://127.0.0.1:{free_port()}"  # no chain answers there
     escrow = "0:" + "e5" * 32
     code, _, err = await run(
-        env, "client", "serve", "--chain", nothing, "--escrow", escrow,
+        env, "gateway", "--chain", nothing, "--escrow", escrow,
         "--vault", "0:" + "7a" * 32, "--port", str(free_port()),
     )  # fmt: skip
     assert code == 2 and f"cannot read escrow {escrow} from the chain at {nothing}" in err
     # with a chain, there is no placeholder escrow: it could only be refused
-    code, _, err = await run(env, "client", "serve", "--chain", nothing, "--port", "0")
+    code, _, err = await run(env, "gateway", "--chain", nothing, "--port", "0")
     assert code == 2 and "give --escrow and --vault" in err
 
 
 async def test_serve_refuses_a_malformed_origin(tmp_path: Path) -> None:
     env = {**os.environ, "IMAGO_HOME": str(tmp_path)}
     code, _, err = await run(
-        env, "client", "serve", "--devnet", "--allow-origin", "localhost:3000", "--port", "0"
+        env, "gateway", "--devnet", "--allow-origin", "localhost:3000", "--port", "0"
     )
     assert code == 2 and "--allow-origin" in err and "scheme://host" in err

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from contracts.protocol.signed import Receipt, cost_nanoton
+from protocol.signed import Receipt, cost_nanoton
 from tests.client.conftest import ESCROW, Stack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.gateway import create_app as create_gateway
 from client.sdk import ImagoClient, PriceCaps
-from contracts.protocol.signed import Receipt, cost_nanoton
 from marketplace.app import create_app as create_matcher
 from marketplace.config import MatcherConfig
 from node.app import NodeConfig
 from node.app import create_app as create_node
+from protocol.signed import Receipt, cost_nanoton
 from tests.client.conftest import VAULT, make_client
 from tests.node.fixture_upstream import (
     ANSWER,

@@ -27,12 +27,12 @@ from client.sdk import (
     SpendLedger,
     UpstreamError,
 )
-from contracts import allowlists as allowlists_module
-from contracts.allowlists import Allowlists
-from contracts.protocol.api import AttestationDoc
-from contracts.protocol.attestation import DEV_MEASUREMENT, AttestationPolicy, image_hash
-from contracts.protocol.signed import SpendVoucher, cost_nanoton
-from contracts.toncenter import ToncenterClient
+from contracts.chain import allowlists as allowlists_module
+from contracts.chain.allowlists import Allowlists
+from contracts.chain.toncenter import ToncenterClient
+from protocol.api import AttestationDoc
+from protocol.attestation import DEV_MEASUREMENT, AttestationPolicy, image_hash
+from protocol.signed import SpendVoucher, cost_nanoton
 from tests.client.client_fakes import FakeMatcher
 from tests.client.conftest import ESCROW, VAULT, make_client
 

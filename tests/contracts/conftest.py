@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pytoniq_core import Address
 
-from contracts import deploy, roles
-from contracts.devnet import DevnetClient
-from contracts.messages import RegistryParams
-from contracts.wallet import Wallet, WalletKeys
+from contracts.chain import operations
+from contracts.chain.devnet import DevnetClient
+from contracts.chain.messages import RegistryParams
+from contracts.chain.wallet import Wallet, WalletKeys
 from tests.chain import fixtures as _chain_fixtures
 
 TON = 1_000_000_000
@@ -92,7 +92,7 @@ async def contracts_set(chain: DevnetClient, make_wallet: WalletFactory) -> Cont
     gov = await make_wallet(1000 * TON)
     operator = await make_wallet(1000 * TON)
     key = Key()
-    dep = await deploy.deploy_all(
+    dep = await operations.deploy_all(
         gov, params=TEST_PARAMS, operator=operator, operator_key=key.int, vault_stake=5 * TON
     )
     vault = Address(next(iter(dep.vaults.values())))
@@ -118,4 +118,4 @@ async def clock(chain: DevnetClient):
     await chain.set_clock(None)
 
 
-__all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "roles"]
+__all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "operations"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts import artifacts
+from contracts.chain import artifacts
 
 ROOT = Path(__file__).resolve().parents[2]
 

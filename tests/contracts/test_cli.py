@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from client.cli import main
-from contracts.devnet import DevnetProcess
+from contracts.chain.devnet import DevnetProcess
+from imago.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import os
 import pytest
 from pytoniq_core import Address, begin_cell
 
-from contracts import deploy, getters, messages
-from contracts.messages import Capabilities, MessageError, ModelPrice, RegistryParams
-from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
+from contracts.chain import addresses, getters, messages
+from contracts.chain.messages import Capabilities, MessageError, ModelPrice, RegistryParams
+from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
 from .conftest import Key
 
@@ -95,22 +95,24 @@ async def test_python_addresses_equal_contract_addresses(chain, contracts_set, m
         on_chain = await getters.get_registry_provider_address(
             chain, cs.registry, owner.address, seq
         )
-        assert on_chain == deploy.provider_address(cs.registry, owner.address, seq)
+        assert on_chain == addresses.provider_address(cs.registry, owner.address, seq)
         via_vault = await getters.get_vault_provider_address(chain, cs.vault, owner.address, seq)
         assert via_vault == on_chain
     k = Key().int
     on_chain = await getters.get_registry_vault_address(chain, cs.registry, owner.address, k)
-    assert on_chain == deploy.vault_address(cs.registry, owner.address, k)
-    assert cs.vault == deploy.vault_address(cs.registry, cs.operator.address, cs.operator_key.int)
+    assert on_chain == addresses.vault_address(cs.registry, owner.address, k)
+    assert cs.vault == addresses.vault_address(
+        cs.registry, cs.operator.address, cs.operator_key.int
+    )
     spend = int.from_bytes(os.urandom(32), "big")
     on_chain = await getters.get_vault_escrow_address(chain, cs.vault, owner.address, spend)
-    assert on_chain == deploy.escrow_address(
+    assert on_chain == addresses.escrow_address(
         cs.vault, owner.address, spend, cs.params.escrow_close_delay
     )
 
 
 async def test_code_getters_match_the_build(chain, contracts_set):
-    from contracts import artifacts
+    from contracts.chain import artifacts
 
     codes = await getters.get_child_codes(chain, contracts_set.registry)
     assert codes.provider.hash == artifacts.load("provider").code_hash

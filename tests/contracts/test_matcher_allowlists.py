@@ -15,13 +15,13 @@ import pytest
 from pytoniq_core import Address
 from sqlalchemy import select
 
-from contracts import deploy, roles
-from contracts.messages import Capabilities
-from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
-from contracts.wallet import Wallet
+from contracts.chain import operations
+from contracts.chain.messages import Capabilities
+from contracts.chain.wallet import Wallet
 from marketplace.app import create_app
 from marketplace.config import MatcherConfig
 from marketplace.db import NodeRecord
+from protocol.attestation import DEV_MEASUREMENT, image_hash
 from tests.chain.fixtures import DevnetFixture
 from tests.contracts.conftest import TEST_PARAMS, TON
 from tests.marketplace.conftest import RunningMatcher, signed_registration
@@ -65,9 +65,9 @@ async def world(
     """A fresh Registry, a fake node offering two models whose key a Provider of it
     stakes, and a matcher that reads that Registry (every getter answer fresh)."""
     gov, owner = await make_wallet(50 * TON), await make_wallet(50 * TON)
-    registry, _ = await deploy.deploy_registry(gov, TEST_PARAMS)
+    registry, _ = await operations.deploy_registry(gov, TEST_PARAMS)
     node = FakeNode(models={SERVED: (100, 200), OTHER: (100, 200)})
-    provider, _ = await roles.register_provider(
+    provider, _ = await operations.register_provider(
         owner, devnet.chain, registry, node.ed_public, 2 * TON, CAPS
     )
     node.provider = provider.to_str(is_user_friendly=False)
@@ -92,35 +92,35 @@ async def world(
 
 
 async def test_admitted_when_the_image_and_a_model_are_allowed(world: World) -> None:
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
-    await roles.allow_model(world.gov, world.registry, SERVED)
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await operations.allow_model(world.gov, world.registry, SERVED)
     assert await world.register() == (200, "")
     assert await world.models() == [SERVED]  # OTHER is offered, not allowed
     assert await world.node_state() == "admitted"
 
 
 async def test_refused_when_the_image_is_not_allowed(world: World) -> None:
-    await roles.allow_model(world.gov, world.registry, SERVED)
+    await operations.allow_model(world.gov, world.registry, SERVED)
     assert await world.register() == (403, "image_not_allowed")
     assert await world.node_state() == "rejected"
     assert await world.models() == []
 
 
 async def test_refused_when_no_offered_model_is_allowed(world: World) -> None:
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
-    await roles.allow_model(world.gov, world.registry, "a-model-nobody-serves")
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await operations.allow_model(world.gov, world.registry, "a-model-nobody-serves")
     assert await world.register() == (403, "model_not_allowed")
     assert await world.node_state() == "rejected"
 
 
 async def test_a_revoked_model_leaves_the_offers_at_the_next_poll(world: World) -> None:
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE)
     for model in (SERVED, OTHER):
-        await roles.allow_model(world.gov, world.registry, model)
+        await operations.allow_model(world.gov, world.registry, model)
     assert await world.register() == (200, "")
     assert await world.models() == [OTHER, SERVED]
 
-    await roles.allow_model(world.gov, world.registry, OTHER, allowed=False)
+    await operations.allow_model(world.gov, world.registry, OTHER, allowed=False)
     assert await world.models() == [OTHER, SERVED]  # until the matcher polls
     await world.matcher.registry.poll_all()
     assert await world.models() == [SERVED]
@@ -131,11 +131,11 @@ async def test_a_revoked_model_leaves_the_offers_at_the_next_poll(world: World) 
 
 
 async def test_a_revoked_image_removes_the_node_at_reattestation(world: World) -> None:
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
-    await roles.allow_model(world.gov, world.registry, SERVED)
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await operations.allow_model(world.gov, world.registry, SERVED)
     assert await world.register() == (200, "")
 
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE, allowed=False)
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE, allowed=False)
     await world.matcher.registry.poll_all()  # polls read the models, not the image
     assert await world.models() == [SERVED]
     await world.matcher.registry.reattest_all()
@@ -145,11 +145,11 @@ async def test_a_revoked_image_removes_the_node_at_reattestation(world: World) -
 
 
 async def test_an_unbonding_provider_removes_its_node_at_reattestation(world: World) -> None:
-    await roles.allow_image(world.gov, world.registry, DEV_IMAGE)
-    await roles.allow_model(world.gov, world.registry, SERVED)
+    await operations.allow_image(world.gov, world.registry, DEV_IMAGE)
+    await operations.allow_model(world.gov, world.registry, SERVED)
     assert await world.register() == (200, "")
 
-    await roles.provider_unstake(world.owner, world.provider)
+    await operations.provider_unstake(world.owner, world.provider)
     await world.matcher.registry.reattest_all()
     assert world.matcher.registry.nodes == {}
     assert await world.node_state() == "rejected"

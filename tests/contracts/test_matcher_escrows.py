@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pytoniq_core import Address
 
-from contracts import getters, roles
-from contracts.protocol.api import relay_message
+from contracts.chain import getters, operations
 from marketplace.escrows import EscrowBook, EscrowMismatch, EscrowUnfunded
+from protocol.api import relay_message
 from tests.contracts.conftest import TON, Key
 
 
@@ -17,7 +17,7 @@ async def test_a_voucher_must_be_signed_by_the_escrows_own_spend_key(
     owner = await make_wallet()
     spend, stranger = Key(), Key()
     vault_data = await getters.get_vault_data(chain, contracts_set.vault)
-    escrow, _ = await roles.escrow_open(
+    escrow, _ = await operations.escrow_open(
         owner, contracts_set.vault, spend.public, 2 * TON, vault_data.escrow_close_delay
     )
     book = EscrowBook(chain, contracts_set.vault.to_str(is_user_friendly=False))
@@ -43,7 +43,7 @@ async def test_jobs_stop_when_the_escrow_is_spent_or_closed(
     owner = await make_wallet()
     spend = Key()
     vault_data = await getters.get_vault_data(chain, contracts_set.vault)
-    escrow, _ = await roles.escrow_open(
+    escrow, _ = await operations.escrow_open(
         owner, contracts_set.vault, spend.public, 1 * TON, vault_data.escrow_close_delay
     )
     raw = escrow.to_str(is_user_friendly=False)
@@ -62,7 +62,7 @@ async def test_jobs_stop_when_the_escrow_is_spent_or_closed(
         await book.ensure_funded(raw)
     assert spent.value.code == "escrow_exhausted"
 
-    await roles.escrow_close(owner, escrow)
+    await operations.escrow_close(owner, escrow)
     fresh = EscrowBook(chain, None)
     with pytest.raises(EscrowUnfunded) as closed:
         await fresh.ensure_funded(raw)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pytoniq_core import Address
 
-from contracts import getters, roles
-from contracts.messages import Capabilities
+from contracts.chain import getters, operations
+from contracts.chain.messages import Capabilities
 from marketplace.providers import ProviderBook, ProviderRejected
 from tests.contracts.conftest import TON, Key
 
@@ -18,7 +18,7 @@ async def test_only_an_active_staked_provider_of_this_registry_backs_a_node(
 ) -> None:
     owner = await make_wallet()
     node_key, other_key = Key(), Key()
-    provider, _ = await roles.register_provider(
+    provider, _ = await operations.register_provider(
         owner, chain, contracts_set.registry, node_key.public, 2 * TON, CAPS
     )
     book = ProviderBook(chain, contracts_set.registry.to_str(is_user_friendly=False))
@@ -37,7 +37,7 @@ async def test_only_an_active_staked_provider_of_this_registry_backs_a_node(
     with pytest.raises(ProviderRejected):
         await elsewhere.check(raw, node_key.public)
 
-    await roles.provider_unstake(owner, provider)
+    await operations.provider_unstake(owner, provider)
     assert (await getters.get_provider_data(chain, provider)).state_name == "unbonding"
     with pytest.raises(ProviderRejected, match="unbonding, not active"):
         await book.check(raw, node_key.public)

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytoniq_core import Address
 
-from contracts import deploy, getters, roles
-from contracts.devnet import DevnetClient
-from contracts.messages import Capabilities, RegistryParams
-from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
-from contracts.toncenter import Trace
-from contracts.wallet import WalletKeys
+from contracts.chain import getters, operations
+from contracts.chain.devnet import DevnetClient
+from contracts.chain.messages import Capabilities, RegistryParams
+from contracts.chain.toncenter import Trace
+from contracts.chain.wallet import WalletKeys
+from protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 
 from .conftest import TON, Key, LongValidityWallet
 
@@ -28,7 +28,7 @@ CENT = TON // 100
 PARAMS = RegistryParams(2 * TON, 40, 20, 300, 1000, 2 * TON)
 
 amounts = st.integers(min_value=1, max_value=150).map(lambda c: c * CENT)
-operations = st.one_of(
+steps = st.one_of(
     st.tuples(st.just("deposit"), amounts),
     st.tuples(st.just("charge"), st.sampled_from(["ok", "ok", "replay", "wrong_key"]), amounts),
     st.tuples(st.just("close")),
@@ -67,11 +67,11 @@ class World:
 
         self.gov, self.operator, self.node, self.client = [await wallet() for _ in range(4)]
         self.operator_key, self.node_key = Key(), Key()
-        self.registry, _ = await deploy.deploy_registry(self.gov, PARAMS)
-        self.vault = await roles.deploy_vault(
+        self.registry, _ = await operations.deploy_registry(self.gov, PARAMS)
+        self.vault = await operations.deploy_vault(
             self.operator, self.registry, self.operator_key.int, 3 * TON, client=c
         )
-        self.provider, _ = await roles.register_provider(
+        self.provider, _ = await operations.register_provider(
             self.node, c, self.registry, self.node_key.public, 2 * TON, Capabilities("a", 1, 1, "b")
         )
         self.claimed = 0
@@ -79,7 +79,7 @@ class World:
 
     async def new_escrow(self) -> None:
         self.spend = Key()
-        self.escrow, tr = await roles.escrow_open(
+        self.escrow, tr = await operations.escrow_open(
             self.client, self.vault, self.spend.public, TON, PARAMS.escrow_close_delay
         )
         self.charged = 0
@@ -105,40 +105,42 @@ class World:
         c = self.chain
         kind = op[0]
         if kind == "deposit":
-            trace = await roles.escrow_deposit(self.client, self.escrow, op[1], check=False)
+            trace = await operations.escrow_deposit(self.client, self.escrow, op[1], check=False)
         elif kind == "charge":
             _, how, delta = op
             cumulative = self.charged if how == "replay" else self.charged + delta
             v = SpendVoucher(self.escrow, self.vault, cumulative)
             key = Key() if how == "wrong_key" else self.spend
-            trace = await roles.escrow_charge(
+            trace = await operations.escrow_charge(
                 self.operator, self.escrow, v, key.sign(v), check=False
             )
         elif kind == "close":
-            trace = await roles.escrow_close(self.client, self.escrow, check=False)
+            trace = await operations.escrow_close(self.client, self.escrow, check=False)
         elif kind == "withdraw":
             if op[1]:
                 now = (await c.clock())[0]
                 await c.set_clock(now + PARAMS.escrow_close_delay + 1)
-            trace = await roles.escrow_withdraw(self.client, self.escrow, check=False)
+            trace = await operations.escrow_withdraw(self.client, self.escrow, check=False)
             await c.set_clock(None)
         elif kind == "commit":
             v = await getters.get_vault_data(c, self.vault)
             commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
-            trace = await roles.vault_commit_epoch(
+            trace = await operations.vault_commit_epoch(
                 self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
             )
         elif kind == "claim":
             v = await getters.get_vault_data(c, self.vault)
             pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, self.claimed + op[1])
-            trace = await roles.provider_claim(
+            trace = await operations.provider_claim(
                 self.node, self.provider, pv, self.operator_key.sign(pv), check=False
             )
             self.claimed = await getters.get_provider_claimed(c, self.provider, self.vault)
         else:  # withdraw_fees
             v = await getters.get_vault_data(c, self.vault)
             amount = (v.fees_accrued - v.fees_withdrawn) * op[1] // 100
-            trace = await roles.vault_withdraw_fees(self.operator, self.vault, amount, check=False)
+            trace = await operations.vault_withdraw_fees(
+                self.operator, self.vault, amount, check=False
+            )
         await self.check(trace)
 
     async def check(self, trace: Trace) -> None:
@@ -169,7 +171,7 @@ class World:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=st.lists(operations, min_size=1, max_size=5))
+@given(ops=st.lists(steps, min_size=1, max_size=5))
 def test_random_operation_sequences(world, ops):
     world.run(world.new_escrow())
     for op in ops:

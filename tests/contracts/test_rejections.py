@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from pytoniq_core import begin_cell
 
-from contracts import deploy, getters, roles
-from contracts.messages import (
+from contracts.chain import addresses, getters, operations
+from contracts.chain.messages import (
     Capabilities,
     Charge,
     EscrowCharged,
@@ -16,7 +16,7 @@ from contracts.messages import (
     SetImage,
     SignedPayout,
 )
-from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
+from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
 from .conftest import TON, Key
 
@@ -27,7 +27,7 @@ def codes(trace) -> list:
     """Exit codes of the failed transactions, without a wallet that runs out of gas
     receiving a bounce worth almost nothing (the too-little-value cases)."""
     bad = [t for t in trace.transactions if not (t.bounced_in and t.exit_code == -14)]
-    return roles.failed_exit_codes(type(trace)(bad))
+    return operations.failed_exit_codes(type(trace)(bad))
 
 
 @pytest.fixture
@@ -36,10 +36,10 @@ async def world(chain, contracts_set, make_wallet):
     cs = contracts_set
     node_owner, client = await make_wallet(), await make_wallet()
     node_key, spend = Key(), Key()
-    provider, _ = await roles.register_provider(
+    provider, _ = await operations.register_provider(
         node_owner, chain, cs.registry, node_key.public, 2 * TON, CAPS
     )
-    escrow, _ = await roles.escrow_open(
+    escrow, _ = await operations.escrow_open(
         client, cs.vault, spend.public, 3 * TON, cs.params.escrow_close_delay
     )
 
@@ -55,7 +55,7 @@ async def world(chain, contracts_set, make_wallet):
 async def _committed_epoch(chain, cs) -> int:
     v = await getters.get_vault_data(chain, cs.vault)
     c = EpochCommit(cs.vault, v.last_epoch + 1, b"\x07" * 32, 0, 0, 0, 0)
-    await roles.vault_commit_epoch(cs.operator, cs.vault, c, cs.operator_key.sign(c))
+    await operations.vault_commit_epoch(cs.operator, cs.vault, c, cs.operator_key.sign(c))
     return v.last_epoch + 1
 
 
@@ -65,20 +65,20 @@ async def _committed_epoch(chain, cs) -> int:
 async def test_replayed_spend_voucher(chain, world):
     w = world
     v = SpendVoucher(w.escrow, w.cs.vault, TON)
-    await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
+    await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [405]
     assert (await getters.get_escrow_data(chain, w.escrow)).charged == TON
 
 
 async def test_voucher_for_another_escrow_or_vault(chain, world, contracts_set):
     w = world
-    other = deploy.escrow_address(w.cs.vault, w.cs.gov.address, 1, 20)
+    other = addresses.escrow_address(w.cs.vault, w.cs.gov.address, 1, 20)
     v = SpendVoucher(other, w.cs.vault, TON)
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [403]
     v = SpendVoucher(w.escrow, w.cs.registry, TON)
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [404]
     assert (await getters.get_escrow_data(chain, w.escrow)).charged == 0
 
@@ -86,7 +86,7 @@ async def test_voucher_for_another_escrow_or_vault(chain, world, contracts_set):
 async def test_spend_voucher_wrong_key(chain, world):
     w = world
     v = SpendVoucher(w.escrow, w.cs.vault, TON)
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v, Key().sign(v), check=False)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, Key().sign(v), check=False)
     assert codes(tr) == [402]
 
 
@@ -94,46 +94,48 @@ async def test_charge_beyond_deposit(chain, world):
     w = world
     e = await getters.get_escrow_data(chain, w.escrow)
     v = SpendVoucher(w.escrow, w.cs.vault, e.deposited + 1)
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [406]
     v = SpendVoucher(w.escrow, w.cs.vault, e.deposited)
-    await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
+    await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
 
 
 async def test_charge_during_close_delay_then_not_after(chain, world, clock):
     w = world
-    await roles.escrow_close(w.client, w.escrow)
-    tr = await roles.escrow_deposit(w.client, w.escrow, TON, check=False)
+    await operations.escrow_close(w.client, w.escrow)
+    tr = await operations.escrow_deposit(w.client, w.escrow, TON, check=False)
     assert codes(tr) == [410]  # no deposit once closing
     v = SpendVoucher(w.escrow, w.cs.vault, TON)
-    await roles.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))  # allowed in the delay
-    tr = await roles.escrow_withdraw(w.client, w.escrow, check=False)
+    await operations.escrow_charge(
+        w.cs.operator, w.escrow, v, w.spend.sign(v)
+    )  # allowed in the delay
+    tr = await operations.escrow_withdraw(w.client, w.escrow, check=False)
     assert codes(tr) == [409]  # before the close delay ends
     await clock.advance(w.cs.params.escrow_close_delay + 1)
     before = await w.client.balance()
     e = await getters.get_escrow_data(chain, w.escrow)
-    await roles.escrow_withdraw(w.client, w.escrow)
+    await operations.escrow_withdraw(w.client, w.escrow)
     assert await w.client.balance() - before >= e.deposited - e.charged - TON // 50
     v2 = SpendVoucher(w.escrow, w.cs.vault, 2 * TON)
-    tr = await roles.escrow_charge(w.cs.operator, w.escrow, v2, w.spend.sign(v2), check=False)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v2, w.spend.sign(v2), check=False)
     assert codes(tr) == [407]
 
 
 async def test_escrow_admin_from_non_owner(chain, world):
-    tr = await roles.escrow_close(world.cs.operator, world.escrow, check=False)
+    tr = await operations.escrow_close(world.cs.operator, world.escrow, check=False)
     assert codes(tr) == [400]
-    tr = await roles.escrow_withdraw(world.cs.operator, world.escrow, check=False)
+    tr = await operations.escrow_withdraw(world.cs.operator, world.escrow, check=False)
     assert codes(tr) == [400]
 
 
 async def test_charge_with_too_little_value(chain, world):
     w = world
     v = SpendVoucher(w.escrow, w.cs.vault, TON)
-    tr = await roles.escrow_charge(
+    tr = await operations.escrow_charge(
         w.cs.operator, w.escrow, v, w.spend.sign(v), value=TON // 1000, check=False
     )
     assert codes(tr) == [401]
-    tr = await roles.escrow_deposit(w.client, w.escrow, TON // 1000, check=False)
+    tr = await operations.escrow_deposit(w.client, w.escrow, TON // 1000, check=False)
     assert codes(tr) == [401]
 
 
@@ -161,10 +163,10 @@ async def test_vault_refuses_a_charge_and_the_escrow_restores(chain, contracts_s
     bounces its charge, the escrow's counter goes back."""
     cs = contracts_set
     client, spend = await make_wallet(), Key()
-    escrow, _ = await roles.escrow_open(client, cs.vault, spend.public, 2 * TON, 12345)
+    escrow, _ = await operations.escrow_open(client, cs.vault, spend.public, 2 * TON, 12345)
     v0 = await getters.get_vault_data(chain, cs.vault)
     v = SpendVoucher(escrow, cs.vault, TON)
-    tr = await roles.escrow_charge(cs.operator, escrow, v, spend.sign(v), check=False)
+    tr = await operations.escrow_charge(cs.operator, escrow, v, spend.sign(v), check=False)
     assert codes(tr) == [302]
     assert (await getters.get_escrow_data(chain, escrow)).charged == 0
     assert (await getters.get_vault_data(chain, cs.vault)).charged_in == v0.charged_in
@@ -192,15 +194,15 @@ async def test_epoch_commit_rejections(chain, contracts_set):
     cs = contracts_set
     v = await getters.get_vault_data(chain, cs.vault)
     c = EpochCommit(cs.vault, v.last_epoch + 2, b"\0" * 32, 0, 0, 0, 0)
-    tr = await roles.vault_commit_epoch(
+    tr = await operations.vault_commit_epoch(
         cs.operator, cs.vault, c, cs.operator_key.sign(c), check=False
     )
     assert codes(tr) == [310]
     c = EpochCommit(cs.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
-    tr = await roles.vault_commit_epoch(cs.operator, cs.vault, c, Key().sign(c), check=False)
+    tr = await operations.vault_commit_epoch(cs.operator, cs.vault, c, Key().sign(c), check=False)
     assert codes(tr) == [304]
     c = EpochCommit(cs.registry, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
-    tr = await roles.vault_commit_epoch(
+    tr = await operations.vault_commit_epoch(
         cs.operator, cs.vault, c, cs.operator_key.sign(c), check=False
     )
     assert codes(tr) == [305]
@@ -209,10 +211,10 @@ async def test_epoch_commit_rejections(chain, contracts_set):
 async def test_withdraw_fees_rules(chain, contracts_set, make_wallet):
     cs = contracts_set
     v = await getters.get_vault_data(chain, cs.vault)
-    tr = await roles.vault_withdraw_fees(cs.gov, cs.vault, 1, check=False)
+    tr = await operations.vault_withdraw_fees(cs.gov, cs.vault, 1, check=False)
     assert codes(tr) == [300]
     over = v.fees_accrued - v.fees_withdrawn + 1
-    tr = await roles.vault_withdraw_fees(cs.operator, cs.vault, over, check=False)
+    tr = await operations.vault_withdraw_fees(cs.operator, cs.vault, over, check=False)
     assert codes(tr) == [311]
 
 
@@ -223,7 +225,7 @@ async def _claim(chain, w, cumulative, *, epoch=None, key=None, check=False):
     epoch = epoch if epoch is not None else await _committed_epoch(chain, w.cs)
     pv = PayoutVoucher(w.cs.vault, w.provider, epoch, cumulative)
     k = key or w.cs.operator_key
-    return await roles.provider_claim(w.node_owner, w.provider, pv, k.sign(pv), check=check)
+    return await operations.provider_claim(w.node_owner, w.provider, pv, k.sign(pv), check=check)
 
 
 async def test_claim_and_replayed_payout_voucher(chain, world):
@@ -263,7 +265,7 @@ async def test_payout_voucher_for_another_provider(chain, world):
     w = world
     epoch = await _committed_epoch(chain, w.cs)
     pv = PayoutVoucher(w.cs.vault, w.cs.registry, epoch, TON)
-    tr = await roles.provider_claim(
+    tr = await operations.provider_claim(
         w.node_owner, w.provider, pv, w.cs.operator_key.sign(pv), check=False
     )
     assert codes(tr) == [207]
@@ -279,14 +281,14 @@ async def test_vault_never_pays_beyond_charged_minus_fees_plus_stake(chain, worl
 
 async def test_provider_admin_from_non_owner(chain, world):
     w = world
-    for op in (roles.provider_unstake, roles.provider_withdraw):
+    for op in (operations.provider_unstake, operations.provider_withdraw):
         tr = await op(w.cs.operator, w.provider, check=False)
         assert codes(tr) == [200]
-    tr = await roles.provider_rotate_key(w.cs.operator, w.provider, 5, check=False)
+    tr = await operations.provider_rotate_key(w.cs.operator, w.provider, 5, check=False)
     assert codes(tr) == [200]
     tr = await _claim(chain, w, TON)  # from the owner: fine; from someone else: no
     pv = PayoutVoucher(w.cs.vault, w.provider, 1, 2 * TON)
-    tr = await roles.provider_claim(
+    tr = await operations.provider_claim(
         w.cs.operator, w.provider, pv, w.cs.operator_key.sign(pv), check=False
     )
     assert codes(tr) == [200]
@@ -295,13 +297,13 @@ async def test_provider_admin_from_non_owner(chain, world):
 async def test_registry_admin_from_non_owner(chain, contracts_set, make_wallet):
     cs = contracts_set
     stranger = await make_wallet()
-    tr = await roles.allow_image(stranger, cs.registry, 99, check=False)
+    tr = await operations.allow_image(stranger, cs.registry, 99, check=False)
     assert codes(tr) == [100]
-    tr = await roles.allow_model(stranger, cs.registry, "x", check=False)
+    tr = await operations.allow_model(stranger, cs.registry, "x", check=False)
     assert codes(tr) == [100]
-    tr = await roles.update_params(stranger, cs.registry, cs.params, check=False)
+    tr = await operations.update_params(stranger, cs.registry, cs.params, check=False)
     assert codes(tr) == [100]
-    tr = await roles.change_owner(stranger, cs.registry, stranger.address, check=False)
+    tr = await operations.change_owner(stranger, cs.registry, stranger.address, check=False)
     assert codes(tr) == [100]
     assert not await getters.is_image_allowed(chain, cs.registry, 99)
     tr = await stranger.transfer(cs.registry, TON // 1000, SetImage(1, 5, True).to_cell())
@@ -311,7 +313,7 @@ async def test_registry_admin_from_non_owner(chain, contracts_set, make_wallet):
 async def test_register_with_too_little_stake(chain, contracts_set, make_wallet):
     cs = contracts_set
     owner = await make_wallet()
-    _, tr = await roles.register_provider(
+    _, tr = await operations.register_provider(
         owner, chain, cs.registry, Key().public, cs.params.min_provider_stake - 1, CAPS, check=False
     )
     assert codes(tr) == [102]
@@ -319,19 +321,19 @@ async def test_register_with_too_little_stake(chain, contracts_set, make_wallet)
 
 async def test_unbonding(chain, world, clock):
     w = world
-    tr = await roles.provider_withdraw(w.node_owner, w.provider, check=False)
+    tr = await operations.provider_withdraw(w.node_owner, w.provider, check=False)
     assert codes(tr) == [204]  # not unbonding yet
-    await roles.provider_unstake(w.node_owner, w.provider)
-    tr = await roles.provider_top_up(w.node_owner, w.provider, TON, check=False)
+    await operations.provider_unstake(w.node_owner, w.provider)
+    tr = await operations.provider_top_up(w.node_owner, w.provider, TON, check=False)
     assert codes(tr) == [203]
-    tr = await roles.provider_withdraw(w.node_owner, w.provider, check=False)
+    tr = await operations.provider_withdraw(w.node_owner, w.provider, check=False)
     assert codes(tr) == [205]  # before the unbonding delay ends
     p = await getters.get_provider_data(chain, w.provider)
     assert p.state_name == "unbonding" and p.stake == 2 * TON
     now = await clock.advance(w.cs.params.unbonding_delay + 1)
     assert now >= p.unlock_time, (now, p.unlock_time, await chain.clock())
     before = await w.node_owner.balance()
-    await roles.provider_withdraw(w.node_owner, w.provider)
+    await operations.provider_withdraw(w.node_owner, w.provider)
     # the stake comes back, minus gas (the storage reserve stays on the provider)
     assert await w.node_owner.balance() - before > 2 * TON - TON // 100
     p = await getters.get_provider_data(chain, w.provider)
@@ -350,32 +352,32 @@ async def test_slash_rejections_then_slash(chain, world, make_wallet):
     r1, r2 = _receipts(w.escrow)
     k = w.node_key
     # the same receipt twice
-    tr = await roles.provider_slash(
+    tr = await operations.provider_slash(
         reporter, w.provider, (r1, k.sign(r1)), (r1, k.sign(r1)), check=False
     )
     assert codes(tr) == [211]
     # different jobs
     r3 = Receipt(w.escrow, 10, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
-    tr = await roles.provider_slash(
+    tr = await operations.provider_slash(
         reporter, w.provider, (r1, k.sign(r1)), (r3, k.sign(r3)), check=False
     )
     assert codes(tr) == [211]
     # signed by another key
     other = Key()
-    tr = await roles.provider_slash(
+    tr = await operations.provider_slash(
         reporter, w.provider, (r1, other.sign(r1)), (r2, other.sign(r2)), check=False
     )
     assert codes(tr) == [211]
     # a real equivocation: the bounty goes to the reporter, the rest to governance
     p = await getters.get_provider_data(chain, w.provider)
     rb, gb = await reporter.balance(), await w.cs.gov.balance()
-    await roles.provider_slash(reporter, w.provider, (r1, k.sign(r1)), (r2, k.sign(r2)))
+    await operations.provider_slash(reporter, w.provider, (r1, k.sign(r1)), (r2, k.sign(r2)))
     bounty = p.stake * p.slash_bounty_bps // 10000
     assert await reporter.balance() - rb > bounty - TON // 20
     assert await w.cs.gov.balance() - gb > p.stake - bounty - TON // 20
     assert (await getters.get_provider_data(chain, w.provider)).state_name == "slashed"
     # replay: already slashed
-    tr = await roles.provider_slash(
+    tr = await operations.provider_slash(
         reporter, w.provider, (r1, k.sign(r1)), (r2, k.sign(r2)), check=False
     )
     assert codes(tr) == [210]
@@ -385,9 +387,9 @@ async def test_rotated_key_stays_slashable(chain, world, make_wallet):
     w = world
     r1, r2 = _receipts(w.escrow, job=11)
     old = w.node_key
-    await roles.provider_rotate_key(w.node_owner, w.provider, Key().public)
-    tr = await roles.provider_rotate_key(w.node_owner, w.provider, Key().public, check=False)
+    await operations.provider_rotate_key(w.node_owner, w.provider, Key().public)
+    tr = await operations.provider_rotate_key(w.node_owner, w.provider, Key().public, check=False)
     assert codes(tr) == [213]  # one rotation per unbonding delay
     reporter = await make_wallet()
-    await roles.provider_slash(reporter, w.provider, (r1, old.sign(r1)), (r2, old.sign(r2)))
+    await operations.provider_slash(reporter, w.provider, (r1, old.sign(r1)), (r2, old.sign(r2)))
     assert (await getters.get_provider_data(chain, w.provider)).state_name == "slashed"

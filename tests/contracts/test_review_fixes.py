@@ -9,10 +9,10 @@ from dataclasses import replace
 
 from pytoniq_core import Address, begin_cell
 
-from contracts import deploy, getters, roles
-from contracts.messages import Charge, EscrowWithdraw, VaultInit
-from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
-from contracts.wallet import OutMessage
+from contracts.chain import addresses, getters, operations
+from contracts.chain.messages import Charge, EscrowWithdraw, VaultInit
+from contracts.chain.wallet import OutMessage
+from protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 
 from .conftest import TEST_PARAMS, TON, Key
 from .test_rejections import CAPS, codes
@@ -20,7 +20,7 @@ from .test_rejections import CAPS, codes
 
 async def _fresh_vault(chain, registry, make_wallet, stake=3 * TON):
     operator, key = await make_wallet(), Key()
-    vault = await roles.deploy_vault(operator, registry, key.int, stake, client=chain)
+    vault = await operations.deploy_vault(operator, registry, key.int, stake, client=chain)
     return operator, key, vault
 
 
@@ -41,31 +41,31 @@ async def test_vault_stake_unbonds_and_only_the_free_part_is_withdrawn(
     v1 = await getters.get_vault_data(chain, vault)
     assert v.stake + TON * 99 // 100 < v1.stake < v.stake + TON
 
-    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    tr = await operations.vault_withdraw_stake(op, vault, check=False)
     assert codes(tr) == [313]  # no Unstake
-    tr = await roles.vault_unstake(cs.gov, vault, TON, check=False)
+    tr = await operations.vault_unstake(cs.gov, vault, TON, check=False)
     assert codes(tr) == [300]
-    tr = await roles.vault_unstake(op, vault, v1.stake + 1, check=False)
+    tr = await operations.vault_unstake(op, vault, v1.stake + 1, check=False)
     assert codes(tr) == [313]
-    await roles.vault_unstake(op, vault, v1.stake)
-    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    await operations.vault_unstake(op, vault, v1.stake)
+    tr = await operations.vault_withdraw_stake(op, vault, check=False)
     assert codes(tr) == [314]  # still unbonding
 
     # claims stay payable during the delay: a payout of 1 TON with nothing charged is
     # covered by the stake alone
     node, node_key = await make_wallet(), Key()
-    provider, _ = await roles.register_provider(
+    provider, _ = await operations.register_provider(
         node, chain, cs.registry, node_key.public, 2 * TON, CAPS
     )
     c = EpochCommit(vault, 1, b"\x01" * 32, 0, 0, 0, 0)
-    await roles.vault_commit_epoch(op, vault, c, key.sign(c))
+    await operations.vault_commit_epoch(op, vault, c, key.sign(c))
     pv = PayoutVoucher(vault, provider, 1, TON)
-    await roles.provider_claim(node, provider, pv, key.sign(pv))
+    await operations.provider_claim(node, provider, pv, key.sign(pv))
     v2 = await getters.get_vault_data(chain, vault)
     assert v2.paid_out == TON and v2.charged_in == 0
 
     await clock.advance(cs.params.unbonding_delay + 1)
-    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    tr = await operations.vault_withdraw_stake(op, vault, check=False)
     assert codes(tr) == [], tr
     v3 = await getters.get_vault_data(chain, vault)
     # the 1 TON already paid from the stake stays: paidOut <= chargedIn - fees + stake
@@ -78,9 +78,9 @@ async def test_vault_stake_unbonds_and_only_the_free_part_is_withdrawn(
     assert v3.balance <= v3.stake + v3.charged_in - v3.paid_out - v3.fees_withdrawn + TON // 1000
 
     # nothing left to withdraw
-    await roles.vault_unstake(op, vault, TON)
+    await operations.vault_unstake(op, vault, TON)
     await clock.advance(cs.params.unbonding_delay + 1)
-    tr = await roles.vault_withdraw_stake(op, vault, check=False)
+    tr = await operations.vault_withdraw_stake(op, vault, check=False)
     assert codes(tr) == [315]
 
 
@@ -93,8 +93,8 @@ async def test_charge_bounced_after_withdraw_reaches_the_owner(
     cs = contracts_set
     client, spend = await make_wallet(), Key()
     # not the vault's close delay: the vault refuses this escrow's charges (302)
-    escrow, _ = await roles.escrow_open(client, cs.vault, spend.public, 2 * TON, 7)
-    await roles.escrow_close(client, escrow)
+    escrow, _ = await operations.escrow_open(client, cs.vault, spend.public, 2 * TON, 7)
+    await operations.escrow_close(client, escrow)
     await clock.advance(8)
     v = SpendVoucher(escrow, cs.vault, TON)
     # one external: Charge then Withdraw; the charge's bounce arrives after the Withdraw
@@ -117,7 +117,7 @@ async def test_charge_bounced_after_withdraw_reaches_the_owner(
 
 async def test_vault_address_survives_update_params(chain, contracts_set, make_wallet):
     cs = contracts_set
-    registry = await roles.deploy_registry(cs.gov, TEST_PARAMS)
+    registry, _ = await operations.deploy_registry(cs.gov, TEST_PARAMS)
     op, key, vault = await _fresh_vault(chain, registry, make_wallet)
     assert vault == await getters.get_registry_vault_address(chain, registry, op.address, key.int)
     v = await getters.get_vault_data(chain, vault)
@@ -125,12 +125,12 @@ async def test_vault_address_survives_update_params(chain, contracts_set, make_w
     assert v.protocol_fee_bps == TEST_PARAMS.protocol_fee_bps
 
     new = replace(TEST_PARAMS, protocol_fee_bps=777, escrow_close_delay=99, unbonding_delay=5)
-    await roles.update_params(cs.gov, registry, new)
+    await operations.update_params(cs.gov, registry, new)
     assert vault == await getters.get_registry_vault_address(chain, registry, op.address, key.int)
-    assert vault == deploy.vault_address(registry, op.address, key.int)
+    assert vault == addresses.vault_address(registry, op.address, key.int)
 
     # deploying again adds stake to the same Vault and keeps its params
-    again = await roles.deploy_vault(op, registry, key.int, 2 * TON, client=chain)
+    again = await operations.deploy_vault(op, registry, key.int, 2 * TON, client=chain)
     assert again == vault
     v2 = await getters.get_vault_data(chain, vault)
     assert v2.stake > v.stake + TON
@@ -155,7 +155,7 @@ async def test_bounced_registration_refunds_the_registrant(chain, contracts_set,
     gov_before = await cs.gov.balance()
     before = await node.balance()
     bad_caps = begin_cell().store_uint(0xBAD, 32).end_cell()
-    provider, tr = await roles.register_provider(
+    provider, tr = await operations.register_provider(
         node, chain, cs.registry, Key().public, 2 * TON, bad_caps, check=False
     )
     assert codes(tr) == [214]
@@ -170,17 +170,17 @@ async def test_bounced_registration_refunds_the_registrant(chain, contracts_set,
 async def test_final_withdrawals_keep_the_account(chain, contracts_set, make_wallet, clock):
     cs = contracts_set
     node, client, spend = await make_wallet(), await make_wallet(), Key()
-    provider, _ = await roles.register_provider(
+    provider, _ = await operations.register_provider(
         node, chain, cs.registry, Key().public, 2 * TON, CAPS
     )
-    escrow, _ = await roles.escrow_open(
+    escrow, _ = await operations.escrow_open(
         client, cs.vault, spend.public, TON, cs.params.escrow_close_delay
     )
-    await roles.provider_unstake(node, provider)
-    await roles.escrow_close(client, escrow)
+    await operations.provider_unstake(node, provider)
+    await operations.escrow_close(client, escrow)
     await clock.advance(max(cs.params.unbonding_delay, cs.params.escrow_close_delay) + 1)
-    await roles.provider_withdraw(node, provider)
-    await roles.escrow_withdraw(client, escrow)
+    await operations.provider_withdraw(node, provider)
+    await operations.escrow_withdraw(client, escrow)
     p = await getters.get_provider_data(chain, provider)
     e = await getters.get_escrow_data(chain, escrow)
     # the reserve stays (less at most a little storage fee): before, 0 and deletable

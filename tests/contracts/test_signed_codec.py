@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pytoniq_core import Address, Cell, begin_cell
 
-from contracts.protocol import cells
-from contracts.protocol.signed import (
+from protocol import cells
+from protocol.signed import (
     TAG_RECEIPT,
     EpochCommit,
     PayoutVoucher,

@@ -1,4 +1,4 @@
-from contracts import getters
+from contracts.chain import getters
 
 from .conftest import TON
 

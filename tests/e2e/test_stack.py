@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def imago(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "imago.cli", *args],
         env={**os.environ, "IMAGO_HOME": str(home)},
         capture_output=True,
         text=True,

@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from contracts.protocol.api import registration_message
 from marketplace.app import LEDGER, REGISTRY, create_app
 from marketplace.config import MatcherConfig
+from protocol.api import registration_message
 from tests.marketplace.fakes import FakeClient, FakeNode, start_site
 
 PG_DSN = os.environ.get("IMAGO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")

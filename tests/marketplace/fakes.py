@@ -1,7 +1,7 @@
 """Test fakes: a fake node and a fake client that speak the real protocol.
 
 The fake node makes a real dev attestation, opens real HPKE requests, seals real
-response frames and signs real receipts (contracts.protocol); only the model is fake:
+response frames and signs real receipts (protocol); only the model is fake:
 it echoes the prompt back in ``chunks`` pieces. Its ``mode`` injects failures.
 """
 
@@ -21,8 +21,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
-from contracts.protocol import envelope
-from contracts.protocol.api import (
+from protocol import envelope
+from protocol.api import (
     AttestationDoc,
     EndFrame,
     ModelOffer,
@@ -32,10 +32,10 @@ from contracts.protocol.api import (
     SealedRequest,
     relay_message,
 )
-from contracts.protocol.attestation import make_dev_evidence, report_data
-from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener, ResponseSealer
-from contracts.protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
-from contracts.protocol.tickets import TICKET_HEADER
+from protocol.attestation import make_dev_evidence, report_data
+from protocol.envelope import FrameDecoder, FrameType, ResponseOpener, ResponseSealer
+from protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
+from protocol.tickets import TICKET_HEADER
 
 MODEL = "fake-echo-1"
 ESCROW = Address("0:" + "ab" * 32)

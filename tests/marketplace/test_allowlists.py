@@ -12,15 +12,15 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
-from contracts import allowlists
-from contracts.allowlists import Allowlists, AllowlistUnavailable
-from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
-from contracts.protocol.signed import model_hash
-from contracts.toncenter import ToncenterError
+from contracts.chain import allowlists
+from contracts.chain.allowlists import Allowlists, AllowlistUnavailable
+from contracts.chain.toncenter import ToncenterError
 from marketplace import app as matcher_app
 from marketplace.config import MatcherConfig
 from marketplace.db import NodeRecord
 from marketplace.registry import NodeRegistry
+from protocol.attestation import DEV_MEASUREMENT, image_hash
+from protocol.signed import model_hash
 from tests.marketplace.conftest import RunningMatcher, signed_registration
 from tests.marketplace.fakes import MODEL
 
@@ -105,9 +105,9 @@ async def test_answers_are_cached_per_hash_and_read_once_for_concurrent_askers(s
 
 
 def test_the_image_and_model_ids_are_what_governance_allows() -> None:
-    """The ids the CLI and `contracts.roles` put on-chain: sha256 of the measurement
+    """The ids the CLI and `contracts.chain.operations` put on-chain: sha256 of the measurement
     (the 48-byte mr_td, or DEV_MEASUREMENT) and of the model id's UTF-8 name."""
-    from contracts.cli_roles import _image_value
+    from contracts.chain.registry_cli import _image_value
 
     mr_td = bytes(range(48))
     assert image_hash(mr_td) == int.from_bytes(hashlib.sha256(mr_td).digest(), "big")

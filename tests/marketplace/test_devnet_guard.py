@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from contracts.devnet import is_devnet
+from contracts.chain.devnet import is_devnet
 from marketplace.app import StartupRefused, create_app
 from marketplace.config import MatcherConfig
 
@@ -63,7 +63,7 @@ async def test_the_cli_says_why_and_exits_2(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "client.cli", "matcher", "serve", "--devnet",
+            sys.executable, "-m", "imago.cli", "matcher", "serve", "--devnet",
             "--chain", url, "--port", str(port), "--state-dir", str(tmp_path / "matcher"),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -12,13 +12,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select
 
-from contracts.protocol import envelope
-from contracts.protocol.api import RelayRequest
-from contracts.protocol.envelope import FrameDecoder, FrameType
-from contracts.protocol.signed import Receipt, SpendVoucher
-from contracts.protocol.tickets import ticket_message
 from marketplace.db import JobRecord, SpendVoucherRecord
 from marketplace.escrows import EscrowUnfunded
+from protocol import envelope
+from protocol.api import RelayRequest
+from protocol.envelope import FrameDecoder, FrameType
+from protocol.signed import Receipt, SpendVoucher
+from protocol.tickets import ticket_message
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MARKER, MODEL
 
@@ -196,7 +196,7 @@ async def test_a_voucher_encoded_unlike_what_was_signed_is_refused(
     such a voucher as good, since on-chain it would fail."""
     from pytoniq_core import begin_cell
 
-    from contracts.protocol.signed import TAG_SPEND
+    from protocol.signed import TAG_SPEND
 
     matcher, (node,) = await setup(
         start_matcher, start_node, session, database_url, "ok", price=10**6

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from contracts.protocol import envelope
-from contracts.protocol.api import RelayRequest
+from protocol import envelope
+from protocol.api import RelayRequest
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MODEL, FakeClient
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import aiohttp
 from sqlalchemy import create_engine, select
 
-from contracts.protocol import envelope
-from contracts.protocol.api import RelayRequest
-from contracts.protocol.envelope import FrameDecoder
 from marketplace.db import JobRecord
+from protocol import envelope
+from protocol.api import RelayRequest
+from protocol.envelope import FrameDecoder
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MODEL, FakeClient
 

@@ -9,9 +9,9 @@ from datetime import datetime
 
 import pytest
 
-from contracts.protocol import attestation
-from contracts.protocol.api import AttestationDoc
-from contracts.protocol.attestation import (
+from protocol import attestation
+from protocol.api import AttestationDoc
+from protocol.attestation import (
     AttestationError,
     AttestationPolicy,
     VerifiedTdxQuote,
@@ -230,8 +230,8 @@ async def test_with_a_registry_the_matcher_checks_the_mr_td_on_chain(
     sample, monkeypatch, session, start_matcher, start_node
 ):
     """No --allow-mr-td: the TD's image hash must be on the Registry's allowlist."""
-    from contracts.protocol.attestation import image_hash
-    from contracts.protocol.signed import model_hash
+    from protocol.attestation import image_hash
+    from protocol.signed import model_hash
     from tests.marketplace.conftest import signed_registration
     from tests.marketplace.fakes import MODEL
     from tests.marketplace.test_allowlists import DEAD_CHAIN, REGISTRY, script_registry

@@ -20,13 +20,13 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
-from contracts.protocol import envelope
-from contracts.protocol.api import SealedRequest
-from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener
-from contracts.protocol.signed import Receipt, model_hash
-from contracts.protocol.tickets import TICKET_HEADER, ticket_message
 from node.app import STATE, NodeConfig, create_app
 from node.keys import NodeKeys
+from protocol import envelope
+from protocol.api import SealedRequest
+from protocol.envelope import FrameDecoder, FrameType, ResponseOpener
+from protocol.signed import Receipt, model_hash
+from protocol.tickets import TICKET_HEADER, ticket_message
 from tests.node.fixture_upstream import FixtureOptions, create_fixture_upstream
 
 ESCROW = "0:" + "ab" * 32

@@ -10,12 +10,12 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contracts.protocol import envelope
-from contracts.protocol.envelope import FRAMES_CONTENT_TYPE
-from contracts.protocol.tickets import TICKET_HEADER
 from node.app import STATE
 from node.jobs import SeenJobs, _Tally
 from node.keys import NodeKeys
+from protocol import envelope
+from protocol.envelope import FRAMES_CONTENT_TYPE
+from protocol.tickets import TICKET_HEADER
 from tests.node.conftest import (
     check_receipt,
     post_job,

@@ -9,13 +9,6 @@ import stat
 
 import pytest
 
-from contracts.protocol.api import AttestationDoc
-from contracts.protocol.attestation import (
-    AttestationError,
-    AttestationPolicy,
-    report_data,
-    verify_attestation,
-)
 from node.app import NodeConfig, create_app
 from node.attest import (
     AttestationUnavailable,
@@ -25,6 +18,13 @@ from node.attest import (
     make_provider,
 )
 from node.keys import KeystoreError, NodeKeys, load_or_create_keys
+from protocol.api import AttestationDoc
+from protocol.attestation import (
+    AttestationError,
+    AttestationPolicy,
+    report_data,
+    verify_attestation,
+)
 from tests.shared_data import TDX_DIR, needs_tdx_sample
 
 

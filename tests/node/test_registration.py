@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contracts.protocol.api import AttestationDoc, NodeRegistration
-from contracts.protocol.attestation import AttestationPolicy, verify_attestation
 from node.app import STATE
 from node.tickets import REFRESH_INTERVAL_S
+from protocol.api import AttestationDoc, NodeRegistration
+from protocol.attestation import AttestationPolicy, verify_attestation
 from tests.node.conftest import MATCHER_KEY, post_job, seal_job, sign_ticket
 
 MODEL = "fixture-model"

@@ -46,7 +46,7 @@ class AttestationDoc(_Model):
     """Evidence that ``ed25519_public`` and ``x25519_public`` live in an attested TEE.
 
     ``report_data`` of the evidence is SHA-512(b"imago-attest/v1" || ed25519_public ||
-    x25519_public || nonce); see contracts.protocol.attestation.
+    x25519_public || nonce); see protocol.attestation.
     """
 
     kind: Literal["tdx", "dev"]

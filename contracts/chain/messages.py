@@ -5,7 +5,7 @@ module constants (``OP_*``) and each class's ``OP``. The layouts are those of th
 structs in ``contracts/<name>/messages.tolk`` (TL-B in each class docstring).
 
 Signed objects travel as ``signature:bits512`` next to a reference to the object's cell
-(``contracts.protocol.signed``).
+(``protocol.signed``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 from pytoniq_core import Address, Builder, Cell, Slice, begin_cell
 
-from .protocol.signed import EpochCommit, PayoutVoucher, Receipt, SignedObjectError, SpendVoucher
+from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SignedObjectError, SpendVoucher
 
 __all__ = [
     "MESSAGES",
@@ -608,7 +608,7 @@ TAG_CAPABILITIES = 0x43415031  # "CAP1"
 class ModelPrice:
     """A served model and its prices (nanoTON per million tokens)."""
 
-    model: int  # sha256 of the model id (contracts.protocol.signed.model_hash)
+    model: int  # sha256 of the model id (protocol.signed.model_hash)
     price_prompt: int
     price_completion: int
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from contracts.protocol.api import AttestationDoc
+from protocol.api import AttestationDoc
 
 REPORT_DATA_DOMAIN = b"imago-attest/v1"
 DEV_EVIDENCE_MAGIC = b"IMAGO-DEV/v1"

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pytoniq_core import Address, Builder, Cell, Slice, begin_cell
 
-from contracts.protocol import cells
-from contracts.protocol.cells import BitReader, BitWriter, CellBits, Unsupported
+from protocol import cells
+from protocol.cells import BitReader, BitWriter, CellBits, Unsupported
 
 __all__ = [
     "EpochCommit",

@@ -1,4 +1,4 @@
-"""StateInits, child-address derivation and deployment of the whole contract set.
+"""StateInits, child-address derivation and the Deployment record: pure, no I/O.
 
 The storage layouts mirror ``contracts/<name>/storage.tolk``; the child addresses are
 computed exactly as the contracts compute them (``contracts/common/children.tolk`` and
@@ -14,18 +14,14 @@ from pytoniq_core import Address, Cell, StateInit, begin_cell
 
 from . import artifacts
 from .messages import RegistryParams
-from .toncenter import Trace
 
 __all__ = [
     "DEFAULT_PARAMS",
     "PRODUCTION_PARAMS",
     "ChildCodes",
     "Deployment",
-    "DeployError",
     "Sender",
     "address_of",
-    "deploy_all",
-    "deploy_registry",
     "escrow_address",
     "escrow_data",
     "escrow_state_init",
@@ -63,13 +59,9 @@ PRODUCTION_PARAMS = RegistryParams(
 )
 
 
-class DeployError(RuntimeError):
-    """A deployment transaction failed or produced an unexpected account."""
-
-
 class Sender(Protocol):
     """A wallet able to send one internal message and return the Trace it causes
-    (``contracts.wallet.Wallet`` is one)."""
+    (``contracts.chain.wallet.Wallet`` is one)."""
 
     address: Address
 
@@ -279,65 +271,3 @@ class Deployment:
     @property
     def registry_params(self) -> RegistryParams:
         return RegistryParams(**self.params)
-
-
-def _raw(a: Address) -> str:
-    return a.to_str(is_user_friendly=False)
-
-
-def _check(trace: Trace, what: str) -> Trace:
-    failed = [t for t in trace.transactions if not t.success]
-    if failed:
-        t = failed[0]
-        raise DeployError(
-            f"{what}: transaction on {t.address.to_str()} failed "
-            f"(exit code {t.exit_code}, action {t.action_result_code})"
-        )
-    return trace
-
-
-async def deploy_registry(
-    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
-) -> tuple[Address, Trace]:
-    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit)."""
-    si = registry_state_init(owner.address, params)
-    addr = address_of(si)
-    trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)
-    return addr, _check(trace, "registry deploy")
-
-
-async def deploy_all(
-    owner: Sender,
-    *,
-    chain: str = "devnet",
-    params: RegistryParams = DEFAULT_PARAMS,
-    operator: Sender | None = None,
-    operator_key: int | None = None,
-    vault_stake: int | None = None,
-) -> Deployment:
-    """Deploy the Registry and, given an operator, its Vault. Returns the Deployment."""
-    from . import roles  # roles imports this module
-
-    registry, _ = await deploy_registry(owner, params)
-    dep = Deployment(
-        chain=chain,
-        registry=_raw(registry),
-        owner=_raw(owner.address),
-        params=asdict(params),
-        code_hashes={n: a.code_hash_hex for n, a in artifacts.load_all().items()},
-        vaults={},
-        providers={},
-        escrows={},
-    )
-    if operator is not None and operator_key is not None:
-        stake = vault_stake if vault_stake is not None else params.min_vault_stake
-        vault = await roles.deploy_vault(
-            operator,
-            registry,
-            operator_key,
-            stake,
-            client=getattr(operator, "client", None),
-            params=params,
-        )
-        dep.vaults[_raw(operator.address)] = _raw(vault)
-    return dep

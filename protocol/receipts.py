@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pytoniq_core import Address
 
-from contracts.protocol.signed import Receipt, model_hash, signature_valid
+from protocol.signed import Receipt, model_hash, signature_valid
 
 __all__ = ["ReceiptExpectations", "receipt_problems"]
 

@@ -1,6 +1,6 @@
 """Typed parsers for every get-method of the Imago contracts.
 
-Each ``parse_*`` function turns a runGetMethod stack (decoded by ``contracts.toncenter``)
+Each ``parse_*`` function turns a runGetMethod stack (decoded by ``contracts.chain.toncenter``)
 into a dataclass; each ``get_*`` coroutine runs the get-method through a client and parses
 the result. A Tolk struct reply is flattened onto the stack field by field.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from pytoniq_core import Address, Cell, Slice
 
-from .deploy import ChildCodes
+from .addresses import ChildCodes
 from .toncenter import GetMethodResult, ToncenterClient
 
 __all__ = [

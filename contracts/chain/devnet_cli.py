@@ -1,195 +1,36 @@
-"""`imago devnet up|down|status` and `imago wallet new|show|balance|send|faucet`.
-
-Handlers stay thin: the work is in contracts.devnet, contracts.toncenter and
-contracts.wallet. Helpers here (chain selection, wallet loading, progress dots)
-are reused by the other on-chain commands (contracts.cli_roles).
-"""
+"""`imago devnet up|down|status` and `imago wallet new|show|balance|send|faucet`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
-import json
-import os
 import sys
-from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 from pytoniq_core import Cell
 
 from . import devnet as devnet_mod
-from .devnet import DevnetClient, DevnetError, imago_home
-from .toncenter import DEVNET_URL, ToncenterClient, ToncenterError, Trace, chain_url
-from .units import UnitsError, format_address, format_ton, parse_address, parse_ton
-from .wallet import (
-    KeystoreError,
-    Wallet,
-    WalletError,
-    WalletKeys,
-    create_keystore,
-    read_keystore_header,
+from .cli import (
+    CliError,
+    Progress,
+    add_chain_args,
+    add_wallet_args,
+    chain_network,
+    emit,
+    open_chain,
+    open_wallet,
+    run_async,
+    trace_json,
+    wallet_file,
+    wallet_passphrase,
 )
-
-__all__ = [
-    "CliError",
-    "Progress",
-    "add_chain_args",
-    "add_wallet_args",
-    "chain_network",
-    "open_chain",
-    "open_wallet",
-    "register",
-    "run_async",
-    "wallet_file",
-]
+from .devnet import DevnetClient, DevnetError
+from .toncenter import ToncenterError, Trace
+from .units import format_address, format_ton, parse_address, parse_ton
+from .wallet import KeystoreError, WalletError, WalletKeys, create_keystore, read_keystore_header
 
 DEFAULT_FAUCET_TON = "10"
-
-
-class CliError(Exception):
-    """A user-facing failure: printed without a traceback, exit code 1."""
-
-
-# ----------------------------------------------------------------- shared helpers
-
-
-class Progress:
-    """Dots on stderr while waiting for the chain: ``waiting for confirmation....  done``."""
-
-    def __init__(self, label: str = "waiting for confirmation", stream: Any = None):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.started = False
-
-    def tick(self) -> None:
-        if not self.started:
-            self.stream.write(self.label)
-            self.started = True
-        self.stream.write(".")
-        self.stream.flush()
-
-    def __enter__(self) -> Progress:
-        self.tick()
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if self.started:
-            self.stream.write(" done\n" if exc_type is None else " failed\n")
-            self.stream.flush()
-
-
-def add_chain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--chain",
-        default=os.environ.get("IMAGO_CHAIN", "devnet"),
-        help="devnet | testnet | mainnet | URL of a toncenter v2 API (default: devnet; "
-        "API key from TONCENTER_API_KEY)",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def add_wallet_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="default", help="wallet name (default: default)")
-    p.add_argument(
-        "--passphrase-env",
-        metavar="VAR",
-        help="environment variable holding the keystore passphrase",
-    )
-
-
-def chain_network(chain: str) -> str:
-    """The network whose address format and wallet id a --chain value uses."""
-    return chain if chain in ("devnet", "testnet", "mainnet") else "testnet"
-
-
-def _devnet_url() -> str:
-    st = devnet_mod.read_status()
-    if st.running and st.url:
-        return st.url
-    return DEVNET_URL
-
-
-def open_chain(args: argparse.Namespace) -> ToncenterClient:
-    """The adapter for --chain (the devnet one also speaks /devnet/ endpoints)."""
-    chain = args.chain
-    api_key = os.environ.get("TONCENTER_API_KEY") or None
-    if chain == "devnet":
-        return DevnetClient(_devnet_url(), api_key=api_key)
-    try:
-        url = chain_url(chain)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    if chain.startswith("http"):
-        return DevnetClient(url, api_key=api_key)  # may be a devnet elsewhere
-    return ToncenterClient(url, api_key=api_key, testnet=chain != "mainnet")
-
-
-def wallet_file(name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise CliError(f"bad wallet name {name!r}")
-    return imago_home() / "wallets" / f"{name}.json"
-
-
-def wallet_passphrase(args: argparse.Namespace) -> str | None:
-    var = getattr(args, "passphrase_env", None)
-    if not var:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise CliError(f"--passphrase-env {var}: that environment variable is not set")
-    return value
-
-
-def open_wallet(args: argparse.Namespace, client: ToncenterClient) -> Wallet:
-    path = wallet_file(args.name)
-    if not path.exists():
-        raise CliError(f"no wallet named {args.name!r} (create it with `imago wallet new`)")
-    return Wallet.from_keystore(client, path, wallet_passphrase(args))
-
-
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run a handler; known failures become a one-line message and exit code 1."""
-    try:
-        return asyncio.run(coro)
-    except (CliError, DevnetError, WalletError, KeystoreError, UnitsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ToncenterError as e:
-        print(f"error: the chain API answered {e.code}: {e.message}", file=sys.stderr)
-        return 1
-    except TimeoutError as e:
-        print(f"error: timed out: {e}", file=sys.stderr)
-        return 1
-
-
-def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data))
-    else:
-        print(human())
-
-
-def _trace_json(trace: Trace) -> dict[str, Any]:
-    return {
-        "transactions": [
-            {
-                "account": t.account,
-                "lt": t.lt,
-                "hash": base64.b64encode(t.hash).decode(),
-                "gas_used": t.gas_used,
-                "fee": t.fee,
-                "exit_code": t.exit_code,
-                "success": t.success,
-                "aborted": t.aborted,
-            }
-            for t in trace
-        ],
-        "total_gas_used": trace.total_gas_used,
-        "total_fees": trace.total_fees,
-    }
-
 
 # ----------------------------------------------------------------- devnet
 
@@ -209,7 +50,7 @@ def _cmd_devnet_up(args: argparse.Namespace) -> int:
         "log_file": str(proc.log_file),
         "startup_seconds": round(proc.startup_seconds or 0.0, 3),
     }
-    _emit(
+    emit(
         args,
         data,
         lambda: (
@@ -222,7 +63,7 @@ def _cmd_devnet_up(args: argparse.Namespace) -> int:
 
 def _cmd_devnet_down(args: argparse.Namespace) -> int:
     stopped = devnet_mod.stop_background(devnet_mod.default_state_dir())
-    _emit(
+    emit(
         args,
         {"stopped": stopped},
         lambda: "devnet stopped (state kept)" if stopped else "no devnet was running",
@@ -269,7 +110,7 @@ def _cmd_devnet_status(args: argparse.Namespace) -> int:
         lines.append(f"state: {st.state_dir}")
         return "\n".join(lines)
 
-    _emit(args, data, human)
+    emit(args, data, human)
     return 0 if st.running else 3
 
 
@@ -297,7 +138,7 @@ def _cmd_wallet_new(args: argparse.Namespace) -> int:
         "network": network,
         "encrypted": header["encrypted"],
     }
-    _emit(
+    emit(
         args,
         data,
         lambda: (
@@ -330,7 +171,7 @@ def _cmd_wallet_show(args: argparse.Namespace) -> int:
         "network": header.get("network"),
         "encrypted": header["encrypted"],
     }
-    _emit(
+    emit(
         args,
         data,
         lambda: "\n".join(
@@ -360,7 +201,7 @@ async def _wallet_balance(args: argparse.Namespace) -> int:
         "balance": format_ton(info.balance, unit=False),
         "state": info.state,
     }
-    _emit(args, data, lambda: f"{format_ton(info.balance)} ({info.state}) {data['address']}")
+    emit(args, data, lambda: f"{format_ton(info.balance)} ({info.state}) {data['address']}")
     return 0
 
 
@@ -384,7 +225,7 @@ async def _wallet_faucet(args: argparse.Namespace) -> int:
         "tx_hash": base64.b64encode(res.hash).decode(),
         "tx_lt": res.lt,
     }
-    _emit(
+    emit(
         args,
         data,
         lambda: (
@@ -412,7 +253,7 @@ async def _wallet_send(args: argparse.Namespace) -> int:
         if args.no_wait:
             sent = await wallet.transfer(dest, amount, body, bounce=args.bounce, wait=False)
             data = {"sent": True, "hash_norm": base64.b64encode(sent.hash_norm).decode()}
-            _emit(args, data, lambda: f"sent; message hash {data['hash_norm']}")
+            emit(args, data, lambda: f"sent; message hash {data['hash_norm']}")
             return 0
         with Progress() as progress:
             trace = await wallet.transfer(
@@ -424,7 +265,7 @@ async def _wallet_send(args: argparse.Namespace) -> int:
         "to": args.destination,
         "amount_nanoton": amount,
         "amount": format_ton(amount, unit=False),
-        **_trace_json(trace),
+        **trace_json(trace),
     }
     ok = trace.root.success
 
@@ -440,7 +281,7 @@ async def _wallet_send(args: argparse.Namespace) -> int:
                 lines.append(f"note: {t.account} bounced the value back")
         return "\n".join(lines)
 
-    _emit(args, data, human)
+    emit(args, data, human)
     return 0 if ok else 1
 
 

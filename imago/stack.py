@@ -31,10 +31,10 @@ from pathlib import Path
 
 from pytoniq_core import Address
 
-from contracts.deploy import provider_address
-from contracts.devnet import pid_alive
-from contracts.protocol.attestation import DEV_MEASUREMENT, image_hash
-from contracts.protocol.signed import model_hash
+from contracts.chain.addresses import provider_address
+from contracts.chain.devnet import pid_alive
+from protocol.attestation import DEV_MEASUREMENT, image_hash
+from protocol.signed import model_hash
 
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
 DEFAULT_ENGINE_PORT = 8801  # the node's vLLM, on loopback
@@ -63,7 +63,7 @@ class StackState:
     matcher_url: str = ""
     gateway_url: str = ""
     model: str = ""
-    # `imago client serve` started by hand takes it, like the rest, as its default.
+    # `imago gateway` started by hand takes it, like the rest, as its default.
     devnet: bool = False
     escrow: str = ""
     vault: str = ""
@@ -136,7 +136,7 @@ class StackLauncher:
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "client.cli", *args],
+                [sys.executable, "-m", "imago.cli", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -260,7 +260,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     launcher.spawn(
         "gateway",
         [
-            "client", "serve", "--devnet",
+            "gateway", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["gateway"]),
             "--matcher", state.matcher_url, "--state-dir", str(home / "client"),
             "--escrow", state.escrow, "--vault", state.vault,
@@ -281,7 +281,7 @@ PROVIDER_STAKE_TON = "12"
 def run_imago(home: Path, *args: str) -> dict:
     """Run one `imago … --json` command against this home and return its JSON."""
     result = subprocess.run(
-        [sys.executable, "-m", "client.cli", *args, "--json"],
+        [sys.executable, "-m", "imago.cli", *args, "--json"],
         env={**os.environ, "IMAGO_HOME": str(home)},
         capture_output=True,
         text=True,

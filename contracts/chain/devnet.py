@@ -49,7 +49,9 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 8600
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = (
+    Path(__file__).resolve().parent.parent
+)  # contracts/: the devnet sources and node_modules
 SERVER_PATH = PACKAGE_DIR / "devnet" / "server.mjs"
 NODE_MODULES = PACKAGE_DIR / "node_modules"
 PID_FILE = "devnet.pid"

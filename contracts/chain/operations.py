@@ -1,8 +1,8 @@
 """High-level on-chain operations of every role, used by the CLI and the tests.
 
 Each operation sends one internal message from a wallet (anything with ``address`` and
-``transfer(...)``, e.g. ``contracts.wallet.Wallet``), waits for the whole chain of
-transactions it causes and returns the :class:`~contracts.toncenter.Trace`. With
+``transfer(...)``, e.g. ``contracts.chain.wallet.Wallet``), waits for the whole chain of
+transactions it causes and returns the :class:`~contracts.chain.toncenter.Trace`. With
 ``check=True`` (the default) a failed transaction anywhere in the trace raises
 :class:`OperationFailed` naming the contract error.
 """
@@ -10,12 +10,15 @@ transactions it causes and returns the :class:`~contracts.toncenter.Trace`. With
 from __future__ import annotations
 
 import secrets
+from dataclasses import asdict
 from typing import Any
 
 from pytoniq_core import Address, Cell
 
-from . import deploy, getters
-from .deploy import DEFAULT_PARAMS, Sender
+from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
+
+from . import addresses, artifacts, getters
+from .addresses import DEFAULT_PARAMS, Sender
 from .messages import (
     Capabilities,
     ChangeOwner,
@@ -44,16 +47,17 @@ from .messages import (
     WithdrawStake,
     WithdrawVaultStake,
 )
-from .protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
 from .toncenter import ToncenterClient, Trace
 
 __all__ = [
     "ERROR_NAMES",
+    "DeployError",
     "OP_VALUE",
     "OperationFailed",
     "allow_image",
     "allow_model",
     "change_owner",
+    "deploy_all",
     "deploy_registry",
     "deploy_vault",
     "escrow_charge",
@@ -192,11 +196,68 @@ async def _send(
 # --- Registry ----------------------------------------------------------------------------
 
 
+class DeployError(RuntimeError):
+    pass
+
+
+def _raw(a: Address) -> str:
+    return a.to_str(is_user_friendly=False)
+
+
+def _check(trace: Trace, what: str) -> Trace:
+    failed = [t for t in trace.transactions if not t.success]
+    if failed:
+        t = failed[0]
+        raise DeployError(
+            f"{what}: transaction on {t.address.to_str()} failed "
+            f"(exit code {t.exit_code}, action {t.action_result_code})"
+        )
+    return trace
+
+
 async def deploy_registry(
     owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
-) -> Address:
-    addr, _ = await deploy.deploy_registry(owner, params, value=value)
-    return addr
+) -> tuple[Address, Trace]:
+    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit)."""
+    si = addresses.registry_state_init(owner.address, params)
+    addr = addresses.address_of(si)
+    trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)
+    return addr, _check(trace, "registry deploy")
+
+
+async def deploy_all(
+    owner: Sender,
+    *,
+    chain: str = "devnet",
+    params: RegistryParams = DEFAULT_PARAMS,
+    operator: Sender | None = None,
+    operator_key: int | None = None,
+    vault_stake: int | None = None,
+) -> addresses.Deployment:
+    """Deploy the Registry and, given an operator, its Vault. Returns the Deployment."""
+    registry, _ = await deploy_registry(owner, params)
+    dep = addresses.Deployment(
+        chain=chain,
+        registry=_raw(registry),
+        owner=_raw(owner.address),
+        params=asdict(params),
+        code_hashes={n: a.code_hash_hex for n, a in artifacts.load_all().items()},
+        vaults={},
+        providers={},
+        escrows={},
+    )
+    if operator is not None and operator_key is not None:
+        stake = vault_stake if vault_stake is not None else params.min_vault_stake
+        vault = await deploy_vault(
+            operator,
+            registry,
+            operator_key,
+            stake,
+            client=getattr(operator, "client", None),
+            params=params,
+        )
+        dep.vaults[_raw(operator.address)] = _raw(vault)
+    return dep
 
 
 async def update_params(
@@ -262,7 +323,7 @@ async def register_provider(
     trace = await _send(
         "register provider", owner, registry, stake + reg.register_fee, body, check=check, **kw
     )
-    return deploy.provider_address(registry, owner.address, seq), trace
+    return addresses.provider_address(registry, owner.address, seq), trace
 
 
 async def provider_top_up(
@@ -372,7 +433,7 @@ async def deploy_vault(
         fee = TON // 5
     body = DeployVault(new_query_id(), _key_int(operator_key)).to_cell()
     await _send("deploy vault", operator, registry, stake + fee, body, check=check, **kw)
-    return deploy.vault_address(registry, operator.address, _key_int(operator_key))
+    return addresses.vault_address(registry, operator.address, _key_int(operator_key))
 
 
 async def vault_commit_epoch(
@@ -439,8 +500,8 @@ async def escrow_open(
 
     ``close_delay`` must be the vault's escrow close delay (``VaultData.escrow_close_delay``).
     """
-    si = deploy.escrow_state_init(vault, owner.address, _key_int(spend_key), close_delay)
-    addr = deploy.address_of(si)
+    si = addresses.escrow_state_init(vault, owner.address, _key_int(spend_key), close_delay)
+    addr = addresses.address_of(si)
     body = Deposit(new_query_id()).to_cell()
     trace = await _send("escrow open", owner, addr, amount, body, check=check, state_init=si, **kw)
     return addr, trace

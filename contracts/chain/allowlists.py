@@ -29,10 +29,10 @@ from typing import Literal
 import aiohttp
 from pytoniq_core import Address
 
-from contracts.getters import GetterError, is_image_allowed, is_model_allowed
-from contracts.protocol.attestation import image_hash
-from contracts.protocol.signed import model_hash
-from contracts.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.getters import GetterError, is_image_allowed, is_model_allowed
+from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from protocol.attestation import image_hash
+from protocol.signed import model_hash
 
 __all__ = ["ALLOWLIST_TTL_S", "AllowlistUnavailable", "Allowlists"]
 

@@ -12,7 +12,7 @@ from pytoniq_core import Cell
 
 __all__ = ["BUILD_DIR", "CONTRACT_NAMES", "Artifact", "ArtifactError", "load", "load_all"]
 
-BUILD_DIR = Path(__file__).resolve().parent / "build"
+BUILD_DIR = Path(__file__).resolve().parent.parent / "build"
 CONTRACT_NAMES = ("registry", "provider", "vault", "escrow")
 
 

@@ -1,0 +1,7 @@
+"""`python -m imago`: the `imago` command."""
+
+import sys
+
+from imago.cli import main
+
+sys.exit(main())
