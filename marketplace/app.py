@@ -284,7 +284,7 @@ async def submit_voucher(request: web.Request) -> web.Response:
                 cumulative=voucher.cumulative,
                 voucher_boc=body.voucher,
                 signature=signature.hex(),
-                job_ids=tuple(dict.fromkeys(j.lower() for j in body.job_ids)),
+                jobs={j.job_id.lower(): j.amount for j in body.jobs},
             )
         )
     except VoucherRejected as e:

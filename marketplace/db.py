@@ -1,4 +1,4 @@
-"""The matcher's durable records (SQLModel): nodes, jobs and spend vouchers.
+"""The matcher's durable records (SQLModel): nodes, jobs, spend vouchers and settlement.
 
 SQLite by default (WAL), any PostgreSQL URL unchanged. Only ``Ledger`` (ledger.py)
 writes; it runs every statement on one writer thread in group commits.
@@ -14,7 +14,13 @@ from sqlalchemy import BigInteger, Column, Engine, Index, Numeric, event
 from sqlmodel import Field, SQLModel, create_engine
 
 __all__ = [
+    "AccountRecord",
+    "ChargeRecord",
+    "EpochRecord",
     "JobRecord",
+    "LeafRecord",
+    "LeaseRecord",
+    "PayoutRecord",
     "JobStatus",
     "NodeRecord",
     "SpendVoucherRecord",
@@ -55,6 +61,7 @@ class NodeRecord(SQLModel, table=True):
     state: str = Field(default="admitted", max_length=16)  # admitted / rejected / unhealthy
     reason: str = ""
     models: str = "[]"  # JSON list of ModelOffer
+    provider: str | None = None  # the Provider contract backing it (raw address)
     admitted_at: int = Field(default=0, sa_type=BigInteger)
     attested_at: int = Field(default=0, sa_type=BigInteger)
     updated_at: int = Field(default=0, sa_type=BigInteger)
@@ -67,6 +74,7 @@ class JobRecord(SQLModel, table=True):
     __table_args__ = (
         Index("ix_jobs_status_instance", "status", "instance"),
         Index("ix_jobs_escrow", "escrow"),
+        Index("ix_jobs_epoch", "epoch"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -92,6 +100,9 @@ class JobRecord(SQLModel, table=True):
     )
     created_at: int = Field(default=0, sa_type=BigInteger)
     finished_at: int | None = Field(default=None, sa_type=BigInteger)
+    # settlement: the epoch whose ledger holds the job, and its record's salt (hex)
+    epoch: int | None = Field(default=None, sa_type=BigInteger)
+    salt: str | None = Field(default=None, max_length=64)
 
 
 class SpendVoucherRecord(SQLModel, table=True):
@@ -108,7 +119,129 @@ class SpendVoucherRecord(SQLModel, table=True):
     updated_at: int = Field(default=0, sa_type=BigInteger)
 
 
-TABLES = [NodeRecord.__table__, JobRecord.__table__, SpendVoucherRecord.__table__]
+class EpochRecord(SQLModel, table=True):
+    """One epoch of the ledger: built (leaves written, commit signed), then committed
+    once the Vault holds its root. Totals are cumulative over all epochs, as committed."""
+
+    __tablename__ = "epochs"
+
+    epoch: int = Field(primary_key=True, sa_type=BigInteger)
+    vault: str
+    state: str = Field(default="built", max_length=16)  # built / committed
+    root: str = Field(max_length=64)
+    charged: int = Field(default=0, sa_column=_coins())
+    paid: int = Field(default=0, sa_column=_coins())
+    fees: int = Field(default=0, sa_column=_coins())
+    epoch_charged: int = Field(default=0, sa_column=_coins())
+    epoch_earned: int = Field(default=0, sa_column=_coins())
+    leaves: int = 0
+    commit_boc: str = ""  # base64 of the signed EpochCommit cell
+    commit_signature: str = Field(default="", max_length=128)
+    tx_hash: str | None = Field(default=None, max_length=64)
+    built_at: int = Field(default=0, sa_type=BigInteger)
+    committed_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class LeafRecord(SQLModel, table=True):
+    """A public aggregate leaf of an epoch (``protocol.ledger``). An escrow leaf keeps
+    the client's voucher for its cumulative: the one the matcher charges with."""
+
+    __tablename__ = "epoch_leaves"
+    __table_args__ = (Index("ix_leaves_address", "kind", "address", "epoch"),)
+
+    epoch: int = Field(primary_key=True, sa_type=BigInteger)
+    idx: int = Field(primary_key=True)
+    kind: str = Field(max_length=8)  # escrow / provider
+    address: str
+    amount: int = Field(default=0, sa_column=_coins())
+    cumulative: int = Field(default=0, sa_column=_coins())
+    sub_root: str = Field(max_length=64)
+    voucher_boc: str | None = None
+    voucher_signature: str | None = Field(default=None, max_length=128)
+
+
+class AccountRecord(SQLModel, table=True):
+    """The running cumulative of an escrow (charged) or a provider (earned) up to the
+    last built epoch: the next leaf starts from it."""
+
+    __tablename__ = "ledger_accounts"
+
+    kind: str = Field(primary_key=True, max_length=8)
+    address: str = Field(primary_key=True)
+    cumulative: int = Field(default=0, sa_column=_coins())
+    last_epoch: int = Field(default=0, sa_type=BigInteger)
+
+
+class PayoutRecord(SQLModel, table=True):
+    """An operator-signed payout voucher of one provider for one epoch; published only
+    once that epoch is committed (invariant 6)."""
+
+    __tablename__ = "payout_vouchers"
+
+    provider: str = Field(primary_key=True)
+    epoch: int = Field(primary_key=True, sa_type=BigInteger)
+    cumulative: int = Field(default=0, sa_column=_coins())
+    voucher_boc: str
+    signature: str = Field(max_length=128)
+
+
+class ChargeRecord(SQLModel, table=True):
+    """What the matcher knows of an escrow on-chain and its last charge attempt."""
+
+    __tablename__ = "charges"
+
+    escrow: str = Field(primary_key=True)
+    charged: int = Field(default=0, sa_column=_coins())  # on-chain, as last read
+    state: str = Field(default="open", max_length=16)  # the Escrow's state as last read
+    unlock_time: int = Field(default=0, sa_type=BigInteger)
+    submitted: int = Field(default=0, sa_column=_coins())  # cumulative of the last charge sent
+    tx_hash: str | None = Field(default=None, max_length=64)
+    failures: int = 0
+    retry_at: int = Field(default=0, sa_type=BigInteger)
+    checked_at: int = Field(default=0, sa_type=BigInteger)
+
+
+class LeaseRecord(SQLModel, table=True):
+    """A named lease (the settlement leader among matcher replicas)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=32)
+    holder: str = Field(max_length=64)
+    expires_at: int = Field(default=0, sa_type=BigInteger)
+
+
+TABLES = [
+    NodeRecord.__table__,
+    JobRecord.__table__,
+    SpendVoucherRecord.__table__,
+    EpochRecord.__table__,
+    LeafRecord.__table__,
+    AccountRecord.__table__,
+    PayoutRecord.__table__,
+    ChargeRecord.__table__,
+    LeaseRecord.__table__,
+]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Databases of earlier versions lack the settlement columns: add them (nullable, or
+    with their default), so that a matcher upgrade keeps its jobs and vouchers."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    missing = [
+        (table.name, column)
+        for table in (NodeRecord.__table__, JobRecord.__table__)
+        for column in table.columns
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+    if missing:
+        with engine.begin() as conn:
+            for table_name, column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {column.name} {kind}"))
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_epoch ON jobs (epoch)"))
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
@@ -135,4 +268,5 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
     else:
         engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
     SQLModel.metadata.create_all(engine, tables=TABLES)
+    _add_missing_columns(engine)
     return engine

@@ -52,6 +52,10 @@ INLINE_BUSY_TIMEOUT_MS = 2
 THREAD_BUSY_TIMEOUT_MS = 30_000
 
 
+# A job in this state reached no node's output: it costs nothing.
+UNSERVED = frozenset({JobStatus.FAILED_BEFORE_FIRST_BYTE})
+
+
 class _Busy(Exception):
     """SQLite is locked by another connection; retry the batch on the writer thread."""
 
@@ -83,7 +87,7 @@ class VoucherUpdate:
     cumulative: int
     voucher_boc: str
     signature: str
-    job_ids: tuple[str, ...]
+    jobs: dict[str, int]  # job id -> what the client pays for it
 
 
 def _unawaited(future: asyncio.Future) -> asyncio.Future:
@@ -201,6 +205,11 @@ class Ledger:
         self.counts[status] += 1
         fields.update(job_id=job_id, status=status, finished_at=now_ms())
         return _unawaited(self._enqueue("close", fields))
+
+    def assign_node(self, job_id: str, node_id: str) -> asyncio.Future:
+        """Name the node a job in flight goes to next (failover): if the matcher dies
+        while that node streams, the client's voucher still credits the right node."""
+        return _unawaited(self._enqueue("close", {"job_id": job_id, "node_id": node_id}))
 
     def save_node(self, fields: dict) -> asyncio.Future:
         return _unawaited(self._enqueue("node", {**fields, "updated_at": now_ms()}))
@@ -466,46 +475,65 @@ class Ledger:
                     f"cumulative {v.cumulative} is not above the stored {previous}",
                 )
         jobs = []
-        if v.job_ids:
+        if v.jobs:
             jobs = conn.execute(
                 select(
                     JOBS.c.job_id,
                     JOBS.c.escrow,
                     JOBS.c.status,
                     JOBS.c.amount,
+                    JOBS.c.node_id,
                     JOBS.c.voucher_cumulative,
                 )
-                .where(JOBS.c.job_id.in_(v.job_ids))
+                .where(JOBS.c.job_id.in_(list(v.jobs)))
                 .with_for_update()
             ).all()
         found = {job.job_id: job for job in jobs}
-        for job_id in v.job_ids:
+        for job_id in v.jobs:
             job = found.get(job_id)
             if job is None:
                 raise VoucherRejected(404, "unknown_job", f"job {job_id} is not known")
             if job.escrow != v.escrow:
                 raise VoucherRejected(400, "wrong_escrow", f"job {job_id} is for another escrow")
         # A job an earlier voucher already covers stays linked to it: a client whose
-        # acknowledgement got lost lists it again with its next, higher voucher.
+        # acknowledgement got lost lists it again with its next, higher voucher. One
+        # covered by a voucher at or above this one means a concurrent post won.
+        if any(int(j.voucher_cumulative or 0) >= v.cumulative for j in jobs):
+            raise VoucherRejected(409, "voucher_conflict", "a concurrent voucher won")
         jobs = [job for job in jobs if job.voucher_cumulative is None]
+        # Every nanoton the voucher adds lands on exactly one job: a completed job costs
+        # what its receipt says; a job cut short (mid-stream, or a matcher that stopped)
+        # costs what the client says it received, which the matcher cannot read.
+        amounts: dict[str, int] = {}
+        for job in jobs:
+            stated = v.jobs[job.job_id]
+            if job.status == JobStatus.COMPLETED and stated != int(job.amount):
+                raise VoucherRejected(
+                    400, "amount_mismatch",
+                    f"job {job.job_id} has a receipt for {int(job.amount)} nanoTON, "
+                    f"not {stated}",
+                )  # fmt: skip
+            if stated and (job.node_id is None or job.status in UNSERVED):
+                raise VoucherRejected(
+                    400, "amount_mismatch", f"job {job.job_id} was not served: it costs 0"
+                )
+            amounts[job.job_id] = stated
         delta = v.cumulative - previous
-        owed = sum(int(job.amount) for job in jobs if job.status == JobStatus.COMPLETED)
-        if delta < owed:
+        if delta != sum(amounts.values()):
             raise VoucherRejected(
-                402,
-                "voucher_below_receipts",
-                f"the voucher adds {delta} nanoTON but its receipts total {owed}",
+                402 if delta < sum(amounts.values()) else 400,
+                "voucher_below_receipts"
+                if delta < sum(amounts.values())
+                else "voucher_unexplained",
+                f"the voucher adds {delta} nanoTON but its jobs total {sum(amounts.values())}",
             )
-        # The matcher cannot read the usage of a job that broke mid-stream; what the
-        # client pays for it is the part of the voucher its receipts do not explain.
-        remainder = delta - owed
         now = now_ms()
         for job in jobs:
-            values: dict[str, Any] = {"voucher_cumulative": v.cumulative}
-            if job.status == JobStatus.FAILED_MIDSTREAM and remainder:
-                values["amount"] = remainder
-                remainder = 0
-            conn.execute(update(JOBS).where(JOBS.c.job_id == job.job_id).values(values))
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.job_id == job.job_id)
+                .values(voucher_cumulative=v.cumulative, amount=amounts[job.job_id])
+            )
         row = {
             "vault": v.vault,
             "spend_public": v.spend_public,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from pydantic import ValidationError
+from pytoniq_core import Address
 from yarl import URL
 
 from contracts.chain.allowlists import Allowlists, AllowlistUnavailable
@@ -97,6 +98,15 @@ class NodeStats:
     def record_failure(self) -> None:
         self.relayed += 1
         self.success -= EWMA * self.success
+
+
+def _raw_address(address: str | None) -> str | None:
+    if not address:
+        return None
+    try:
+        return Address(address).to_str(is_user_friendly=False)
+    except Exception:  # noqa: BLE001 - pytoniq raises bare errors; an odd name stays as is
+        return address
 
 
 @dataclass
@@ -286,6 +296,7 @@ class NodeRegistry:
             "state": state,
             "reason": reason,
             "models": json.dumps([o.model_dump() for o in node.offers.values()]),
+            "provider": _raw_address(node.identity.provider),
             "attested_at": int(node.attested_at * 1000),
         }
         if admitted:

@@ -210,6 +210,7 @@ class Relay:
                     "job_id": job_id,
                     "model": body.model,
                     "escrow": escrow,
+                    "node_id": order[0].node_id,  # the node it goes to (failover renames it)
                     "request_bytes": len(sealed[order[0].node_id]),
                 }
             )
@@ -234,6 +235,7 @@ class Relay:
                 self.ledger.close_job(
                     job_id,
                     status,
+                    node_id=None,  # nobody served it
                     failed_nodes=",".join(job.failed),
                     error=error[:500],
                     duration_ms=(time.perf_counter() - started) * 1000,
@@ -244,7 +246,9 @@ class Relay:
         self, request: web.Request, order: list[NodeState], job: _RelayJob
     ) -> web.StreamResponse:
         busy = 0
-        for node in order:
+        for attempt, node in enumerate(order):
+            if attempt:
+                await self.ledger.assign_node(job.job_id, node.node_id)
             node.stats.inflight += 1
             try:
                 return await self._relay_to(request, node, job)
@@ -281,6 +285,7 @@ class Relay:
         self.ledger.close_job(
             job.job_id,
             JobStatus.FAILED_BEFORE_FIRST_BYTE,
+            node_id=None,  # nobody served it
             failed_nodes=",".join(job.failed),
             error="every candidate was at capacity"
             if all_busy

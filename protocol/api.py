@@ -183,13 +183,22 @@ class EndFrame(_Model):
     completion_tokens: int
 
 
+class VoucherJob(_Model):
+    """One job a voucher pays for, and what the client pays for it: its receipt's amount,
+    or, for a stream cut short, the cost of what the client received."""
+
+    job_id: Hex32
+    amount: int = Field(ge=0, lt=1 << 120)
+
+
 class VoucherSubmission(_Model):
-    """Client → matcher: ``POST /v1/vouchers`` after checking a receipt."""
+    """Client → matcher: ``POST /v1/vouchers`` after checking a receipt. The jobs' amounts
+    add up to what the voucher adds to the previous one the matcher holds."""
 
     voucher: str  # base64 BOC of the SpendVoucher cell
     signature: Hex64
     spend_public: Hex32
-    job_ids: list[Hex32]
+    jobs: list[VoucherJob] = Field(max_length=100_000)
 
 
 class ErrorBody(BaseModel):

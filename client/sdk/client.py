@@ -744,9 +744,9 @@ class ImagoClient:
                 snapshot = ledger.snapshot()
                 # durable (fsync) before any voucher for this cumulative exists
                 await asyncio.to_thread(ledger.save, snapshot)
-                cumulative, job_ids = snapshot["cumulative"], snapshot["pending_jobs"]
-                if await self._post_voucher(cumulative, job_ids):
-                    ledger.acknowledge(cumulative, job_ids)
+                cumulative, jobs = snapshot["cumulative"], snapshot["pending_jobs"]
+                if await self._post_voucher(cumulative, jobs):
+                    ledger.acknowledge(cumulative, jobs)
                     backoff = 0.1
                     self.last_voucher_error = None
                     if self.voucher_interval > 0 and not self._flushing:
@@ -757,13 +757,13 @@ class ImagoClient:
                     backoff = min(backoff * 2, VOUCHER_BACKOFF_MAX)
             self._voucher_idle.set()
 
-    async def _post_voucher(self, cumulative: int, job_ids: list[str]) -> bool:
+    async def _post_voucher(self, cumulative: int, jobs: list[list]) -> bool:
         voucher = SpendVoucher(escrow=self.escrow, vault=self.vault, cumulative=cumulative)
         submission = {
             "voucher": base64.b64encode(voucher.to_boc()).decode(),
             "signature": voucher.sign(self._spend_key).hex(),
             "spend_public": self.spend_public.hex(),
-            "job_ids": job_ids,
+            "jobs": [{"job_id": job, "amount": amount} for job, amount in jobs],
         }
         try:
             async with self.session.post(
@@ -796,7 +796,10 @@ async def _already_holds(resp: aiohttp.ClientResponse) -> bool:
     except (ValueError, aiohttp.ClientError):
         return False
     error = data.get("error") if isinstance(data, dict) else None
-    return isinstance(error, dict) and error.get("code") == "voucher_not_increasing"
+    return isinstance(error, dict) and error.get("code") in (
+        "voucher_not_increasing",
+        "voucher_conflict",
+    )
 
 
 async def _matcher_error(resp: aiohttp.ClientResponse, what: str) -> ImagoError:

@@ -36,7 +36,8 @@ class LedgerError(Exception):
 class SpendLedger:
     """``cumulative``: total the client has agreed to pay through this escrow.
     ``posted``: the highest cumulative the matcher acknowledged.
-    ``pending_jobs``: job ids paid for but not yet acknowledged.
+    ``pending_jobs``: ``[job id, amount]`` of spends not yet acknowledged: the voucher
+    that covers them says what each job cost, so each nanoton lands on its own job.
     ``seq``: number of spends recorded (journal entries carry it)."""
 
     path: Path
@@ -44,7 +45,7 @@ class SpendLedger:
     vault: str
     cumulative: int = 0
     posted: int = 0
-    pending_jobs: list[str] = field(default_factory=list)
+    pending_jobs: list[list] = field(default_factory=list)
     seq: int = 0
     _journal_fd: int = field(default=-1, repr=False)
     _journal_bytes: int = field(default=0, repr=False)
@@ -67,7 +68,9 @@ class SpendLedger:
                 ledger.vault = str(data["vault"])
                 ledger.cumulative = int(data["cumulative"])
                 ledger.posted = int(data.get("posted", 0))
-                ledger.pending_jobs = [str(j) for j in data.get("pending_jobs", [])]
+                ledger.pending_jobs = [
+                    [str(job), int(amount)] for job, amount in data.get("pending_jobs", [])
+                ]
                 ledger.seq = int(data.get("seq", 0))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise LedgerError(f"spend ledger {path} is unreadable: {e}") from e
@@ -99,7 +102,7 @@ class SpendLedger:
             if seq > self.seq and amount >= 0:
                 self.seq = seq
                 self.cumulative += amount
-                self.pending_jobs.append(job)
+                self.pending_jobs.append([job, amount])
 
     def _reset_journal(self) -> None:
         self.close()
@@ -118,18 +121,18 @@ class SpendLedger:
         os.write(self._journal_fd, data)  # one append: never interleaved, never torn mid-file
         self._journal_bytes += len(data)
         self.cumulative += amount
-        self.pending_jobs.append(job_id)
+        self.pending_jobs.append([job_id, amount])
         if self._journal_bytes > COMPACT_JOURNAL_BYTES:
             self.save()
             self._reset_journal()
         return self.cumulative
 
-    def acknowledge(self, cumulative: int, job_ids: list[str]) -> None:
-        """The matcher holds a voucher for ``cumulative`` covering ``job_ids`` (persisted
+    def acknowledge(self, cumulative: int, jobs: list[list]) -> None:
+        """The matcher holds a voucher for ``cumulative`` covering ``jobs`` (persisted
         with the next snapshot; re-posting an acknowledged voucher is harmless)."""
         self.posted = max(self.posted, cumulative)
-        done = set(job_ids)
-        self.pending_jobs = [j for j in self.pending_jobs if j not in done]
+        done = {job for job, _ in jobs}
+        self.pending_jobs = [j for j in self.pending_jobs if j[0] not in done]
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -137,7 +140,7 @@ class SpendLedger:
             "vault": self.vault,
             "cumulative": self.cumulative,
             "posted": self.posted,
-            "pending_jobs": list(self.pending_jobs),
+            "pending_jobs": [list(j) for j in self.pending_jobs],
             "seq": self.seq,
         }
 

@@ -60,7 +60,9 @@ async def test_complete_returns_verified_receipt(imago: ImagoClient, fake_matche
     assert sealed.escrow == ESCROW and sealed.max_price_completion == 10_000_000
     await imago.flush_vouchers()
     assert matcher.latest[ESCROW] == FULL_COST
-    assert matcher.vouchers[-1].job_ids == [completion.job_id]
+    assert [(j.job_id, j.amount) for j in matcher.vouchers[-1].jobs] == [
+        (completion.job_id, FULL_COST)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -338,7 +340,7 @@ async def test_ledger_refuses_another_escrow(tmp_path: Path) -> None:
     with open(tmp_path / "l.json.journal", "ab") as journal:
         journal.write(b'{"s":3,"a":1')  # a torn last line
     reopened = SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT)
-    assert (reopened.cumulative, reopened.pending_jobs, reopened.seq) == (12, ["ab", "cd"], 2)
+    assert (reopened.cumulative, reopened.pending_jobs, reopened.seq) == (12, [["ab", 5], ["cd", 7]], 2)
     assert (tmp_path / "l.json.journal").read_bytes() == b""  # compacted into the snapshot
     reopened.add(1, "ef")
     reopened.close()

@@ -332,8 +332,9 @@ class FakeClient:
         return voucher, signature, cumulative
 
     async def post_voucher(
-        self, amount: int, job_ids: list[str], **kwargs
+        self, amount: int, jobs: list[str | tuple[str, int]], **kwargs
     ) -> aiohttp.ClientResponse:
+        """``jobs``: (job id, amount) pairs, or ids alone when ``amount`` is one job's."""
         boc = kwargs.pop("boc", None)  # to send other bytes than the voucher signed
         voucher, signature, cumulative = self.voucher(amount, **kwargs)
         body = {
@@ -343,7 +344,12 @@ class FakeClient:
             .public_key()
             .public_bytes_raw()
             .hex(),
-            "job_ids": job_ids,
+            "jobs": [
+                {"job_id": j, "amount": amount}
+                if isinstance(j, str)
+                else {"job_id": j[0], "amount": j[1]}
+                for j in jobs
+            ],
         }
         async with self.session.post(f"{self.url}/v1/vouchers", json=body) as resp:
             await resp.read()

@@ -238,11 +238,16 @@ async def test_vouchers(session, start_matcher, start_node, client_for, database
     other = Ed25519PrivateKey.generate()
     resp = await client.post_voucher(amount_b, [b.job_id], key=other)
     assert resp.status == 403  # signed by a key that is not this escrow's spend key
-    # A voucher that does not cover its receipts, a job of someone else, an unknown job.
-    assert (await client.post_voucher(amount_b - 1, [b.job_id])).status == 402
+    # A voucher that does not cover its receipts, one that adds more than its jobs, a job
+    # stated at another amount than its receipt, an unknown job.
+    assert (await client.post_voucher(amount_b - 1, [(b.job_id, amount_b)])).status == 402
+    resp = await client.post_voucher(amount_b + 1, [(b.job_id, amount_b)])
+    assert resp.status == 400 and "voucher_unexplained" in await resp.text()
+    resp = await client.post_voucher(amount_b - 1, [(b.job_id, amount_b - 1)])
+    assert resp.status == 400 and "amount_mismatch" in await resp.text()
     assert (await client.post_voucher(amount_b, ["00" * 32])).status == 404
     # A job listed again (a lost acknowledgement) stays with the voucher that covered it.
-    resp = await client.post_voucher(amount_b, [a.job_id, b.job_id])
+    resp = await client.post_voucher(amount_b, [(a.job_id, amount_a), (b.job_id, amount_b)])
     assert resp.status == 200
     rows = await matcher.ledger.call(lambda c: c.execute(select(VOUCHERS)).mappings().all())
     assert len(rows) == 1 and rows[0]["cumulative"] == amount_a + amount_b
@@ -251,7 +256,7 @@ async def test_vouchers(session, start_matcher, start_node, client_for, database
     assert table[b.job_id]["voucher_cumulative"] == amount_a + amount_b
     async with session.post(
         f"{matcher.url}/v1/vouchers",
-        json={"voucher": "AAAA", "signature": "00", "spend_public": "11", "job_ids": []},
+        json={"voucher": "AAAA", "signature": "00", "spend_public": "11", "jobs": []},
     ) as resp:
         assert resp.status == 400 and "error" in await resp.json()
 
@@ -266,7 +271,7 @@ async def test_bad_voucher_signature_refused(
         "voucher": base64.b64encode(voucher.to_boc()).decode(),
         "signature": (bytes([signature[0] ^ 1]) + signature[1:]).hex(),
         "spend_public": client.spend_key.public_key().public_bytes_raw().hex(),
-        "job_ids": [],
+        "jobs": [],
     }
     async with session.post(f"{matcher.url}/v1/vouchers", json=body) as resp:
         assert resp.status == 403

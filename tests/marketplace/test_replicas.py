@@ -4,11 +4,13 @@ same escrow's voucher: the database decides, exactly one wins, nothing in-proces
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 
 from protocol import envelope
 from protocol.api import RelayRequest
+from protocol.signed import Receipt
 from tests.marketplace.conftest import admit
 from tests.marketplace.fakes import ESCROW, MODEL, FakeClient
 
@@ -27,6 +29,7 @@ async def test_replicas_share_postgres(session, start_matcher, start_node, datab
     client_a, client_b = FakeClient(session, a.url), FakeClient(session, b.url)
 
     # The same job id through both replicas at once: one relays, the other refuses.
+    served = []
     for _ in range(3):
         job_id = envelope.new_job_id()
         results = await asyncio.gather(
@@ -34,13 +37,17 @@ async def test_replicas_share_postgres(session, start_matcher, start_node, datab
         )
         assert sorted(r.status for r in results) == [200, 409]
         assert node.jobs_seen.count(job_id.hex()) == 1
+        served += [r for r in results if r.status == 200]
 
     # One escrow, one spend key, the same cumulative through both: one is stored.
     client_b.spend_key = client_a.spend_key
-    for cumulative in (10, 20, 30):
+    cumulative = 0
+    for result in served:
+        amount = Receipt.from_boc(base64.b64decode(result.end.receipt)).amount
+        cumulative += amount
         responses = await asyncio.gather(
-            client_a.post_voucher(0, [], cumulative=cumulative),
-            client_b.post_voucher(0, [], cumulative=cumulative),
+            client_a.post_voucher(amount, [result.job_id], cumulative=cumulative),
+            client_b.post_voucher(amount, [result.job_id], cumulative=cumulative),
         )
         assert sorted(r.status for r in responses) == [200, 409]
 

@@ -169,6 +169,23 @@ async def test_restart_aborts_jobs_in_flight(session, start_node, tmp_path, data
         engine.dispose()
         assert {r["status"] for r in rows} == {"aborted_by_restart"}
         assert all(r["finished_at"] for r in rows)
+        assert {r["node_id"] for r in rows} == {hang.node_id}  # the node that was streaming
+
+        # The client pays for what the two cut streams delivered, in one voucher: each
+        # nanoton lands on its own job, credited to the node that served it.
+        resp = await client.post_voucher(7, [(job_a, 3), (job_b, 4)])
+        assert resp.status == 200, await resp.text()
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            paid = dict(
+                conn.execute(
+                    select(JobRecord.__table__.c.job_id, JobRecord.__table__.c.amount).where(
+                        JobRecord.__table__.c.job_id.in_([job_a, job_b])
+                    )
+                ).all()
+            )
+        engine.dispose()
+        assert paid == {job_a: 3, job_b: 4}
 
         # After the restart the matcher re-attests the nodes it knew, by itself, and
         # serves and meters as before.
