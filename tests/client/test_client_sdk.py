@@ -340,7 +340,11 @@ async def test_ledger_refuses_another_escrow(tmp_path: Path) -> None:
     with open(tmp_path / "l.json.journal", "ab") as journal:
         journal.write(b'{"s":3,"a":1')  # a torn last line
     reopened = SpendLedger.open(tmp_path / "l.json", ESCROW, VAULT)
-    assert (reopened.cumulative, reopened.pending_jobs, reopened.seq) == (12, [["ab", 5], ["cd", 7]], 2)
+    assert (reopened.cumulative, reopened.pending_jobs, reopened.seq) == (
+        12,
+        [["ab", 5], ["cd", 7]],
+        2,
+    )
     assert (tmp_path / "l.json.journal").read_bytes() == b""  # compacted into the snapshot
     reopened.add(1, "ef")
     reopened.close()
