@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pytoniq_core import Address, Builder  # noqa: E402
 
 from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
-from contracts.chain.toncenter import Transaction  # noqa: E402
+from contracts.chain.transactions import Transaction  # noqa: E402
 from contracts.chain.units import parse_ton  # noqa: E402
 from contracts.chain.wallet import OutMessage, Wallet, WalletKeys  # noqa: E402
 

@@ -38,7 +38,7 @@ from pytoniq_core import Address  # noqa: E402
 from contracts.chain import addresses, artifacts, getters, operations  # noqa: E402
 from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
 from contracts.chain.messages import Capabilities, ModelPrice, RegistryParams  # noqa: E402
-from contracts.chain.toncenter import Trace  # noqa: E402
+from contracts.chain.transactions import Trace  # noqa: E402
 from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
 from protocol.signed import (  # noqa: E402
     EpochCommit,

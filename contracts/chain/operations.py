@@ -2,7 +2,7 @@
 
 Each operation sends one internal message from a wallet (anything with ``address`` and
 ``transfer(...)``, e.g. ``contracts.chain.wallet.Wallet``), waits for the whole chain of
-transactions it causes and returns the :class:`~contracts.chain.toncenter.Trace`. With
+transactions it causes and returns the :class:`~contracts.chain.transactions.Trace`. With
 ``check=True`` (the default) a failed transaction anywhere in the trace raises
 :class:`OperationFailed` naming the contract error.
 """
@@ -47,7 +47,8 @@ from .messages import (
     WithdrawStake,
     WithdrawVaultStake,
 )
-from .toncenter import ToncenterClient, Trace
+from .toncenter import ToncenterClient
+from .transactions import Trace
 
 __all__ = [
     "ERROR_NAMES",
