@@ -46,7 +46,8 @@ async def open_escrows(chain: DevnetClient, ws: list[Wallet]) -> tuple[list[Addr
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from contracts.chain import operations
-    from contracts.chain.messages import Deposit, RegistryParams
+    from contracts.chain.messages.escrow import Deposit
+    from contracts.chain.messages.registry import RegistryParams
 
     params = RegistryParams(
         min_provider_stake=parse_ton("2"),

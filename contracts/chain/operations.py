@@ -19,34 +19,29 @@ from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, m
 
 from . import addresses, artifacts, getters
 from .addresses import DEFAULT_PARAMS, Sender
-from .messages import (
-    Capabilities,
-    ChangeOwner,
-    Charge,
+from .messages.capabilities import Capabilities
+from .messages.escrow import Charge, Close, Deposit, EscrowWithdraw
+from .messages.provider import (
     Claim,
-    Close,
-    CommitEpoch,
-    DeployVault,
-    Deposit,
-    EscrowWithdraw,
     ProviderTopUp,
-    RegisterProvider,
-    RegistryParams,
     RotateKey,
-    SetImage,
-    SetModel,
     SignedPayout,
     SignedReceipt,
     Slash,
-    TopUpStake,
     Unstake,
-    UnstakeVault,
     UpdateCapabilities,
-    UpdateParams,
-    WithdrawFees,
     WithdrawStake,
-    WithdrawVaultStake,
 )
+from .messages.registry import (
+    ChangeOwner,
+    DeployVault,
+    RegisterProvider,
+    RegistryParams,
+    SetImage,
+    SetModel,
+    UpdateParams,
+)
+from .messages.vault import CommitEpoch, TopUpStake, UnstakeVault, WithdrawFees, WithdrawVaultStake
 from .toncenter import ToncenterClient
 from .transactions import Trace
 
