@@ -25,7 +25,7 @@ from contracts.chain.cli import (
     trace_summary,
     wallet_passphrase,
 )
-from contracts.chain.messages import Capabilities, ModelPrice
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from contracts.chain.units import format_ton, parse_address, parse_ton
 from protocol.signed import model_hash
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pytoniq_core import Address, Builder  # noqa: E402
 
 from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
-from contracts.chain.toncenter import Transaction  # noqa: E402
+from contracts.chain.transactions import Transaction  # noqa: E402
 from contracts.chain.units import parse_ton  # noqa: E402
 from contracts.chain.wallet import OutMessage, Wallet, WalletKeys  # noqa: E402
 
@@ -46,7 +46,8 @@ async def open_escrows(chain: DevnetClient, ws: list[Wallet]) -> tuple[list[Addr
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from contracts.chain import operations
-    from contracts.chain.messages import Deposit, RegistryParams
+    from contracts.chain.messages.escrow import Deposit
+    from contracts.chain.messages.registry import RegistryParams
 
     params = RegistryParams(
         min_provider_stake=parse_ton("2"),

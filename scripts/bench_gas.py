@@ -37,8 +37,9 @@ from pytoniq_core import Address  # noqa: E402
 
 from contracts.chain import addresses, artifacts, getters, operations  # noqa: E402
 from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
-from contracts.chain.messages import Capabilities, ModelPrice, RegistryParams  # noqa: E402
-from contracts.chain.toncenter import Trace  # noqa: E402
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice  # noqa: E402
+from contracts.chain.messages.registry import RegistryParams  # noqa: E402
+from contracts.chain.transactions import Trace  # noqa: E402
 from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
 from protocol.signed import (  # noqa: E402
     EpochCommit,
@@ -165,7 +166,7 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     vault = addresses.vault_address(registry, operator.address, operator_key.int)
     rec.label(vault, "vault")
     reg = await getters.get_registry_data(chain, registry)
-    from contracts.chain.messages import DeployVault
+    from contracts.chain.messages.registry import DeployVault
 
     tr = await operator.transfer(
         registry,

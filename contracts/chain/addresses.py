@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from pytoniq_core import Address, Cell, StateInit, begin_cell
 
 from . import artifacts
-from .messages import RegistryParams
+from .messages.registry import RegistryParams
 
 __all__ = [
     "DEFAULT_PARAMS",

@@ -26,7 +26,8 @@ from . import devnet as devnet_mod
 from . import operations
 from .addresses import Deployment
 from .devnet import DevnetClient, DevnetError, imago_home
-from .toncenter import DEVNET_URL, ToncenterClient, ToncenterError, Trace, chain_url
+from .toncenter import DEVNET_URL, ToncenterClient, ToncenterError, chain_url
+from .transactions import Trace
 from .units import UnitsError, format_address, parse_address
 from .wallet import KeystoreError, Wallet, WalletError, WalletKeys, create_keystore, load_keystore
 

@@ -26,7 +26,8 @@ from .cli import (
     wallet_passphrase,
 )
 from .devnet import DevnetClient, DevnetError
-from .toncenter import ToncenterError, Trace
+from .toncenter import ToncenterError
+from .transactions import Trace
 from .units import format_address, format_ton, parse_address, parse_ton
 from .wallet import KeystoreError, WalletError, WalletKeys, create_keystore, read_keystore_header
 

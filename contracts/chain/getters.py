@@ -1,6 +1,6 @@
 """Typed parsers for every get-method of the Imago contracts.
 
-Each ``parse_*`` function turns a runGetMethod stack (decoded by ``contracts.chain.toncenter``)
+Each ``parse_*`` function turns a runGetMethod stack (decoded by ``contracts.chain.results``)
 into a dataclass; each ``get_*`` coroutine runs the get-method through a client and parses
 the result. A Tolk struct reply is flattened onto the stack field by field.
 """
@@ -13,7 +13,8 @@ from typing import Any
 from pytoniq_core import Address, Cell, Slice
 
 from .addresses import ChildCodes
-from .toncenter import GetMethodResult, ToncenterClient
+from .results import GetMethodResult
+from .toncenter import ToncenterClient
 
 __all__ = [
     "ESCROW_STATES",

@@ -2,7 +2,7 @@
 
 Each operation sends one internal message from a wallet (anything with ``address`` and
 ``transfer(...)``, e.g. ``contracts.chain.wallet.Wallet``), waits for the whole chain of
-transactions it causes and returns the :class:`~contracts.chain.toncenter.Trace`. With
+transactions it causes and returns the :class:`~contracts.chain.transactions.Trace`. With
 ``check=True`` (the default) a failed transaction anywhere in the trace raises
 :class:`OperationFailed` naming the contract error.
 """
@@ -19,35 +19,31 @@ from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, m
 
 from . import addresses, artifacts, getters
 from .addresses import DEFAULT_PARAMS, Sender
-from .messages import (
-    Capabilities,
-    ChangeOwner,
-    Charge,
+from .messages.capabilities import Capabilities
+from .messages.escrow import Charge, Close, Deposit, EscrowWithdraw
+from .messages.provider import (
     Claim,
-    Close,
-    CommitEpoch,
-    DeployVault,
-    Deposit,
-    EscrowWithdraw,
     ProviderTopUp,
-    RegisterProvider,
-    RegistryParams,
     RotateKey,
-    SetImage,
-    SetModel,
     SignedPayout,
     SignedReceipt,
     Slash,
-    TopUpStake,
     Unstake,
-    UnstakeVault,
     UpdateCapabilities,
-    UpdateParams,
-    WithdrawFees,
     WithdrawStake,
-    WithdrawVaultStake,
 )
-from .toncenter import ToncenterClient, Trace
+from .messages.registry import (
+    ChangeOwner,
+    DeployVault,
+    RegisterProvider,
+    RegistryParams,
+    SetImage,
+    SetModel,
+    UpdateParams,
+)
+from .messages.vault import CommitEpoch, TopUpStake, UnstakeVault, WithdrawFees, WithdrawVaultStake
+from .toncenter import ToncenterClient
+from .transactions import Trace
 
 __all__ = [
     "ERROR_NAMES",

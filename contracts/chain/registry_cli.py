@@ -28,7 +28,7 @@ from contracts.chain.cli import (
     trace_summary,
     wallet_passphrase,
 )
-from contracts.chain.messages import RegistryParams
+from contracts.chain.messages.registry import RegistryParams
 from contracts.chain.units import format_ton, parse_ton
 from protocol.attestation import image_hash
 from protocol.signed import model_hash

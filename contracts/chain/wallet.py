@@ -45,7 +45,9 @@ from pytoniq_core.tlb.account import (
 from pytoniq_core.tlb.block import CurrencyCollection
 from pytoniq_core.tlb.custom.wallet import WalletMessage, WalletV5R1Data
 
-from .toncenter import AddressInfo, SentMessage, ToncenterClient, ToncenterError, Trace
+from .results import AddressInfo, SentMessage
+from .toncenter import ToncenterClient, ToncenterError
+from .transactions import Trace
 
 __all__ = [
     "MAINNET_GLOBAL_ID",

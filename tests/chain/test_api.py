@@ -12,12 +12,9 @@ import pytest
 from pytoniq_core import Address, Builder, Cell
 
 from contracts.chain.devnet import DevnetProcess
-from contracts.chain.toncenter import (
-    ToncenterError,
-    decode_stack,
-    encode_stack,
-    external_message_hash_norm,
-)
+from contracts.chain.results import decode_stack, encode_stack
+from contracts.chain.toncenter import ToncenterError
+from contracts.chain.transactions import external_message_hash_norm
 from contracts.chain.wallet import OutMessage, Wallet, WalletKeys
 from tests.chain.fixtures import TON, DevnetFixture, about
 

@@ -14,7 +14,7 @@ from pytoniq_core import Address
 
 from contracts.chain import operations
 from contracts.chain.devnet import DevnetClient
-from contracts.chain.messages import RegistryParams
+from contracts.chain.messages.registry import RegistryParams
 from contracts.chain.wallet import Wallet, WalletKeys
 from tests.chain import fixtures as _chain_fixtures
 

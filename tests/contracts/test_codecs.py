@@ -8,8 +8,11 @@ import os
 import pytest
 from pytoniq_core import Address, begin_cell
 
-from contracts.chain import addresses, getters, messages
-from contracts.chain.messages import Capabilities, MessageError, ModelPrice, RegistryParams
+from contracts.chain import addresses, getters
+from contracts.chain.messages import body, escrow, opcodes, parse, provider, registry, vault
+from contracts.chain.messages.body import MessageError
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice
+from contracts.chain.messages.registry import RegistryParams
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
 from .conftest import Key
@@ -20,42 +23,42 @@ SIG = bytes(range(64))
 R = Receipt(A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
 
 SAMPLES = [
-    messages.ReturnExcess(1),
-    messages.UpdateParams(2, RegistryParams(1, 2, 3, 4, 5, 6)),
-    messages.SetImage(3, 2**255, True),
-    messages.SetModel(4, 7, False),
-    messages.ChangeOwner(5, A),
-    messages.RegisterProvider(6, 1, 2**256 - 1, Capabilities("H100", 80, 8, "eu").to_cell()),
-    messages.DeployVault(7, 42),
-    messages.SlashedStake(8, A, 3),
-    messages.ForwardedFunds(9),
-    messages.ProviderInit(10, 10**9, 5, 60, 1000, begin_cell().end_cell(), A),
-    messages.ProviderTopUp(11),
-    messages.RotateKey(12, 99),
-    messages.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),
-    messages.Unstake(14),
-    messages.WithdrawStake(15),
-    messages.Claim(16, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 10))),
-    messages.Slash(17, messages.SignedReceipt(SIG, R), messages.SignedReceipt(SIG, R)),
-    messages.ProviderPayout(18, 5),
-    messages.StakeReturned(19, 6),
-    messages.SlashBounty(20, 7),
-    messages.PayoutRequest(21, 1, 2, A, 3, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 2))),
-    messages.PayoutPaid(22, 1, 2),
-    messages.CommitEpoch(23, SIG, EpochCommit(A, 1, b"\3" * 32, 1, 2, 3, 4)),
-    messages.WithdrawFees(24, 5),
-    messages.TopUpStake(25),
-    messages.FeesPaid(26, 1),
-    messages.Deposit(27),
-    messages.Charge(28, SIG, SpendVoucher(A, B, 5)),
-    messages.Close(29),
-    messages.EscrowWithdraw(30),
-    messages.EscrowCharged(31, 5, A, 7, B),
-    messages.EscrowRefund(32, 8),
-    messages.VaultInit(33, 200, 20, 40, begin_cell().end_cell(), begin_cell().end_cell()),
-    messages.UnstakeVault(34, 5),
-    messages.WithdrawVaultStake(35),
-    messages.VaultStakeReturned(36, 5),
+    body.ReturnExcess(1),
+    registry.UpdateParams(2, RegistryParams(1, 2, 3, 4, 5, 6)),
+    registry.SetImage(3, 2**255, True),
+    registry.SetModel(4, 7, False),
+    registry.ChangeOwner(5, A),
+    registry.RegisterProvider(6, 1, 2**256 - 1, Capabilities("H100", 80, 8, "eu").to_cell()),
+    registry.DeployVault(7, 42),
+    registry.SlashedStake(8, A, 3),
+    registry.ForwardedFunds(9),
+    provider.ProviderInit(10, 10**9, 5, 60, 1000, begin_cell().end_cell(), A),
+    provider.ProviderTopUp(11),
+    provider.RotateKey(12, 99),
+    provider.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),
+    provider.Unstake(14),
+    provider.WithdrawStake(15),
+    provider.Claim(16, provider.SignedPayout(SIG, PayoutVoucher(A, B, 1, 10))),
+    provider.Slash(17, provider.SignedReceipt(SIG, R), provider.SignedReceipt(SIG, R)),
+    provider.ProviderPayout(18, 5),
+    provider.StakeReturned(19, 6),
+    provider.SlashBounty(20, 7),
+    vault.PayoutRequest(21, 1, 2, A, 3, provider.SignedPayout(SIG, PayoutVoucher(A, B, 1, 2))),
+    vault.PayoutPaid(22, 1, 2),
+    vault.CommitEpoch(23, SIG, EpochCommit(A, 1, b"\3" * 32, 1, 2, 3, 4)),
+    vault.WithdrawFees(24, 5),
+    vault.TopUpStake(25),
+    vault.FeesPaid(26, 1),
+    escrow.Deposit(27),
+    escrow.Charge(28, SIG, SpendVoucher(A, B, 5)),
+    escrow.Close(29),
+    escrow.EscrowWithdraw(30),
+    escrow.EscrowCharged(31, 5, A, 7, B),
+    escrow.EscrowRefund(32, 8),
+    vault.VaultInit(33, 200, 20, 40, begin_cell().end_cell(), begin_cell().end_cell()),
+    vault.UnstakeVault(34, 5),
+    vault.WithdrawVaultStake(35),
+    vault.VaultStakeReturned(36, 5),
 ]
 
 
@@ -63,22 +66,22 @@ SAMPLES = [
 def test_round_trip(msg):
     cell = msg.to_cell()
     assert type(msg).from_cell(cell) == msg
-    assert messages.parse_body(cell) == msg
+    assert parse.parse_body(cell) == msg
 
 
 def test_every_message_is_sampled_and_opcodes_unique():
-    assert {type(m) for m in SAMPLES} == set(messages.MESSAGES.values())
-    assert len(messages.MESSAGES) == len(SAMPLES)
+    assert {type(m) for m in SAMPLES} == set(parse.MESSAGES.values())
+    assert len(parse.MESSAGES) == len(SAMPLES)
 
 
 def test_malformed_cells_are_rejected():
     with pytest.raises(MessageError):
-        messages.Charge.from_cell(messages.Deposit(1).to_cell())
+        escrow.Charge.from_cell(escrow.Deposit(1).to_cell())
     with pytest.raises(MessageError):
-        messages.Deposit.from_cell(begin_cell().store_uint(messages.OP_DEPOSIT, 32).end_cell())
+        escrow.Deposit.from_cell(begin_cell().store_uint(opcodes.OP_DEPOSIT, 32).end_cell())
     with pytest.raises(MessageError):
-        messages.parse_body(begin_cell().store_uint(0xDEAD, 32).end_cell())
-    assert messages.parse_body(begin_cell().end_cell()) is None
+        parse.parse_body(begin_cell().store_uint(0xDEAD, 32).end_cell())
+    assert parse.parse_body(begin_cell().end_cell()) is None
 
 
 def test_capabilities_round_trip():

@@ -6,7 +6,7 @@ import os
 from dataclasses import replace
 
 from contracts.chain import getters, operations
-from contracts.chain.messages import Capabilities, ModelPrice
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
 
 from .conftest import TON, Key

@@ -16,7 +16,7 @@ from pytoniq_core import Address
 from sqlalchemy import select
 
 from contracts.chain import operations
-from contracts.chain.messages import Capabilities
+from contracts.chain.messages.capabilities import Capabilities
 from contracts.chain.wallet import Wallet
 from marketplace.app import create_app
 from marketplace.config import MatcherConfig

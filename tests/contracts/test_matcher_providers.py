@@ -6,7 +6,7 @@ import pytest
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from contracts.chain.messages import Capabilities
+from contracts.chain.messages.capabilities import Capabilities
 from marketplace.providers import ProviderBook, ProviderRejected
 from tests.contracts.conftest import TON, Key
 

@@ -17,8 +17,9 @@ from pytoniq_core import Address
 
 from contracts.chain import getters, operations
 from contracts.chain.devnet import DevnetClient
-from contracts.chain.messages import Capabilities, RegistryParams
-from contracts.chain.toncenter import Trace
+from contracts.chain.messages.capabilities import Capabilities
+from contracts.chain.messages.registry import RegistryParams
+from contracts.chain.transactions import Trace
 from contracts.chain.wallet import WalletKeys
 from protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 

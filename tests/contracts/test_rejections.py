@@ -7,15 +7,11 @@ import pytest
 from pytoniq_core import begin_cell
 
 from contracts.chain import addresses, getters, operations
-from contracts.chain.messages import (
-    Capabilities,
-    Charge,
-    EscrowCharged,
-    PayoutRequest,
-    ProviderInit,
-    SetImage,
-    SignedPayout,
-)
+from contracts.chain.messages.capabilities import Capabilities
+from contracts.chain.messages.escrow import Charge, EscrowCharged
+from contracts.chain.messages.provider import ProviderInit, SignedPayout
+from contracts.chain.messages.registry import SetImage
+from contracts.chain.messages.vault import PayoutRequest
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
 from .conftest import TON, Key

@@ -10,7 +10,8 @@ from dataclasses import replace
 from pytoniq_core import Address, begin_cell
 
 from contracts.chain import addresses, getters, operations
-from contracts.chain.messages import Charge, EscrowWithdraw, VaultInit
+from contracts.chain.messages.escrow import Charge, EscrowWithdraw
+from contracts.chain.messages.vault import VaultInit
 from contracts.chain.wallet import OutMessage
 from protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 
