@@ -32,6 +32,7 @@ from marketplace.providers import ProviderBook
 from marketplace.registry import AdmissionError, NodeRegistry
 from marketplace.relay import Relay, normalize_escrow
 from marketplace.routing import NoRoute, rank
+from marketplace.settlement.publication import READ_ENGINE, add_routes
 from marketplace.tickets import TicketSigner, load_or_create_ticket_key
 from protocol.api import (
     MatcherTicketKey,
@@ -57,6 +58,7 @@ __all__ = [
     "RELAY",
     "SCHEDULER",
     "SESSION",
+    "SETTLEMENT",
     "TICKETS",
     "StartupRefused",
     "create_app",
@@ -81,6 +83,8 @@ ESCROWS = web.AppKey("escrows", EscrowBook)
 PROVIDERS = web.AppKey("providers", ProviderBook)
 TICKETS = web.AppKey("tickets", TicketSigner)
 ALLOWLISTS = web.AppKey("allowlists", Allowlists)
+CHAIN = web.AppKey("chain", ToncenterClient)
+SETTLEMENT = web.AppKey("settlement", object)  # a SettlementService, imported when used
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -92,7 +96,7 @@ async def _database(app: web.Application):
     engine = make_engine(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
     ledger = Ledger(engine, config.instance)
     await ledger.start()
-    app[ENGINE] = engine
+    app[ENGINE] = app[READ_ENGINE] = engine
     app[LEDGER] = ledger
     yield
     await ledger.stop()
@@ -130,7 +134,7 @@ async def _chain(app: web.Application):
             f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
             f"at {config.chain_url} is not one (it does not answer /devnet/health)"
         )
-    chain = ToncenterClient(config.chain_url)
+    chain = app[CHAIN] = ToncenterClient(config.chain_url)
     escrows = app[ESCROWS] = EscrowBook(chain, config.vault)
     held = await app[LEDGER].call(
         lambda c: c.execute(select(VOUCHERS.c.escrow, VOUCHERS.c.cumulative)).all()
@@ -142,6 +146,40 @@ async def _chain(app: web.Application):
         app[ALLOWLISTS] = Allowlists(chain, config.registry, ttl_s=config.allowlist_ttl_s)
     yield
     await chain.close()
+
+
+async def _settlement(app: web.Application):
+    """The settlement service, for a matcher that operates its Vault."""
+    config = app[CONFIG]
+    if config.settlement is None:
+        yield
+        return
+    if CHAIN not in app or config.vault is None or config.registry is None:
+        raise StartupRefused(
+            "settling needs --chain, --vault and --registry (a job's Provider is paid)"
+        )
+    from contracts.chain.wallet import KeystoreError, Wallet, load_keystore
+    from marketplace.settlement.service import SettlementError, SettlementService
+
+    settle = config.settlement
+    try:
+        wallet = Wallet.from_keystore(app[CHAIN], settle.operator_wallet, settle.passphrase)
+        keys, _ = load_keystore(settle.operator_key, settle.passphrase)
+    except (OSError, KeystoreError) as e:
+        raise StartupRefused(f"the operator's keys: {e}") from e
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    service = SettlementService(
+        settle, app[LEDGER], app[CHAIN], wallet,
+        Ed25519PrivateKey.from_private_bytes(keys.private_key[:32]), config.vault,
+        config.instance,
+    )  # fmt: skip
+    try:
+        await service.start()
+    except SettlementError as e:
+        raise StartupRefused(str(e)) from e
+    app[SETTLEMENT] = service
+    yield
 
 
 async def _scheduler(app: web.Application):
@@ -159,6 +197,14 @@ async def _scheduler(app: web.Application):
         id="reattest",
         **common,
     )
+    if SETTLEMENT in app:
+        scheduler.add_job(
+            app[SETTLEMENT].tick,
+            "interval",
+            seconds=config.settlement.tick_s,
+            id="settle",
+            **common,
+        )
     scheduler.start()
     app[SCHEDULER] = scheduler
     readmit = asyncio.create_task(registry.readmit_known(), name="imago-readmit")
@@ -347,7 +393,7 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[TICKETS] = load_or_create_ticket_key(config.ticket_key_path)
-    app.cleanup_ctx.extend([_database, _chain, _node_client, _scheduler])
+    app.cleanup_ctx.extend([_database, _chain, _settlement, _node_client, _scheduler])
     app.on_shutdown.append(_stopping)
     app.router.add_post("/v1/nodes", register_node)
     app.router.add_post("/v1/route", route)
@@ -357,4 +403,5 @@ def create_app(config: MatcherConfig | None = None) -> web.Application:
     app.router.add_get(TICKET_KEY_PATH, ticket_key)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_routes(app)  # the public ledger (docs/ledger.md)
     return app

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="log to this file instead of stderr (alone: $IMAGO_HOME/logs/matcher.log)",
     )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
+    settle = serve.add_argument_group(
+        "settlement", "with --operator-wallet: build, commit and charge on its own"
+    )
+    settle.add_argument(
+        "--operator-wallet", type=Path, metavar="PATH",
+        help="the Vault operator's wallet keystore: it pays for commits and charges",
+    )  # fmt: skip
+    settle.add_argument(
+        "--operator-key", type=Path, metavar="PATH",
+        help="keystore of the Vault's operator key (signs commits and payout vouchers)",
+    )  # fmt: skip
+    settle.add_argument(
+        "--passphrase-env", metavar="VAR", help="passphrase of both keystores, from this variable"
+    )
+    settle.add_argument(
+        "--epoch-seconds", type=float, default=3600.0,
+        help="length of an epoch (default 3600); a provider is paid at most this late",
+    )  # fmt: skip
+    settle.add_argument(
+        "--charge-threshold", default="10", metavar="TON",
+        help="charge an escrow once this much is committed and uncharged (default 10); "
+        "a closing escrow is charged at once",
+    )  # fmt: skip
+    settle.add_argument(
+        "--settle-every", type=float, default=10.0, metavar="SECONDS",
+        help="how often settlement looks at the chain (default 10)",
+    )  # fmt: skip
     serve.set_defaults(func=serve_command)
 
 
@@ -102,7 +130,30 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     state_dir = (args.state_dir or default_state_dir()).expanduser()
     state_dir.mkdir(parents=True, exist_ok=True)
-    extra = {"instance": args.instance} if args.instance else {}
+    extra: dict = {"instance": args.instance} if args.instance else {}
+    if args.operator_wallet or args.operator_key:
+        if not (args.operator_wallet and args.operator_key):
+            print("imago matcher: settling needs --operator-wallet and --operator-key",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        from contracts.chain.units import UnitsError, parse_ton
+        from marketplace.config import SettlementConfig
+
+        passphrase = os.environ.get(args.passphrase_env) if args.passphrase_env else None
+        try:
+            threshold = parse_ton(args.charge_threshold)
+        except UnitsError as e:
+            print(f"imago matcher: --charge-threshold: {e}", file=sys.stderr)
+            return 2
+        extra["settlement"] = SettlementConfig(
+            operator_wallet=args.operator_wallet.expanduser(),
+            operator_key=args.operator_key.expanduser(),
+            passphrase=passphrase,
+            epoch_s=args.epoch_seconds,
+            charge_threshold=threshold,
+            tick_s=args.settle_every,
+            escrow_poll_s=max(args.settle_every, min(300.0, args.epoch_seconds / 4)),
+        )
     config = MatcherConfig(
         state_dir=state_dir,
         database_url=args.database_url,

@@ -10,7 +10,9 @@ from pathlib import Path
 from contracts.chain.allowlists import ALLOWLIST_TTL_S
 from protocol.attestation import AttestationPolicy
 
-__all__ = ["MatcherConfig", "default_state_dir", "imago_home"]
+__all__ = ["MatcherConfig", "SettlementConfig", "default_state_dir", "imago_home"]
+
+TON = 1_000_000_000
 
 
 def imago_home() -> Path:
@@ -19,6 +21,31 @@ def imago_home() -> Path:
 
 def default_state_dir() -> Path:
     return imago_home() / "matcher"
+
+
+@dataclass(frozen=True)
+class SettlementConfig:
+    """How the matcher settles: the trade-off between fees and latency (the README's
+    "How money moves" gives the figures).
+
+    ``charge_threshold``: an Escrow is charged once this much of what it owes is
+    committed and uncharged (a charge costs about 0.005 TON: 10 TON keeps charges at
+    0.05% of what they move); a closing Escrow is charged at once, whatever it owes.
+    ``epoch_s``: one commit per epoch with jobs in it; payout vouchers follow each
+    commit, so a provider waits at least this long to be paid.
+    The operator's key signs commits and payout vouchers; its wallet pays the fees.
+    """
+
+    operator_wallet: Path
+    operator_key: Path
+    passphrase: str | None = field(default=None, repr=False)
+    epoch_s: float = 3600.0
+    charge_threshold: int = 10 * TON
+    tick_s: float = 10.0
+    escrow_poll_s: float = 300.0
+    lease_s: float = 60.0
+    retry_min_s: float = 5.0
+    retry_max_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,7 @@ class MatcherConfig:
     route_ttl_s: float = 10.0
     max_relay_body_bytes: int = 32 * 1024 * 1024
     ticket_key: Path | None = None  # keystore of the ticket key; None: in state_dir
+    settlement: SettlementConfig | None = None  # None: this matcher does not settle
 
     @property
     def ticket_key_path(self) -> Path:

@@ -100,9 +100,11 @@ class JobRecord(SQLModel, table=True):
     )
     created_at: int = Field(default=0, sa_type=BigInteger)
     finished_at: int | None = Field(default=None, sa_type=BigInteger)
-    # settlement: the epoch whose ledger holds the job, and its record's salt (hex)
+    # settlement: the epoch whose ledger holds the job, its record's salt (hex) and the
+    # Provider credited (as it was when the epoch was built)
     epoch: int | None = Field(default=None, sa_type=BigInteger)
     salt: str | None = Field(default=None, max_length=64)
+    provider: str | None = None
 
 
 class SpendVoucherRecord(SQLModel, table=True):

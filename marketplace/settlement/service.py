@@ -1,0 +1,361 @@
+"""The settlement service: epochs built and committed, escrows charged, with nobody
+pressing a button. APScheduler runs ``tick`` on the matcher's scheduler.
+
+Each tick, on the replica that holds the settlement lease:
+1. reads the Escrows that owe something (state, on-chain charge), at most every
+   ``escrow_poll_s``;
+2. builds an epoch when one is due, or at once when a closing Escrow has jobs no epoch
+   holds (its client must be charged for them before the close delay ends);
+3. sends every built epoch's stored commit until the Vault holds it, then publishes
+   its payout vouchers (invariant 6);
+4. charges each Escrow with the voucher of its latest committed leaf when what is
+   uncharged passes the threshold, or at once when the Escrow is closing.
+
+Durable and idempotent: everything it decides is in the database before it reaches
+the chain, and the chain's counters (the Vault's last epoch, each Escrow's cumulative
+charge) say what already happened. After a kill -9 anywhere, the next tick reads them
+and resends only what the chain lacks; a resent commit or charge the chain already
+holds is refused there and moves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pytoniq_core import Address
+from sqlalchemy import Connection, func, select, update
+
+from contracts.chain import getters, operations
+from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.transactions import Trace
+from contracts.chain.wallet import Wallet
+from marketplace.config import SettlementConfig
+from marketplace.db import (
+    ChargeRecord,
+    EpochRecord,
+    LeafRecord,
+    LeaseRecord,
+    SpendVoucherRecord,
+    now_ms,
+)
+from marketplace.ledger import Ledger
+from marketplace.settlement.epochs import BuiltEpoch, build_epoch
+from protocol.signed import EpochCommit, SpendVoucher
+
+__all__ = ["SettlementError", "SettlementService"]
+
+log = logging.getLogger(__name__)
+
+EPOCHS = EpochRecord.__table__
+LEAVES = LeafRecord.__table__
+CHARGES = ChargeRecord.__table__
+VOUCHERS = SpendVoucherRecord.__table__
+LEASES = LeaseRecord.__table__
+
+
+class SettlementError(RuntimeError):
+    """The settlement service cannot run against this chain and Vault."""
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def failed(self, config: SettlementConfig) -> None:
+        self.failures += 1
+        delay = min(config.retry_max_s, config.retry_min_s * 2 ** (self.failures - 1))
+        self.retry_at = time.monotonic() + delay
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+
+class SettlementService:
+    def __init__(
+        self,
+        config: SettlementConfig,
+        ledger: Ledger,
+        chain: ToncenterClient,
+        wallet: Wallet,
+        operator_key: Ed25519PrivateKey,
+        vault: str,
+        instance: str,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.chain = chain
+        self.wallet = wallet
+        self.operator_key = operator_key
+        self.vault = Address(vault).to_str(is_user_friendly=False)
+        self.instance = instance
+        self.fee_bps = 0
+        self.started = time.time()
+        self._commit_backoff = _Backoff()
+        self._polled_at = 0.0
+        self._lock = asyncio.Lock()
+        self.submitted: list[str] = []  # what this process sent (tests, benchmarks)
+
+    async def start(self) -> None:
+        """Refuse a Vault whose operator key is not ours: its commits would all fail."""
+        vault = await getters.get_vault_data(self.chain, Address(self.vault))
+        public = int.from_bytes(self.operator_key.public_key().public_bytes_raw(), "big")
+        if vault.operator_key != public:
+            raise SettlementError(
+                f"the Vault {self.vault} is operated by key {vault.operator_key:064x}, "
+                f"not by the operator key given ({public:064x})"
+            )
+        self.fee_bps = vault.protocol_fee_bps
+
+    # --- the tick ----------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        async with self._lock:  # APScheduler's max_instances, and run_once from tests
+            if not await self.ledger.call(self._take_lease):
+                return
+            try:
+                await self._settle()
+            except (ToncenterError, OSError, TimeoutError) as e:
+                log.warning("settlement: the chain did not answer: %s", e)
+
+    async def run_once(self, *, force_epoch: bool = False) -> BuiltEpoch | None:
+        """One full pass now (``imago matcher settle``, tests, the benchmark)."""
+        async with self._lock:
+            if not await self.ledger.call(self._take_lease):
+                return None
+            return await self._settle(force_epoch=force_epoch)
+
+    async def _settle(self, *, force_epoch: bool = False) -> BuiltEpoch | None:
+        await self._confirm_commits()
+        closing_behind = await self._poll_escrows()
+        built = None
+        if force_epoch or closing_behind or await self._epoch_due():
+            built = await self.ledger.call(
+                lambda c: build_epoch(
+                    c, vault=self.vault, fee_bps=self.fee_bps, operator_key=self.operator_key
+                )
+            )
+            if built is not None:
+                log.info(
+                    "epoch %d built: %d jobs, %d leaves, charged %d, earned %d",
+                    built.epoch, built.jobs, built.leaves, built.epoch_charged,
+                    built.epoch_earned,
+                )  # fmt: skip
+            await self._confirm_commits()
+        await self._charge()
+        return built
+
+    async def _epoch_due(self) -> bool:
+        last = await self.ledger.call(
+            lambda c: c.execute(select(func.max(EPOCHS.c.built_at))).scalar_one()
+        )
+        since = (last / 1000) if last else self.started
+        return time.time() - since >= self.config.epoch_s
+
+    # --- the lease ---------------------------------------------------------------------
+
+    def _take_lease(self, conn: Connection) -> bool:
+        """One settlement leader among replicas: a row lock decides, the lease expires
+        if its holder stops renewing it."""
+        now = now_ms()
+        expires = now + int(self.config.lease_s * 1000)
+        row = conn.execute(
+            select(LEASES).where(LEASES.c.name == "settlement").with_for_update()
+        ).first()
+        if row is None:
+            conn.execute(LEASES.insert().values(name="settlement", holder=self.instance,
+                                                expires_at=expires))  # fmt: skip
+            return True
+        if row.holder != self.instance and row.expires_at > now:
+            return False
+        conn.execute(
+            update(LEASES)
+            .where(LEASES.c.name == "settlement")
+            .values(holder=self.instance, expires_at=expires)
+        )
+        return True
+
+    # --- epochs ------------------------------------------------------------------------
+
+    async def _confirm_commits(self) -> None:
+        built = await self.ledger.call(
+            lambda c: c.execute(
+                select(EPOCHS).where(EPOCHS.c.state == "built").order_by(EPOCHS.c.epoch)
+            ).all()
+        )
+        for epoch in built:
+            vault = await getters.get_vault_data(self.chain, Address(self.vault))
+            if vault.last_epoch >= epoch.epoch:
+                if vault.last_epoch == epoch.epoch and vault.last_root.hex() != epoch.root:
+                    log.critical(
+                        "the Vault holds another root for epoch %d (%s, ours %s): is the "
+                        "operator key used elsewhere?", epoch.epoch, vault.last_root.hex(),
+                        epoch.root,
+                    )  # fmt: skip
+                    return
+                await self._mark_committed(epoch.epoch, None)
+                continue
+            if vault.last_epoch != epoch.epoch - 1:
+                log.error("the Vault is at epoch %d; epoch %d cannot follow it",
+                          vault.last_epoch, epoch.epoch)  # fmt: skip
+                return
+            if not self._commit_backoff.ready():
+                return
+            commit = EpochCommit.from_boc(base64.b64decode(epoch.commit_boc))
+            try:
+                trace = await operations.vault_commit_epoch(
+                    self.wallet, Address(self.vault), commit,
+                    bytes.fromhex(epoch.commit_signature),
+                )  # fmt: skip
+            except (operations.OperationFailed, ToncenterError, TimeoutError) as e:
+                self._commit_backoff.failed(self.config)
+                log.warning("epoch %d: commit failed (%s); retrying", epoch.epoch, e)
+                return
+            self._commit_backoff = _Backoff()
+            self.submitted.append(f"commit:{epoch.epoch}")
+            await self._mark_committed(epoch.epoch, _tx_on(trace, self.vault))
+            log.info("epoch %d committed on the Vault", epoch.epoch)
+
+    async def _mark_committed(self, epoch: int, tx_hash: str | None) -> None:
+        values = {"state": "committed", "committed_at": now_ms()}
+        if tx_hash:
+            values["tx_hash"] = tx_hash
+        await self.ledger.call(
+            lambda c: c.execute(update(EPOCHS).where(EPOCHS.c.epoch == epoch).values(values))
+        )
+
+    # --- escrows -----------------------------------------------------------------------
+
+    async def _poll_escrows(self) -> bool:
+        """Read every Escrow with a voucher; True if one is closing with jobs no
+        epoch holds yet (then an epoch is built now)."""
+        if time.monotonic() - self._polled_at < self.config.escrow_poll_s:
+            return False
+        self._polled_at = time.monotonic()
+        escrows = await self.ledger.call(
+            lambda c: c.execute(select(VOUCHERS.c.escrow, VOUCHERS.c.cumulative)).all()
+        )
+        behind = False
+        for escrow, cumulative in escrows:
+            data = await getters.get_escrow_data(self.chain, Address(escrow))
+            await self.ledger.call(lambda c, e=escrow, d=data: _save_escrow(c, e, d))
+            if data.state_name == "closing":
+                committed = await self.ledger.call(lambda c, e=escrow: _committed_leaf(c, e))
+                held = committed.cumulative if committed is not None else 0
+                behind = behind or int(cumulative) > int(held)
+        return behind
+
+    async def _charge(self) -> None:
+        due = await self.ledger.call(lambda c: _charges_due(c, self.config.charge_threshold))
+        for escrow, leaf in due:
+            voucher = SpendVoucher.from_boc(base64.b64decode(leaf.voucher_boc))
+            try:
+                trace = await operations.escrow_charge(
+                    self.wallet, Address(escrow), voucher, bytes.fromhex(leaf.voucher_signature),
+                    check=False,
+                )  # fmt: skip
+                data = await getters.get_escrow_data(self.chain, Address(escrow))
+            except (ToncenterError, TimeoutError) as e:
+                await self.ledger.call(lambda c, e_=escrow: _charge_failed(c, e_, self.config))
+                log.warning("escrow %s: charge not sent (%s); retrying", escrow, e)
+                continue
+            self.submitted.append(f"charge:{escrow}:{voucher.cumulative}")
+            await self.ledger.call(
+                lambda c, e_=escrow, d=data, t=trace, v=voucher: _charge_done(
+                    c, e_, d, v.cumulative, _tx_on(t, e_), self.config
+                )
+            )
+            if data.charged < voucher.cumulative:
+                log.warning(
+                    "escrow %s: charged %d on-chain after a charge to %d (exit codes %s)",
+                    escrow, data.charged, voucher.cumulative,
+                    operations.failed_exit_codes(trace),
+                )  # fmt: skip
+
+
+# --- database steps (run on the ledger's writer, each one transaction) -------------------
+
+
+def _save_escrow(conn: Connection, escrow: str, data: getters.EscrowData) -> None:
+    values = {
+        "charged": data.charged,
+        "state": data.state_name,
+        "unlock_time": data.unlock_time,
+        "checked_at": now_ms(),
+    }
+    done = conn.execute(update(CHARGES).where(CHARGES.c.escrow == escrow).values(values))
+    if not done.rowcount:
+        conn.execute(CHARGES.insert().values(escrow=escrow, **values))
+
+
+def _committed_leaf(conn: Connection, escrow: str):
+    """The escrow's leaf in its latest committed epoch (with the voucher to charge)."""
+    return conn.execute(
+        select(LEAVES)
+        .join(EPOCHS, EPOCHS.c.epoch == LEAVES.c.epoch)
+        .where(
+            LEAVES.c.kind == "escrow",
+            LEAVES.c.address == escrow,
+            EPOCHS.c.state == "committed",
+            LEAVES.c.voucher_boc.is_not(None),
+        )
+        .order_by(LEAVES.c.epoch.desc())
+        .limit(1)
+    ).first()
+
+
+def _charges_due(conn: Connection, threshold: int) -> list:
+    now = now_ms()
+    due = []
+    for charge in conn.execute(select(CHARGES).where(CHARGES.c.retry_at <= now)).all():
+        leaf = _committed_leaf(conn, charge.escrow)
+        if leaf is None:
+            continue
+        owed = int(leaf.cumulative) - int(charge.charged)
+        if owed > 0 and (owed >= threshold or charge.state == "closing"):
+            due.append((charge.escrow, leaf))
+    return due
+
+
+def _charge_done(
+    conn: Connection,
+    escrow: str,
+    data: getters.EscrowData,
+    cumulative: int,
+    tx_hash: str | None,
+    config: SettlementConfig,
+) -> None:
+    _save_escrow(conn, escrow, data)
+    values: dict = {"submitted": cumulative, "tx_hash": tx_hash}
+    if data.charged >= cumulative:
+        values.update(failures=0, retry_at=0)
+    else:  # refused on-chain (closed and withdrawn, or short): not again at once
+        row = conn.execute(select(CHARGES.c.failures).where(CHARGES.c.escrow == escrow)).first()
+        failures = (row.failures if row else 0) + 1
+        delay = min(config.retry_max_s, config.retry_min_s * 2 ** (failures - 1))
+        values.update(failures=failures, retry_at=now_ms() + int(delay * 1000))
+    conn.execute(update(CHARGES).where(CHARGES.c.escrow == escrow).values(values))
+
+
+def _charge_failed(conn: Connection, escrow: str, config: SettlementConfig) -> None:
+    row = conn.execute(select(CHARGES.c.failures).where(CHARGES.c.escrow == escrow)).first()
+    failures = (row.failures if row else 0) + 1
+    delay = min(config.retry_max_s, config.retry_min_s * 2 ** (failures - 1))
+    conn.execute(
+        update(CHARGES)
+        .where(CHARGES.c.escrow == escrow)
+        .values(failures=failures, retry_at=now_ms() + int(delay * 1000))
+    )
+
+
+def _tx_on(trace: Trace, account: str) -> str | None:
+    """The hash of the trace's transaction on ``account`` (the Vault, the Escrow)."""
+    for tx in trace:
+        if Address(tx.account).to_str(is_user_friendly=False) == account:
+            return tx.hash.hex()
+    return None
