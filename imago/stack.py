@@ -229,6 +229,12 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
             "--host", launcher.host, "--port", str(launcher.ports["matcher"]),
             "--state-dir", str(home / "matcher"), "--vault", state.vault,
             "--chain", state.chain_url, "--registry", state.registry,
+            # it settles by itself, on the devnet's short clock: an epoch every 30 s and
+            # every committed nanoton charged at once (the defaults elsewhere: an hour, 10 TON)
+            "--operator-wallet", str(home / "wallets" / "operator.json"),
+            "--operator-key", str(home / "keys" / "operator.json"),
+            "--epoch-seconds", str(DEVNET_EPOCH_S), "--charge-threshold", "0.000000001",
+            "--settle-every", "2",
         ],
         lambda: http_ok(f"{state.matcher_url}/health"),
     )  # fmt: skip
@@ -271,6 +277,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
     state.save(home)
 
 
+DEVNET_EPOCH_S = 30
 OPERATOR_FUNDS_TON = "300"
 CLIENT_FUNDS_TON = "50"
 CLIENT_ESCROW_TON = "20"
