@@ -24,6 +24,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -99,7 +100,10 @@ class SettlementService:
         self._commit_backoff = _Backoff()
         self._polled_at = 0.0
         self._lock = asyncio.Lock()
-        self.submitted: list[str] = []  # what this process sent (tests, benchmarks)
+        # what this process sent: the last few (tests) and the totals (/metrics, benchmarks)
+        self.submitted: deque[str] = deque(maxlen=256)
+        self.transactions: Counter[str] = Counter()
+        self.fees: Counter[str] = Counter()
 
     async def start(self) -> None:
         """Refuse a Vault whose operator key is not ours: its commits would all fail."""
@@ -156,6 +160,11 @@ class SettlementService:
         )
         since = (last / 1000) if last else self.started
         return time.time() - since >= self.config.epoch_s
+
+    def _sent(self, kind: str, what: str, trace: Trace) -> None:
+        self.submitted.append(what)
+        self.transactions[kind] += len(trace)
+        self.fees[kind] += trace.total_fees
 
     # --- the lease ---------------------------------------------------------------------
 
@@ -217,7 +226,7 @@ class SettlementService:
                 log.warning("epoch %d: commit failed (%s); retrying", epoch.epoch, e)
                 return
             self._commit_backoff = _Backoff()
-            self.submitted.append(f"commit:{epoch.epoch}")
+            self._sent("commit", f"commit:{epoch.epoch}", trace)
             await self._mark_committed(epoch.epoch, _tx_on(trace, self.vault))
             log.info("epoch %d committed on the Vault", epoch.epoch)
 
@@ -264,7 +273,7 @@ class SettlementService:
                 await self.ledger.call(lambda c, e_=escrow: _charge_failed(c, e_, self.config))
                 log.warning("escrow %s: charge not sent (%s); retrying", escrow, e)
                 continue
-            self.submitted.append(f"charge:{escrow}:{voucher.cumulative}")
+            self._sent("charge", f"charge:{escrow}:{voucher.cumulative}", trace)
             await self.ledger.call(
                 lambda c, e_=escrow, d=data, t=trace, v=voucher: _charge_done(
                     c, e_, d, v.cumulative, _tx_on(t, e_), self.config

@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""Settlement on the devnet: transactions per epoch, fees against value, build and audit
+time, accounts to the nanoton, and how soon a job's pay is claimable. Prints JSON.
+
+    .venv/bin/python scripts/bench_settlement.py            # the figures of docs/benchmarks.md
+    .venv/bin/python scripts/bench_settlement.py --quick    # a small slice (CI)
+
+It runs the matcher's own settlement service (``marketplace.settlement``) and the node's
+claim step (``node.claims``) against a real devnet (the TVM of @ton/sandbox), with many
+clients and nodes. Jobs do not run a model: each is a real node-signed receipt and each
+client pays with real signed vouchers through the matcher's voucher path, so the ledger,
+the epochs, the charges and the claims are exactly those of real traffic.
+
+Keys of the JSON:
+- ``tx_per_epoch_1k`` / ``tx_per_epoch_100k``: on-chain transactions settling one epoch
+  of 1,000 and of 100,000 jobs from the same clients and nodes, spending the same;
+  ``tx_growth`` is their ratio (1: settlement cost does not grow with jobs);
+- ``fee_ratio``: network fees (commits, charges, claims, each trace whole) divided by the
+  value settled, under the default settings, for 100 clients spending 1 TON a day and 10
+  nodes, over ``--days`` simulated days (long enough for every periodic cost to recur:
+  an escrow reaches the 10 TON charge threshold every 10 days); ``fee_ratio_day1`` is the
+  first day alone (its charges are still deferred);
+- ``epoch_build_s``: building the 100,000-job epoch; ``audit_s``: recomputing it from the
+  public leaves (``public``) and one client checking all its own records (``party``);
+- ``accounting_gap_nanoton``: |signed vouchers - charged on-chain| + |ledger payouts -
+  what providers can claim| after a final settlement; must be 0;
+- ``seconds_to_claimable``: from a job's end to its node's payout being claimable, with
+  `imago up`'s 30 s epochs (measured), and the bound under the default hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from pytoniq_core import Address  # noqa: E402
+
+from contracts.chain import getters, operations  # noqa: E402
+from contracts.chain.addresses import DEFAULT_PARAMS  # noqa: E402
+from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice  # noqa: E402
+from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
+from marketplace.config import SettlementConfig  # noqa: E402
+from marketplace.db import JobStatus, make_engine  # noqa: E402
+from marketplace.ledger import Ledger, VoucherUpdate  # noqa: E402
+from marketplace.settlement.epochs import build_epoch  # noqa: E402
+from marketplace.settlement.service import SettlementService  # noqa: E402
+from protocol.ledger import (  # noqa: E402
+    EscrowLeaf,
+    ProviderLeaf,
+    merkle_root,
+)
+from protocol.ledger import (
+    JobRecord as LedgerJob,
+)
+from protocol.signed import PayoutVoucher, Receipt, SpendVoucher, model_hash  # noqa: E402
+
+TON = 1_000_000_000
+MODEL = "bench-model"
+PRICE = (20_000_000, 60_000_000)  # nanoTON per million tokens
+CLAIM_FEE = 5_681_000  # provider_claim, docs/benchmarks.md
+CLAIM_MULTIPLE = 1000  # the node's default (node.claims)
+PARAMS = replace(DEFAULT_PARAMS, min_vault_stake=100 * TON, min_provider_stake=2 * TON)
+
+
+class Clock:
+    """The devnet's clock, which the bench moves an hour per epoch."""
+
+    now = int(time.time())
+
+
+class ChainClockWallet(Wallet):
+    """Signs transfers valid for ten minutes of chain time (the bench runs days ahead)."""
+
+    def build_external(self, messages, *, seqno, deploy=False, valid_until=None):
+        return super().build_external(
+            messages, seqno=seqno, deploy=deploy, valid_until=Clock.now + 600
+        )
+
+
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def public(k: Ed25519PrivateKey) -> bytes:
+    return k.public_key().public_bytes_raw()
+
+
+def raw(a: Address) -> str:
+    return a.to_str(is_user_friendly=False)
+
+
+@dataclass
+class Client:
+    spend: Ed25519PrivateKey
+    wallet: Wallet
+    escrow: Address
+    cumulative: int = 0
+
+
+@dataclass
+class Node:
+    key: Ed25519PrivateKey
+    owner: Wallet
+    provider: Address
+    claimed: int = 0
+
+
+@dataclass
+class Market:
+    chain: DevnetClient
+    vault: Address
+    operator: Wallet
+    operator_key: Ed25519PrivateKey
+    clients: list[Client]
+    nodes: list[Node]
+    ledger: Ledger
+    engine: object
+    value: int = 0  # what clients signed for, in all
+    claim_fees: int = 0
+    claim_txs: int = 0
+    jobs: list[tuple[str, int, int]] = field(default_factory=list)  # (id, client, amount)
+
+    def service(self, **settings) -> SettlementService:
+        config = SettlementConfig(
+            operator_wallet=Path("-"), operator_key=Path("-"), escrow_poll_s=0, **settings
+        )
+        return SettlementService(
+            config, self.ledger, self.chain, self.operator, self.operator_key, raw(self.vault),
+            "bench",
+        )  # fmt: skip
+
+
+async def wallet(chain: DevnetClient, amount: int) -> Wallet:
+    w = ChainClockWallet(chain, WalletKeys.generate(mnemonic=False))
+    await chain.faucet(w.address, amount)
+    await w.deploy()
+    return w
+
+
+async def market(chain: DevnetClient, db: Path, clients: int, nodes: int, deposit: int):
+    gov = await wallet(chain, 100 * TON)
+    operator = await wallet(chain, 5000 * TON)
+    operator_key = key()
+    dep = await operations.deploy_all(
+        gov, params=PARAMS, operator=operator, operator_key=public(operator_key),
+        vault_stake=2000 * TON,
+    )  # fmt: skip
+    registry, vault = Address(dep.registry), Address(next(iter(dep.vaults.values())))
+    for model in (MODEL,):
+        await operations.allow_model(gov, registry, model_hash(model), True)
+    close_delay = (await getters.get_vault_data(chain, vault)).escrow_close_delay
+    caps = Capabilities("cpu", 0, 0, "bench", (ModelPrice(model_hash(MODEL), *PRICE),))
+    node_list = []
+    for _ in range(nodes):
+        k, owner = key(), await wallet(chain, 20 * TON)
+        provider, _ = await operations.register_provider(
+            owner, chain, registry, public(k), 3 * TON, caps
+        )
+        node_list.append(Node(k, owner, provider))
+    client_list = []
+    for _ in range(clients):
+        spend, w = key(), await wallet(chain, deposit + 5 * TON)
+        escrow, _ = await operations.escrow_open(w, vault, public(spend), deposit, close_delay)
+        client_list.append(Client(spend, w, escrow))
+    engine = make_engine(f"sqlite:///{db}")
+    ledger = Ledger(engine, "bench")
+    await ledger.start()
+    for n in node_list:
+        await ledger.save_node(
+            {"node_id": public(n.key).hex(), "url": "-", "x25519_public": "",
+             "attestation_kind": "dev", "provider": raw(n.provider)}
+        )  # fmt: skip
+    return Market(chain, vault, operator, operator_key, client_list, node_list, ledger, engine)
+
+
+async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
+    """``jobs`` jobs spread over every client and node, each client spending about
+    ``spend_per_client``; one voucher per client covers its jobs, as the SDK sends."""
+    per_client = max(1, jobs // len(m.clients))
+    tokens = max(1, spend_per_client * 1_000_000 // (per_client * PRICE[1]))
+    for ci, c in enumerate(m.clients):
+        rows, paid = [], []
+        for j in range(per_client):
+            node = m.nodes[(ci + j) % len(m.nodes)]
+            job_id = os.urandom(32)
+            receipt = Receipt(
+                escrow=c.escrow, job_id=int.from_bytes(job_id, "big"), time=Clock.now,
+                model=model_hash(MODEL), prompt_tokens=0, completion_tokens=tokens,
+                price_prompt=PRICE[0], price_completion=PRICE[1], amount=0,
+                request_hash=bytes(32), response_hash=bytes(32),
+            )  # fmt: skip
+            receipt = replace(receipt, amount=receipt.priced_amount)
+            boc, digest = receipt.encode()
+            rows.append((job_id.hex(), node, receipt, boc, node.key.sign(digest)))
+            paid.append((job_id.hex(), receipt.amount))
+        for start in range(0, len(rows), 512):
+            chunk = rows[start : start + 512]
+            await asyncio.gather(
+                *(
+                    m.ledger.open_job(
+                        {
+                            "job_id": jid,
+                            "model": MODEL,
+                            "escrow": raw(c.escrow),
+                            "node_id": public(n.key).hex(),
+                        }
+                    )  # fmt: skip
+                    for jid, n, *_ in chunk
+                )
+            )
+            await asyncio.gather(
+                *(
+                    m.ledger.close_job(
+                        jid,
+                        JobStatus.COMPLETED,
+                        completion_tokens=r.completion_tokens,
+                        amount=r.amount,
+                        receipt_boc=base64.b64encode(b).decode(),
+                        receipt_signature=s.hex(),
+                    )  # fmt: skip
+                    for jid, _, r, b, s in chunk
+                )
+            )
+        c.cumulative += sum(a for _, a in paid)
+        m.value += sum(a for _, a in paid)
+        voucher = SpendVoucher(c.escrow, m.vault, c.cumulative)
+        boc, digest = voucher.encode()
+        await m.ledger.submit_voucher(
+            VoucherUpdate(
+                escrow=raw(c.escrow), vault=raw(m.vault), spend_public=public(c.spend).hex(),
+                cumulative=c.cumulative, voucher_boc=base64.b64encode(boc).decode(),
+                signature=c.spend.sign(digest).hex(), jobs=dict(paid),
+            )
+        )  # fmt: skip
+        m.jobs += [(jid, ci, a) for jid, a in paid]
+
+
+async def claims(m: Market, multiple: int = CLAIM_MULTIPLE) -> int:
+    """Each node's claim step: its latest committed payout voucher, claimed once it is
+    worth ``multiple`` claim fees. Returns the transactions sent."""
+    sent = 0
+    vault = await getters.get_vault_data(m.chain, m.vault)
+    for n in m.nodes:
+        row = await m.ledger.call(
+            lambda c, p=raw(n.provider): c.exec_driver_sql(
+                "select p.voucher_boc, p.signature from payout_vouchers p join epochs e "
+                "on e.epoch = p.epoch where p.provider = ? and e.state = 'committed' "
+                "order by p.epoch desc limit 1", (p,)
+            ).first()
+        )  # fmt: skip
+        if row is None:
+            continue
+        voucher = PayoutVoucher.from_boc(base64.b64decode(row[0]))
+        if (
+            voucher.epoch > vault.last_epoch
+            or voucher.cumulative - n.claimed <= multiple * CLAIM_FEE
+        ):
+            continue
+        trace = await operations.provider_claim(n.owner, n.provider, voucher, bytes.fromhex(row[1]))
+        n.claimed = voucher.cumulative
+        m.claim_fees += trace.total_fees
+        m.claim_txs += len(trace)
+        sent += len(trace)
+    return sent
+
+
+async def advance(m: Market, seconds: int) -> None:
+    Clock.now = await m.chain.set_clock(Clock.now + seconds)
+
+
+async def one_epoch_txs(m: Market, jobs: int) -> tuple[int, float]:
+    """Transactions to settle one epoch of ``jobs`` jobs in which every client spends
+    past the charge threshold and every node past its claim multiple."""
+    service = m.service(charge_threshold=10 * TON)
+    await service.start()
+    await traffic(m, jobs, spend_per_client=11 * TON)
+    before = sum(service.transactions.values())
+    started = time.perf_counter()
+    built = await m.ledger.call(
+        lambda c: build_epoch(c, vault=raw(m.vault), fee_bps=service.fee_bps,
+                              operator_key=m.operator_key)
+    )  # fmt: skip
+    build_s = time.perf_counter() - started
+    assert built is not None and built.jobs == len(m.clients) * max(1, jobs // len(m.clients))
+    await service.run_once()
+    txs = sum(service.transactions.values()) - before + await claims(m)
+    await advance(m, 3600)
+    return txs, build_s
+
+
+async def audit(m: Market, epoch: int, client: int) -> dict[str, float]:
+    """Recompute the epoch from its public leaves, then one client's own records."""
+    from sqlalchemy import select
+
+    from marketplace.db import EpochRecord, JobRecord, LeafRecord
+    from marketplace.settlement.epochs import job_record
+
+    def fetch(conn):
+        head = conn.execute(
+            select(EpochRecord.__table__).where(EpochRecord.__table__.c.epoch == epoch)
+        ).one()
+        leaves = conn.execute(
+            select(LeafRecord.__table__).where(LeafRecord.__table__.c.epoch == epoch)
+        ).all()
+        return head, leaves
+
+    head, leaves = await m.ledger.call(fetch)
+    started = time.perf_counter()
+    public_leaves = [
+        (EscrowLeaf if r.kind == "escrow" else ProviderLeaf)(
+            r.address, r.epoch, int(r.amount), int(r.cumulative), bytes.fromhex(r.sub_root)
+        )
+        for r in sorted(leaves, key=lambda r: r.idx)
+    ]
+    assert merkle_root([x.hash() for x in public_leaves]).hex() == head.root
+    charged = sum(x.amount for x in public_leaves if isinstance(x, EscrowLeaf))
+    earned = sum(x.amount for x in public_leaves if isinstance(x, ProviderLeaf))
+    assert charged == int(head.epoch_charged) and earned == int(head.epoch_earned)
+    public_s = time.perf_counter() - started
+
+    escrow = raw(m.clients[client].escrow)
+    jobs_table = JobRecord.__table__
+    rows = await m.ledger.call(
+        lambda c: c.execute(
+            select(jobs_table).where(jobs_table.c.epoch == epoch, jobs_table.c.escrow == escrow)
+        ).all()
+    )
+    started = time.perf_counter()
+    records: list[LedgerJob] = sorted(
+        (job_record(r, r.provider, bytes.fromhex(r.salt)) for r in rows), key=lambda r: r.job_id
+    )
+    for record, row in zip(records, sorted(rows, key=lambda r: r.job_id), strict=True):
+        receipt, digest = Receipt.parse_boc(base64.b64decode(row.receipt_boc))
+        assert record.receipt_hash == digest and record.amount == receipt.amount
+    leaf = next(x for x in public_leaves if x.address == escrow and isinstance(x, EscrowLeaf))
+    assert merkle_root([r.hash() for r in records]) == leaf.sub_root
+    return {"public": round(public_s, 3), "party": round(time.perf_counter() - started, 3)}
+
+
+async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
+    """Default settings; each client spends 1 TON a day in hourly epochs."""
+    service = m.service()  # the defaults: an hour's epoch, 10 TON charge threshold
+    await service.start()
+    fees_before = sum(service.fees.values())
+    value_before, claim_before = m.value, m.claim_fees
+    day1 = None
+    for hour in range(days * 24):
+        await traffic(m, jobs_per_hour, spend_per_client=TON // 24)
+        await advance(m, 3600)
+        await service.run_once(force_epoch=True)  # the hour has passed: the epoch is due
+        await claims(m)
+        if hour == 23:
+            day1 = (
+                sum(service.fees.values()) - fees_before + m.claim_fees - claim_before,
+                m.value - value_before,
+            )
+    fees = sum(service.fees.values()) - fees_before + m.claim_fees - claim_before
+    value = m.value - value_before
+    return {
+        "fee_ratio": round(fees / value, 6),
+        "fee_ratio_day1": round(day1[0] / day1[1], 6),
+        "fees_ton": round(fees / TON, 4),
+        "value_ton": round(value / TON, 4),
+        "fees_by_kind_ton": {
+            **{k: round(v / TON, 4) for k, v in service.fees.items()},
+            "claim": round((m.claim_fees - claim_before) / TON, 4),
+        },
+        "transactions": {**dict(service.transactions), "claim": m.claim_txs},
+        "days": days,
+    }
+
+
+async def final_gap(m: Market) -> int:
+    """Charge every escrow in full and read what providers can claim: the accounts must
+    agree with what the clients signed, to the nanoton."""
+    service = m.service(charge_threshold=1)
+    await service.start()
+    await advance(m, 3600)
+    await service.run_once(force_epoch=True)
+    signed = sum(c.cumulative for c in m.clients)
+    charged = 0
+    for c in m.clients:
+        charged += (await getters.get_escrow_data(m.chain, c.escrow)).charged
+    ledger_paid = await m.ledger.call(
+        lambda c: c.exec_driver_sql(
+            "select coalesce(sum(cumulative), 0) from ledger_accounts where kind = 'provider'"
+        ).scalar_one()
+    )
+    claimable = 0
+    for n in m.nodes:
+        row = await m.ledger.call(
+            lambda c, p=raw(n.provider): c.exec_driver_sql(
+                "select max(cumulative) from payout_vouchers where provider = ?", (p,)
+            ).scalar_one()
+        )
+        claimable += int(row or 0)
+    return abs(signed - charged) + abs(int(ledger_paid) - claimable)
+
+
+async def to_claimable(chain: DevnetClient, m: Market) -> float:
+    """A job ends; the matcher runs with `imago up`'s settings; how long until its node's
+    payout voucher covering it is committed and claimable?"""
+    service = m.service(epoch_s=30.0, charge_threshold=1, tick_s=2.0)
+    await service.start()
+    await traffic(m, len(m.clients), spend_per_client=TON // 1000)
+    ended = time.monotonic()
+    node = m.nodes[0]
+    target = await m.ledger.call(
+        lambda c: c.exec_driver_sql(
+            "select coalesce(max(cumulative), 0) from ledger_accounts where kind='provider' "
+            "and address = ?", (raw(node.provider),)
+        ).scalar_one()
+    )  # fmt: skip
+    service.started = time.time()  # a fresh epoch began as the job ended
+    service._polled_at = 0
+    while True:
+        await service.tick()
+        vault = await getters.get_vault_data(chain, m.vault)
+        row = await m.ledger.call(
+            lambda c: c.exec_driver_sql(
+                "select p.cumulative, p.epoch from payout_vouchers p join epochs e on "
+                "e.epoch = p.epoch where p.provider = ? and e.state = 'committed' "
+                "order by p.epoch desc limit 1", (raw(node.provider),)
+            ).first()
+        )  # fmt: skip
+        if row and int(row[0]) > int(target) and row[1] <= vault.last_epoch:
+            return round(time.monotonic() - ended, 1)
+        await asyncio.sleep(service.config.tick_s)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    with (
+        tempfile.TemporaryDirectory(prefix="imago-bench-settle-") as tmp,
+        DevnetProcess(Path(tmp) / "devnet", port=0) as proc,
+    ):
+        chain = DevnetClient(proc.url)
+        Clock.now = await chain.set_clock(int(time.time()))
+        out: dict = {"clients": args.clients, "nodes": args.nodes}
+
+        m = await market(chain, Path(tmp) / "epochs.db", args.clients, args.nodes, 40 * TON)
+        small, _ = await one_epoch_txs(m, args.small)
+        big, build_s = await one_epoch_txs(m, args.big)
+        last = await m.ledger.call(
+            lambda c: c.exec_driver_sql("select max(epoch) from epochs").scalar_one()
+        )
+        out |= {
+            f"tx_per_epoch_{_k(args.small)}": small,
+            f"tx_per_epoch_{_k(args.big)}": big,
+            "tx_growth": round(big / small, 3),
+            "epoch_build_s": round(build_s, 2),
+            "epoch_jobs": args.big,
+            "audit_s": await audit(m, last, 0),
+        }
+        gap_epochs = await final_gap(m)
+        await m.ledger.stop()
+
+        f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 40 * TON)
+        out |= await fee_day(f, args.days, args.jobs_per_hour)
+        gap_fees = await final_gap(f)
+        out["seconds_to_claimable"] = {
+            "imago_up_30s_epochs": await to_claimable(chain, f),
+            "default_bound": SettlementConfig(Path("-"), Path("-")).epoch_s,
+        }
+        out["accounting_gap_nanoton"] = gap_epochs + gap_fees
+        await f.ledger.stop()
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--small", type=int, default=1_000)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=10)
+    parser.add_argument("--jobs-per-hour", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="a small slice (CI)")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.nodes, args.small, args.big, args.days = 5, 2, 100, 1_000, 1
+        args.jobs_per_hour = 10
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
