@@ -26,6 +26,8 @@ from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collater
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
 from node.keys import NodeKeys, load_or_create_keys
+from node.receipt_log import FILE_NAME as RECEIPT_LOG
+from node.receipt_log import ReceiptLog
 from node.supervisor import (
     DEFAULT_MODEL_ID,
     Supervisor,
@@ -97,6 +99,7 @@ class NodeState:
     supervisor: Supervisor | None = None
     last_matcher_contact: float = 0.0
     registered: bool = False
+    receipts: ReceiptLog | None = None
 
 
 STATE = web.AppKey("imago_node_state", NodeState)
@@ -142,6 +145,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         matcher_keys=MatcherKeys(config.matcher, pinned),
         engine_ready=asyncio.Event(),
         hardware=describe_hardware(),
+        receipts=ReceiptLog(config.state_dir / RECEIPT_LOG),
     )
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = state
@@ -215,6 +219,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             state.matcher_keys,
             max_concurrent=config.max_concurrent,
             engine_ready=state.engine_ready,
+            receipt_log=state.receipts,
         )
         tasks.append(asyncio.create_task(_watch_engine(state), name="engine-watch"))
         yield
@@ -225,6 +230,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 await task
         await session.close()
         state.seen.close()
+        if state.receipts is not None:
+            state.receipts.close()
 
 
 async def _watch_engine(state: NodeState) -> None:
