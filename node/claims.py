@@ -324,6 +324,25 @@ class Claimer:
         finally:
             os.close(lock)  # releases the lock
 
+    async def review(self) -> tuple[dict[str, KeptVoucher], str | None]:
+        """The best voucher per Vault (the one fetched if it passes every check, else the
+        one kept) and why the fetched one was refused, if it was. Claims nothing, saves
+        nothing, needs no wallet (``imago provider earnings``). Raises ClaimError."""
+        try:
+            info = await self._provider_info()
+            state = ClaimState.load(self.state_dir, self.provider)
+            doc = await self._fetch()
+            refused = None
+            if doc is not None:
+                try:
+                    vault, kept = await self._check(doc, state, info)
+                    state.vouchers[vault] = kept
+                except VoucherRefused as e:
+                    refused = str(e)
+            return state.vouchers, refused
+        except (ToncenterError, getters.GetterError, aiohttp.ClientError, TimeoutError) as e:
+            raise ClaimError(f"{type(e).__name__}: {e}") from e
+
     async def _run(self, force: bool) -> ClaimRun:
         run = ClaimRun()
         info = await self._provider_info()
