@@ -1,11 +1,9 @@
 """The node's claim loop (node/claims.py) against the devnet.
 
-Each test gets a fresh Vault (its own operator key) and a fresh Provider with its owner's
-wallet. A fake matcher (a small aiohttp server) serves ``/v1/ledger/payouts/{provider}``
-from payout vouchers the test signs with the operator key, for epochs the test commits on
-the Vault. Signed objects and commits are built only in ``sign_payout`` and
-``commit_epoch`` below, through ``protocol.signed`` constructors and
-``contracts.chain.operations``.
+Each test gets a fresh Vault and a fresh Provider with its owner's wallet (``env``), and a
+fake matcher (``tests/contracts/fake_matcher.py``, a small aiohttp server) that serves
+``/v1/ledger/payouts/{provider}`` from payout vouchers the test signs with the operator
+key, for epochs the test commits on the Vault.
 """
 
 from __future__ import annotations
@@ -14,132 +12,26 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import signal
+import sys
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from contracts.chain.messages import Capabilities, ModelPrice
 from contracts.chain.toncenter import Trace
-from contracts.chain.wallet import Wallet, create_keystore
-from node.claims import CLAIM_FEE, Claimer, ClaimState
-from protocol.signed import EpochCommit, PayoutVoucher, model_hash
+from contracts.chain.wallet import create_keystore
+from node.claims import CLAIM_FEE, ClaimState
+from protocol.signed import PayoutVoucher
 
+from . import fake_matcher
 from .conftest import TON, Key
+from .fake_matcher import Env, raw
 
-CAPS = Capabilities("cpu", 0, 0, "local", (ModelPrice(model_hash("smollm2"), 100, 200),))
-
-
-def raw(a: Address) -> str:
-    return a.to_str(is_user_friendly=False)
-
-
-class FakeMatcher:
-    """A fake matcher: serves the payout voucher the test set for each provider."""
-
-    def __init__(self) -> None:
-        self.payouts: dict[str, dict] = {}
-        self.requests = 0
-        app = web.Application()
-        app.router.add_get("/v1/ledger/payouts/{provider}", self._payout)
-        self.server = TestServer(app)
-
-    async def _payout(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        doc = self.payouts.get(request.match_info["provider"])
-        if doc is None:
-            return web.json_response({"error": "no voucher"}, status=404)
-        return web.json_response(doc)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-
-@dataclass
-class Env:
-    chain: object
-    operator: Wallet
-    operator_key: Key
-    vault: Address
-    owner: Wallet
-    provider: Address
-    matcher: FakeMatcher
-    state_dir: Path
-    epoch: int = 0
-    paid: int = 0
-    claimers: list[Claimer] = field(default_factory=list)
-
-    # -- the two helpers that build signed objects -----------------------------------
-
-    def sign_payout(self, epoch: int, cumulative: int, *, key: Key | None = None, **over) -> dict:
-        """The matcher's answer: a payout voucher signed by the operator (or ``key``)."""
-        fields = {"vault": self.vault, "provider": self.provider, "epoch": epoch}
-        fields.update(over)
-        voucher = PayoutVoucher(cumulative=cumulative, **fields)
-        boc, _ = voucher.encode()
-        return {
-            "provider": raw(voucher.provider),
-            "vault": raw(voucher.vault),
-            "epoch": voucher.epoch,
-            "cumulative": str(voucher.cumulative),
-            "voucher": base64.b64encode(boc).decode(),
-            "signature": (key or self.operator_key).sign(voucher).hex(),
-        }
-
-    async def commit_epoch(self, paid: int) -> int:
-        """Commit the next epoch on the Vault, with ``paid`` (cumulative) as providers' due."""
-        self.epoch += 1
-        self.paid = paid
-        commit = EpochCommit(self.vault, self.epoch, os.urandom(32), 0, paid, 0, 1)
-        await operations.vault_commit_epoch(
-            self.operator, self.vault, commit, self.operator_key.sign(commit)
-        )
-        return self.epoch
-
-    # ---------------------------------------------------------------------------------
-
-    def serve(self, doc: dict) -> None:
-        self.matcher.payouts[raw(self.provider)] = doc
-
-    def claimer(self, multiple: float = 10, state_dir: Path | None = None) -> Claimer:
-        """A node's claimer; each one starts from what its state dir holds (a restart)."""
-        c = Claimer(
-            client=self.chain,
-            wallet=self.owner,
-            provider=self.provider,
-            matcher=self.matcher.url,
-            state_dir=state_dir or self.state_dir,
-            multiple=multiple,
-        )
-        self.claimers.append(c)
-        return c
-
-    async def claimed(self) -> int:
-        return await getters.get_provider_claimed(self.chain, self.provider, self.vault)
-
-
-@pytest.fixture
-async def env(chain, contracts_set, make_wallet, tmp_path) -> AsyncIterator[Env]:
-    cs = contracts_set
-    key = Key()  # a fresh Vault: its own operator key, its own epochs
-    vault = await operations.deploy_vault(cs.operator, cs.registry, key.int, 5 * TON, client=chain)
-    owner = await make_wallet(20 * TON)
-    provider, _ = await operations.register_provider(
-        owner, chain, cs.registry, Key().public, 2 * TON, CAPS
-    )
-    matcher = FakeMatcher()
-    await matcher.server.start_server()
-    e = Env(chain, cs.operator, key, vault, owner, provider, matcher, tmp_path / "node")
-    yield e
-    for c in e.claimers:
-        await c.close()
-    await matcher.server.close()
+env = fake_matcher.env  # the fixture
+REPO = Path(__file__).resolve().parents[2]
 
 
 def storage_fees(t) -> int:
@@ -357,3 +249,70 @@ async def test_half_a_claim_configuration_is_refused(tmp_path):
     config = NodeConfig(state_dir=tmp_path, devnet=True, upstream="http://x", chain="devnet")
     with pytest.raises(ValueError, match="--claim-wallet"):
         create_app(config)
+
+
+def _claim_command(env: Env, home: Path) -> tuple[list[str], dict[str, str]]:
+    """`imago provider claim` for this env's Provider, as its owner (wallet "owner")."""
+    if not (home / "wallets" / "owner.json").exists():
+        create_keystore(home / "wallets" / "owner.json", env.owner.keys, network="devnet")
+    cmd = [
+        sys.executable, "-m", "imago.cli", "provider", "claim", "--json",
+        "--chain", env.chain.base_url, "--name", "owner", "--address", raw(env.provider),
+        "--matcher", env.matcher.url, "--state-dir", str(env.state_dir),
+    ]  # fmt: skip
+    variables = {**os.environ, "IMAGO_HOME": str(home), "PYTHONPATH": str(REPO)}
+    return cmd, variables
+
+
+async def test_imago_provider_claim_claims_now_whatever_the_multiple(env, tmp_path):
+    epoch = await env.commit_epoch(TON // 100)  # far below 1000 × the claim fee
+    env.serve(env.sign_payout(epoch, TON // 100))
+    cmd, variables = _claim_command(env, tmp_path / "home")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env=variables, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    doc = json.loads(out.decode().splitlines()[-1])
+    assert doc["status"] == "ok" and doc["vaults"][0]["status"] == "claimed"
+    assert doc["vaults"][0]["amount"] == str(TON // 100)
+    assert await env.claimed() == TON // 100
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env=variables, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert json.loads(out.decode().splitlines()[-1])["vaults"][0]["status"] == "nothing"
+
+
+async def test_kill_9_at_any_moment_then_a_restart_never_double_pays(env, tmp_path):
+    """`imago provider claim` killed with SIGKILL after a spread of delays (before it
+    starts, while it reads the chain, while its Claim is in flight, after), then run
+    again: each payout lands exactly once."""
+    cmd, variables = _claim_command(env, tmp_path / "home")
+    vault_before = (await getters.get_vault_data(env.chain, env.vault)).paid_out
+    before = await env.owner.balance()
+    cumulative, landed_at_kill = 0, []
+    delays = (0.3, 0.9, 1.2, 1.4, 1.6, 1.8, 2.1, 2.6)
+    for delay in delays:
+        cumulative += TON // 10
+        epoch = await env.commit_epoch(cumulative)
+        env.serve(env.sign_payout(epoch, cumulative))
+        quiet = asyncio.subprocess.DEVNULL
+        proc = await asyncio.create_subprocess_exec(*cmd, env=variables, stdout=quiet, stderr=quiet)
+        await asyncio.sleep(delay)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        landed_at_kill.append(await env.claimed() == cumulative)
+        restart = await asyncio.create_subprocess_exec(
+            *cmd, env=variables, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await restart.communicate()
+        assert await env.claimed() == cumulative, (out, err)
+    print("claim landed before the kill:", landed_at_kill)
+    paid_out = (await getters.get_vault_data(env.chain, env.vault)).paid_out - vault_before
+    assert paid_out == cumulative  # every payout exactly once
+    gained = await env.owner.balance() - before
+    n = len(delays)  # one Claim per payout landed, at most one more refused per round
+    assert cumulative - 2 * n * CLAIM_FEE <= gained <= cumulative - n * (CLAIM_FEE * 9 // 10)
