@@ -230,7 +230,7 @@ class ClaimRun:
     """The outcome of one run: the voucher fetched (if any), its refusal (if refused),
     and one entry per Vault with a kept voucher."""
 
-    status: str = "ok"  # ok | busy | no_owner | error
+    status: str = "ok"  # ok | busy | no_provider | no_owner | error
     fetched: dict[str, Any] | None = None
     refused: str | None = None
     vaults: list[VaultClaim] = field(default_factory=list)
@@ -333,7 +333,9 @@ class Claimer:
             state = ClaimState.load(self.state_dir, self.provider)
             doc = await self._fetch()
             refused = None
-            if doc is not None:
+            if info is None:
+                refused = f"the Provider {_raw(self.provider)} is not deployed"
+            elif doc is not None:
                 try:
                     vault, kept = await self._check(doc, state, info)
                     state.vouchers[vault] = kept
@@ -346,6 +348,11 @@ class Claimer:
     async def _run(self, force: bool) -> ClaimRun:
         run = ClaimRun()
         info = await self._provider_info()
+        if info is None:
+            run.status = "no_provider"
+            run.message = f"the Provider {_raw(self.provider)} is not deployed (yet)"
+            log.info("%s: nothing to claim", run.message)
+            return run
         if info.owner != self.wallet.address:
             run.status = "no_owner"
             run.message = (
@@ -389,8 +396,12 @@ class Claimer:
             run.vaults.append(await self._claim(state, vault, kept, force))
         return run
 
-    async def _provider_info(self) -> _ProviderInfo:
+    async def _provider_info(self) -> _ProviderInfo | None:
+        """The Provider's owner and registry (None while it is not deployed)."""
         if self._info is None:
+            account = await self.client.get_address_information(self.provider)
+            if account.state != "active":
+                return None
             p = await getters.get_provider_data(self.client, self.provider)
             self._info = _ProviderInfo(p.owner, p.registry)
         return self._info

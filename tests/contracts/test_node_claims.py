@@ -316,3 +316,18 @@ async def test_kill_9_at_any_moment_then_a_restart_never_double_pays(env, tmp_pa
     gained = await env.owner.balance() - before
     n = len(delays)  # one Claim per payout landed, at most one more refused per round
     assert cumulative - 2 * n * CLAIM_FEE <= gained <= cumulative - n * (CLAIM_FEE * 9 // 10)
+
+
+async def test_only_the_owner_claims_and_an_undeployed_provider_is_waited_for(env, make_wallet):
+    epoch = await env.commit_epoch(TON)
+    env.serve(env.sign_payout(epoch, TON))
+    stranger = env.claimer(multiple=0)
+    stranger.wallet = await make_wallet()
+    run = await stranger.run_once()
+    assert run.status == "no_owner" and not run.failed and await env.claimed() == 0
+    early = env.claimer(multiple=0)
+    early.provider = Address(
+        "0:" + "77" * 32
+    )  # registered later (`imago up` starts the node first)
+    run = await early.run_once()
+    assert run.status == "no_provider" and not run.failed
