@@ -230,7 +230,7 @@ class ClaimRun:
     """The outcome of one run: the voucher fetched (if any), its refusal (if refused),
     and one entry per Vault with a kept voucher."""
 
-    status: str = "ok"  # ok | busy | no_provider | no_owner | error
+    status: str = "ok"  # ok | busy | no_provider | no_owner | error (the matcher failed)
     fetched: dict[str, Any] | None = None
     refused: str | None = None
     vaults: list[VaultClaim] = field(default_factory=list)
@@ -362,7 +362,12 @@ class Claimer:
             log.error("%s", run.message)
             return run
         state = ClaimState.load(self.state_dir, self.provider)
-        run.fetched = await self._fetch()
+        try:
+            run.fetched = await self._fetch()
+        except (ClaimError, aiohttp.ClientError, TimeoutError) as e:
+            # The matcher is down: what it released before is still claimed.
+            run.status, run.message = "error", f"the matcher's voucher is unavailable: {e}"
+            log.warning("%s", run.message)
         if run.fetched is not None:
             try:
                 vault, kept = await self._check(run.fetched, state, info)

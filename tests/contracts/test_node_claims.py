@@ -331,3 +331,15 @@ async def test_only_the_owner_claims_and_an_undeployed_provider_is_waited_for(en
     )  # registered later (`imago up` starts the node first)
     run = await early.run_once()
     assert run.status == "no_provider" and not run.failed
+
+
+async def test_a_matcher_that_is_down_does_not_stop_the_claim_of_a_kept_voucher(env):
+    epoch = await env.commit_epoch(TON)
+    env.serve(env.sign_payout(epoch, TON))
+    run = await env.claimer(multiple=1000).run_once()  # kept, below the multiple
+    assert [v.status for v in run.vaults] == ["below_multiple"]
+    claimer = env.claimer(multiple=0)
+    await env.matcher.server.close()
+    run = await claimer.run_once()
+    assert run.status == "error" and run.failed and "unavailable" in run.message
+    assert [v.status for v in run.vaults] == ["claimed"] and await env.claimed() == TON
