@@ -258,9 +258,10 @@ def _check_commit(e: dict[str, Any], vault: getters.VaultData, vault_address: st
 
 
 def _check_records(
-    doc: dict[str, Any], n: int, root: bytes, provider: str, fee_bps: int, previous: int
+    doc: dict[str, Any], n: int, root: bytes, provider: str, fee_bps: int, previous: int | None
 ) -> tuple[dict[str, Any] | None, list[str]]:
-    """The cache entry of one epoch's records, or None and why not."""
+    """The cache entry of one epoch's records, or None and why not. ``previous`` is the
+    cumulative of this provider's last leaf (None: unknown, an epoch before failed)."""
     try:
         leaf = ProviderLeaf.from_json({"kind": "provider", **doc["leaf"]})
         proof = [ProofStep.from_json(s) for s in doc.get("proof") or []]
@@ -282,7 +283,7 @@ def _check_records(
         problems.append(
             f"epoch {n}: the records earn {net} after fees, the leaf says {leaf.amount}"
         )
-    if leaf.cumulative != previous + leaf.amount:
+    if previous is not None and leaf.cumulative != previous + leaf.amount:
         problems.append(
             f"epoch {n}: cumulative {leaf.cumulative} is not {previous} + {leaf.amount}"
         )
@@ -354,7 +355,8 @@ async def compute_earnings(
     cache = _load_cache(cache_path, p)
     cached: dict[str, Any] = cache["epochs"]
     entries: list[tuple[int, dict[str, Any]]] = []
-    previous, changed = 0, False
+    previous: int | None = 0
+    changed = False
     for e in sorted(listed, key=lambda e: int(e["epoch"])):
         n, root_hex = int(e["epoch"]), str(e.get("root", "")).lower()
         if _raw(str(e.get("vault"))) != out.vault:
@@ -373,6 +375,7 @@ async def compute_earnings(
         why = _check_commit(e, vault, out.vault)
         if why:
             out.issues.append(why)
+            previous = None  # this provider's cumulative may have moved in it
             continue
         try:
             doc = await ledger.records(n)
@@ -386,6 +389,7 @@ async def compute_earnings(
         )
         if entry is None:
             out.issues.extend(problems)
+            previous = None
             continue
         cached[str(n)], changed = entry, True
         entries.append((n, entry))
