@@ -243,6 +243,8 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         "--host", launcher.host, "--port", str(launcher.ports["node"]),
         "--matcher", state.matcher_url, "--public-url", launcher.url("node"),
         "--state-dir", str(home / "node"), "--provider", state.provider,
+        # the claim loop: the Provider's owner collects its payouts (claim multiple 0 here)
+        "--chain", state.chain_url, "--claim-wallet", "provider",
     ]  # fmt: skip
     if args.upstream:
         node_args += ["--upstream", args.upstream]

@@ -23,9 +23,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
+from node.claims import DEFAULT_CLAIM_EVERY, claim_settings, claims_ctx
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
 from node.keys import NodeKeys, load_or_create_keys
+from node.receipt_log import FILE_NAME as RECEIPT_LOG
+from node.receipt_log import ReceiptLog
 from node.supervisor import (
     DEFAULT_MODEL_ID,
     Supervisor,
@@ -74,6 +77,12 @@ class NodeConfig:
     public_url: str | None = None
     provider: str | None = None
     register_interval: float = 30.0
+    # claims (node/claims.py): on when chain and claim_wallet are set
+    chain: str | None = None
+    claim_wallet: str | None = None  # a wallet name in $IMAGO_HOME/wallets, or a keystore path
+    claim_passphrase: str | None = field(default=None, repr=False)
+    claim_every: float = DEFAULT_CLAIM_EVERY
+    claim_multiple: float | None = None  # None: 0 on the devnet, 1000 elsewhere
 
     @property
     def attestation_kind(self) -> str:
@@ -97,6 +106,7 @@ class NodeState:
     supervisor: Supervisor | None = None
     last_matcher_contact: float = 0.0
     registered: bool = False
+    receipts: ReceiptLog | None = None
 
 
 STATE = web.AppKey("imago_node_state", NodeState)
@@ -123,6 +133,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     raises ValueError.
     """
     pinned = _matcher_key(config.matcher_key)
+    claims = claim_settings(config)  # ValueError on half a configuration or a bad wallet
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if keys is None:
         keys = load_or_create_keys(config.state_dir / "node_keys.json", config.passphrase)
@@ -142,11 +153,14 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         matcher_keys=MatcherKeys(config.matcher, pinned),
         engine_ready=asyncio.Event(),
         hardware=describe_hardware(),
+        receipts=ReceiptLog(config.state_dir / RECEIPT_LOG),
     )
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = state
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_registration_ctx)
+    if claims is not None:
+        app.cleanup_ctx.append(claims_ctx(claims))
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/identity", _identity)
     app.router.add_post("/v1/attest", _attest)
@@ -215,6 +229,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             state.matcher_keys,
             max_concurrent=config.max_concurrent,
             engine_ready=state.engine_ready,
+            receipt_log=state.receipts,
         )
         tasks.append(asyncio.create_task(_watch_engine(state), name="engine-watch"))
         yield
@@ -225,6 +240,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 await task
         await session.close()
         state.seen.close()
+        if state.receipts is not None:
+            state.receipts.close()
 
 
 async def _watch_engine(state: NodeState) -> None:

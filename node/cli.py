@@ -120,6 +120,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrent", type=int, default=64, help="jobs at once; more get 429 (default 64)"
     )
+    claims = p.add_argument_group(
+        "claims", "collect the payouts on a schedule (on with --chain and --claim-wallet)"
+    )
+    claims.add_argument(
+        "--chain",
+        metavar="URL",
+        help="chain to claim on: devnet | testnet | mainnet | a toncenter v2 API URL",
+    )
+    claims.add_argument(
+        "--claim-wallet",
+        metavar="NAME|PATH",
+        help="the Provider owner's wallet (a name in $IMAGO_HOME/wallets or a keystore "
+        "path): the Provider accepts a Claim only from its owner",
+    )
+    claims.add_argument(
+        "--claim-passphrase-env",
+        metavar="VAR",
+        help="environment variable holding that wallet keystore's passphrase",
+    )
+    claims.add_argument(
+        "--claim-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how often to check the payout voucher (default 300)",
+    )
+    claims.add_argument(
+        "--claim-multiple",
+        type=float,
+        default=None,
+        metavar="N",
+        help="claim only when the unclaimed amount exceeds N x the claim fee "
+        "(~0.011 TON): fees stay below 1/N of the payouts (default 1000; 0 on --devnet)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -155,6 +189,12 @@ def serve(args: argparse.Namespace) -> int:
             )
             return 2
     api_key = os.environ.get(args.upstream_api_key_env) if args.upstream_api_key_env else None
+    claim_passphrase = None
+    if args.claim_passphrase_env:
+        claim_passphrase = os.environ.get(args.claim_passphrase_env)
+        if claim_passphrase is None:
+            print(f"imago node: {args.claim_passphrase_env} is not set", file=sys.stderr)
+            return 2
     config = NodeConfig(
         state_dir=args.state_dir or _default_state_dir(),
         devnet=args.devnet,
@@ -177,6 +217,11 @@ def serve(args: argparse.Namespace) -> int:
         matcher_key=args.matcher_key,
         public_url=args.public_url or f"http://{args.host}:{args.port}",
         provider=args.provider,
+        chain=args.chain,
+        claim_wallet=args.claim_wallet,
+        claim_passphrase=claim_passphrase,
+        claim_every=args.claim_every,
+        claim_multiple=args.claim_multiple,
     )
     try:
         app = create_app(config)

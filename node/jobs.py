@@ -30,6 +30,7 @@ from pytoniq_core import Address
 
 from node.engine import EngineBackend, EngineError, UsageUnavailable, engine_error
 from node.keys import NodeKeys
+from node.receipt_log import ReceiptLog
 from node.tickets import MatcherKeys
 from protocol import envelope
 from protocol.api import ModelOffer, SealedRequest, error_json
@@ -317,7 +318,9 @@ class JobService:
         *,
         max_concurrent: int,
         engine_ready: asyncio.Event,
+        receipt_log: ReceiptLog | None = None,
     ) -> None:
+        self._receipt_log = receipt_log
         self._keys = keys
         self._node_public = keys.ed25519_public
         self._backend = backend
@@ -544,6 +547,8 @@ class _Job:
             "prompt_tokens": tally.prompt,
             "completion_tokens": tally.completion,
         }
+        if (receipts := self.service._receipt_log) is not None:  # before the receipt leaves
+            receipts.append(self.job_id, receipt.time, end["receipt"], end["signature"])
         self.service.served += 1
         return envelope.encode_frame(FrameType.END, _dumps(end).encode())
 

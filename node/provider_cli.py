@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from pytoniq_core import Address
@@ -184,8 +187,198 @@ async def _provider_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- claims and earnings
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return args.state_dir
+    from node.cli import _default_state_dir
+
+    return _default_state_dir()
+
+
+def _stack() -> dict[str, Any]:
+    """``$IMAGO_HOME/stack.json`` (written by `imago up`), or {}."""
+    from contracts.chain.devnet import imago_home
+
+    try:
+        doc = json.loads((imago_home() / "stack.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _matcher(args: argparse.Namespace) -> str:
+    url = args.matcher or _stack().get("matcher_url")
+    if not url:
+        raise CliError("give --matcher URL (or run `imago up`, which records it in stack.json)")
+    return url
+
+
+async def _provider_claim(args: argparse.Namespace) -> int:
+    from node.claims import Claimer, ClaimError
+
+    matcher = _matcher(args)
+    async with open_chain(args) as client:
+        owner = open_wallet(args, client)
+        provider = _provider_of(args, owner.address)
+        claimer = Claimer(
+            client=client,
+            wallet=owner,
+            provider=provider,
+            matcher=matcher,
+            state_dir=_state_dir(args),
+        )
+        try:
+            run = await claimer.run_once(force=True)
+        except ClaimError as e:
+            raise CliError(str(e)) from None
+        finally:
+            await claimer.close()
+    data = {"provider": friendly(args, provider), **run.to_json()}
+    emit(args, data, lambda: _claim_human(run))
+    if run.status != "ok" or any(v.status in ("failed", "insolvent") for v in run.vaults):
+        return 1
+    return 0
+
+
+def _claim_human(run: Any) -> str:
+    lines = []
+    if run.message:
+        lines.append(run.message)
+    if run.refused:
+        lines.append(f"the matcher's voucher is refused: {run.refused}")
+    if run.status == "ok" and run.fetched is None and not run.vaults:
+        lines.append("no payout voucher released for this provider yet")
+    for v in run.vaults:
+        if v.status == "claimed":
+            lines.append(
+                f"claimed {format_ton(v.amount)} (epoch {v.epoch}, {format_ton(v.cumulative)} "
+                f"in all) from {v.vault}; fees {format_ton(v.fees)}"
+            )
+        elif v.status == "nothing":
+            lines.append(f"nothing to claim: {format_ton(v.cumulative)} claimed in all")
+        else:
+            lines.append(f"{v.status}: {v.message}")
+    return "\n".join(lines)
+
+
+async def _provider_earnings(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from node.earnings import EarningsError, compute_earnings
+    from node.keys import KeystoreError, load_or_create_keys
+
+    state_dir = _state_dir(args)
+    keystore = state_dir / "node_keys.json"
+    if not keystore.exists():
+        raise CliError(
+            f"no node keystore at {keystore}: the records are fetched with the node key "
+            "(give the node's --state-dir)"
+        )
+    passphrase = None
+    if args.node_passphrase_env:
+        passphrase = os.environ.get(args.node_passphrase_env)
+        if passphrase is None:
+            raise CliError(f"--node-passphrase-env {args.node_passphrase_env} is not set")
+    try:
+        keys = load_or_create_keys(keystore, passphrase)
+    except KeystoreError as e:
+        raise CliError(str(e)) from None
+    matcher = _matcher(args)
+    async with open_chain(args) as client, aiohttp.ClientSession() as session:
+        if args.address:
+            provider = parse_address(args.address)
+        elif _stack().get("provider"):
+            provider = parse_address(_stack()["provider"])
+        else:
+            provider = _provider_of(args, open_wallet(args, client).address)
+        try:
+            earnings = await compute_earnings(
+                client=client,
+                session=session,
+                matcher=matcher,
+                provider=provider,
+                node_key=keys.ed25519,
+                state_dir=state_dir,
+            )
+        except EarningsError as e:
+            raise CliError(str(e)) from None
+    data = earnings.to_json()
+    data["provider"] = friendly(args, provider)
+    emit(args, _in_ton(data), lambda: _earnings_human(args, earnings))
+    return 0
+
+
+def _in_ton(data: Any) -> Any:
+    """nanoTON decimal strings -> TON decimal strings, recursively (the JSON output)."""
+    amounts = {"gross", "earned", "committed", "claimed", "claimable", "pending", "cumulative"}
+    if isinstance(data, list):
+        return [_in_ton(x) for x in data]
+    if isinstance(data, dict):
+        return {
+            k: format_ton(int(v), unit=False) if k in amounts and isinstance(v, str) else _in_ton(v)
+            for k, v in data.items()
+        }
+    return data
+
+
+def _earnings_human(args: argparse.Namespace, e: Any) -> str:
+    def ton(n: int) -> str:
+        return format_ton(n, unit=False)
+
+    head = ("epoch", "jobs", "prompt tok", "compl. tok", "earned", "committed", "claimed")
+    head += ("claimable",)
+    rows = [head]
+    for r in e.epochs:
+        rows.append(
+            (
+                str(r.epoch),
+                str(r.jobs),
+                str(r.prompt_tokens),
+                str(r.completion_tokens),
+                ton(r.earned),
+                ton(r.committed),
+                ton(r.claimed),
+                ton(r.claimable),
+            )
+        )
+    total = (
+        "total",
+        str(sum(r.jobs for r in e.epochs)),
+        str(sum(r.prompt_tokens for r in e.epochs)),
+        str(sum(r.completion_tokens for r in e.epochs)),
+        ton(e.earned),
+        ton(e.committed),
+        ton(e.claimed),
+        ton(e.claimable),
+    )
+    rows.append(total)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        f"provider {friendly(args, e.provider)}"
+        + (f", vault {friendly(args, e.vault)}" if e.vault else "")
+        + " (amounts in TON; earned is after the protocol fee)"
+    ]
+    for i, row in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    lines.append(
+        f"pending: {e.pending_jobs} job{'' if e.pending_jobs == 1 else 's'} "
+        f"({e.pending_tokens[0]} + {e.pending_tokens[1]} tokens), "
+        f"{ton(e.pending)} TON after the fee, in no committed epoch yet"
+    )
+    if e.voucher:
+        lines.append(f"payout voucher: epoch {e.voucher_epoch}, {ton(e.voucher)} TON in all")
+    for issue in e.issues:
+        lines.append(f"warning: {issue}")
+    return "\n".join(lines)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """`imago provider register|status|top-up|rotate-key|unstake|withdraw`."""
+    """`imago provider register|status|top-up|rotate-key|unstake|withdraw|claim|earnings`."""
     # provider
     prov = subparsers.add_parser("provider", help="a GPU node's stake and registration")
     ps = prov.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -230,3 +423,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.set_defaults(func=lambda a: run_async(_provider_status(a)))
         else:
             p.set_defaults(func=lambda a, op=name: run_async(_provider_op(a, op)))
+    for name, helptext in (
+        ("claim", "claim the latest payout voucher now, whatever the claim multiple"),
+        ("earnings", "jobs, tokens, earned, committed, claimed, claimable and pending, by epoch"),
+    ):
+        p = ps.add_parser(name, help=helptext)
+        add_common_args(p)
+        p.add_argument("--matcher", help="matcher URL (default: stack.json's, from `imago up`)")
+        p.add_argument(
+            "--state-dir",
+            type=Path,
+            default=None,
+            help="the node's state dir: its receipt log, claim state and keys "
+            "(default $IMAGO_HOME/node)",
+        )
+        p.add_argument("--seq", type=int, default=0)
+        p.add_argument(
+            "--address",
+            help="provider address (default: "
+            + ("stack.json's, else " if name == "earnings" else "")
+            + "derived from the wallet and --seq)",
+        )
+        p.add_argument("--registry")
+        if name == "earnings":
+            p.add_argument(
+                "--node-passphrase-env",
+                metavar="VAR",
+                help="environment variable holding the node keystore's passphrase",
+            )
+            p.set_defaults(func=lambda a: run_async(_provider_earnings(a)))
+        else:
+            p.set_defaults(func=lambda a: run_async(_provider_claim(a)))

@@ -1,0 +1,767 @@
+"""The claim loop: the node collects what it earned, on its own schedule.
+
+Every ``--claim-every`` seconds (an APScheduler job inside the node service) the node:
+
+1. fetches its latest payout voucher from the matcher
+   (``GET {matcher}/v1/ledger/payouts/{provider}``, ``docs/ledger.md``);
+2. checks it, trusting the chain and nothing the matcher says: the voucher cell parses
+   and names this Provider; the Vault it names runs the Registry's vault code for this
+   Provider's Registry; the operator's signature verifies under the Vault's on-chain
+   ``operatorKey``; its epoch is committed on-chain (``epoch <= lastEpoch``, invariant
+   6); its cumulative never goes below the best voucher this node kept nor below what
+   the Provider already claimed, and one epoch never has two amounts. A voucher that
+   fails is refused and logged (``refused`` in the state file), and the node keeps
+   the best voucher it accepted before: a matcher cannot take back a voucher it
+   released;
+3. reads what the Provider already claimed from that Vault (its ``claimed`` getter) and,
+   when ``cumulative - claimed > multiple × CLAIM_FEE`` and the Vault can pay it
+   (``chargedIn - feesAccrued + stake - paidOut >= amount``, invariant 3), sends the
+   Claim from the Provider's owner wallet (the only sender the Provider accepts) and
+   waits for the whole trace. A failure is retried at a later run, backing off.
+
+The state (the best voucher per Vault, refusals, recent claims) is one JSON file in the
+node's state directory (``claims.json``), replaced atomically. Nothing in it can make the
+node pay itself twice: the Provider keeps the cumulative amount claimed per Vault and
+refuses a Claim not above it (208); the Vault pays only ``cumulative - claimedBefore``.
+A kill -9 at any point, or a lost state file, costs at most one refused claim's fee.
+A lock file (``claims.lock``) keeps the loop and ``imago provider claim`` from claiming
+at the same moment.
+
+**The multiple.** A claim costs the owner ``CLAIM_FEE`` (0.011 TON: 0.0057 TON for the
+Provider, Vault and payout transactions, the rest the wallet's own transaction and
+forward fees). Claiming only above ``multiple × CLAIM_FEE`` bounds the fees to
+1/multiple of the payouts: the default 1000 (claim from 11 TON) spends at most 0.1 % on
+fees, at the price of leaving up to that much with the Vault between claims (backed by
+the Vault's stake, invariant 3) and of waiting for it: a node earning 1 TON a day claims
+every 11 days. Lower it to be paid sooner, raise it to pay less. On the devnet, where TON
+is free and one wants to see the payout arrive, the default is 0: claim whatever is
+unclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pytoniq_core import Address
+
+from contracts.chain import getters, operations
+from contracts.chain.toncenter import ToncenterClient, ToncenterError, Trace, chain_url
+from contracts.chain.wallet import Wallet, WalletError, WalletKeys, load_keystore
+from protocol.signed import PayoutVoucher, SignedObjectError, signature_valid
+
+__all__ = [
+    "CLAIM_FEE",
+    "DEFAULT_CLAIM_EVERY",
+    "DEFAULT_MULTIPLE",
+    "DEVNET_MULTIPLE",
+    "ClaimRun",
+    "ClaimService",
+    "ClaimSettings",
+    "ClaimState",
+    "Claimer",
+    "VaultClaim",
+    "VoucherRefused",
+    "claim_settings",
+    "claims_ctx",
+    "open_chain_client",
+]
+
+log = logging.getLogger("imago.node.claims")
+
+# What one claim costs the owner's wallet, in nanoTON: the Provider, Vault and payout
+# transactions (0.005681 TON, docs/contracts.md) plus the wallet's own transaction and
+# the forward fees: 0.0109432 TON measured on the devnet (mainnet gas config), checked
+# by tests/contracts/test_node_claims.py.
+CLAIM_FEE = 11_000_000
+DEFAULT_CLAIM_EVERY = 300.0
+DEFAULT_MULTIPLE = 1000.0
+DEVNET_MULTIPLE = 0.0
+MAX_BACKOFF_S = 3600.0
+STATE_FILE = "claims.json"
+LOCK_FILE = "claims.lock"
+_KEEP = 50  # refusals and claims kept in the state file
+
+
+class VoucherRefused(Exception):
+    """A payout voucher that fails a check; the message says which."""
+
+
+class ClaimError(Exception):
+    """A run that could not complete (matcher or chain unreachable, claim failed)."""
+
+
+def _raw(a: Address | str) -> str:
+    return (Address(a) if isinstance(a, str) else a).to_str(is_user_friendly=False)
+
+
+# ----------------------------------------------------------------- durable state
+
+
+@dataclass
+class KeptVoucher:
+    """The best payout voucher accepted from one Vault."""
+
+    epoch: int
+    cumulative: int
+    voucher: bytes  # the BOC as received
+    signature: bytes
+    seen_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cumulative": str(self.cumulative),
+            "voucher": base64.b64encode(self.voucher).decode(),
+            "signature": self.signature.hex(),
+            "seen_at": self.seen_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KeptVoucher:
+        return cls(
+            int(d["epoch"]),
+            int(d["cumulative"]),
+            base64.b64decode(d["voucher"]),
+            bytes.fromhex(d["signature"]),
+            int(d.get("seen_at", 0)),
+        )
+
+    def parsed(self) -> PayoutVoucher:
+        return PayoutVoucher.from_boc(self.voucher)
+
+
+@dataclass
+class ClaimState:
+    """``claims.json``: per Provider, the best voucher per Vault, recent refusals and
+    claims. Written whole to a temporary file, fsynced, then renamed over."""
+
+    path: Path
+    provider: str
+    vouchers: dict[str, KeptVoucher] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    claims: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, state_dir: Path, provider: Address | str) -> ClaimState:
+        path = state_dir / STATE_FILE
+        state = cls(path, _raw(provider))
+        try:
+            doc = json.loads(path.read_text())
+            mine = doc.get("providers", {}).get(state.provider, {})
+            state.vouchers = {
+                v: KeptVoucher.from_json(kept) for v, kept in mine.get("vouchers", {}).items()
+            }
+            state.refused = list(mine.get("refused", []))
+            state.claims = list(mine.get("claims", []))
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # The chain is the guard: a lost state costs a refused claim's fee at most.
+            log.error("%s is unreadable (%s); starting from what the chain says", path, e)
+        return state
+
+    def save(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text())
+            if not isinstance(doc.get("providers"), dict):
+                raise ValueError
+        except (FileNotFoundError, ValueError, AttributeError):
+            doc = {"version": 1, "providers": {}}
+        doc["providers"][self.provider] = {
+            "vouchers": {v: kept.to_json() for v, kept in self.vouchers.items()},
+            "refused": self.refused[-_KEEP:],
+            "claims": self.claims[-_KEEP:],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, (json.dumps(doc, indent=1) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------- one run
+
+
+@dataclass
+class VaultClaim:
+    """What a run did about one Vault."""
+
+    vault: str
+    status: str  # claimed | nothing | below_multiple | insolvent | failed
+    epoch: int = 0
+    cumulative: int = 0
+    claimed_before: int = 0
+    amount: int = 0  # claimed now, or claimable when not claimed
+    threshold: int = 0
+    fees: int = 0
+    message: str = ""
+    trace: Trace | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "trace"}
+        if self.trace is not None:
+            d["tx"] = self.trace.root.hash.hex()
+        for k in ("cumulative", "claimed_before", "amount", "threshold", "fees"):
+            d[k] = str(d[k])
+        return d
+
+
+@dataclass
+class ClaimRun:
+    """The outcome of one run: the voucher fetched (if any), its refusal (if refused),
+    and one entry per Vault with a kept voucher."""
+
+    status: str = "ok"  # ok | busy | no_provider | no_owner | error (the matcher failed)
+    fetched: dict[str, Any] | None = None
+    refused: str | None = None
+    vaults: list[VaultClaim] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error" or any(v.status == "failed" for v in self.vaults)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "fetched": self.fetched,
+            "refused": self.refused,
+            "vaults": [v.to_json() for v in self.vaults],
+        }
+
+
+@dataclass(frozen=True)
+class _ProviderInfo:
+    owner: Address
+    registry: Address
+
+
+class Claimer:
+    """Fetches, checks and claims payout vouchers for one Provider (see the module doc).
+
+    ``wallet`` is the Provider's owner wallet (``address`` and ``transfer``); ``client``
+    the chain adapter; ``multiple`` the fee multiple below which a run does not claim.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: ToncenterClient,
+        wallet: Any,
+        provider: Address | str,
+        matcher: str,
+        state_dir: Path,
+        multiple: float = DEFAULT_MULTIPLE,
+        claim_fee: int = CLAIM_FEE,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.wallet = wallet
+        self.provider = Address(provider) if isinstance(provider, str) else provider
+        self.matcher = matcher.rstrip("/")
+        self.state_dir = state_dir
+        self.multiple = multiple
+        self.claim_fee = claim_fee
+        self.timeout = timeout
+        self._session = session
+        self._own_session = session is None
+        self._info: _ProviderInfo | None = None
+        self._vaults_ok: set[str] = set()  # vaults whose code and registry were checked
+
+    @property
+    def threshold(self) -> int:
+        return int(self.multiple * self.claim_fee)
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            self._own_session = True
+        return self._session
+
+    # -- the run -------------------------------------------------------------------
+
+    async def run_once(self, *, force: bool = False) -> ClaimRun:
+        """One run: fetch, check, claim if worth it (``force``: whatever the multiple).
+        Raises nothing for a refused voucher or a failed claim (see ``ClaimRun``);
+        raises ClaimError when the matcher or the chain cannot be reached."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return ClaimRun("busy", message="another claim is running (the node's loop?)")
+            try:
+                return await self._run(force)
+            except (ToncenterError, getters.GetterError, aiohttp.ClientError, TimeoutError) as e:
+                raise ClaimError(f"{type(e).__name__}: {e}") from e
+        finally:
+            os.close(lock)  # releases the lock
+
+    async def review(self) -> tuple[dict[str, KeptVoucher], str | None]:
+        """The best voucher per Vault (the one fetched if it passes every check, else the
+        one kept) and why the fetched one was refused, if it was. Claims nothing, saves
+        nothing, needs no wallet (``imago provider earnings``). Raises ClaimError."""
+        try:
+            info = await self._provider_info()
+            state = ClaimState.load(self.state_dir, self.provider)
+            doc = await self._fetch()
+            refused = None
+            if info is None:
+                refused = f"the Provider {_raw(self.provider)} is not deployed"
+            elif doc is not None:
+                try:
+                    vault, kept = await self._check(doc, state, info)
+                    state.vouchers[vault] = kept
+                except VoucherRefused as e:
+                    refused = str(e)
+            return state.vouchers, refused
+        except (ToncenterError, getters.GetterError, aiohttp.ClientError, TimeoutError) as e:
+            raise ClaimError(f"{type(e).__name__}: {e}") from e
+
+    async def _run(self, force: bool) -> ClaimRun:
+        run = ClaimRun()
+        info = await self._provider_info()
+        if info is None:
+            run.status = "no_provider"
+            run.message = f"the Provider {_raw(self.provider)} is not deployed (yet)"
+            log.info("%s: nothing to claim", run.message)
+            return run
+        if info.owner != self.wallet.address:
+            run.status = "no_owner"
+            run.message = (
+                f"the wallet {_raw(self.wallet.address)} is not the owner "
+                f"{_raw(info.owner)} of the Provider {_raw(self.provider)}: it cannot claim"
+            )
+            log.error("%s", run.message)
+            return run
+        state = ClaimState.load(self.state_dir, self.provider)
+        try:
+            run.fetched = await self._fetch()
+        except (ClaimError, aiohttp.ClientError, TimeoutError) as e:
+            # The matcher is down: what it released before is still claimed.
+            run.status, run.message = "error", f"the matcher's voucher is unavailable: {e}"
+            log.warning("%s", run.message)
+        if run.fetched is not None:
+            try:
+                vault, kept = await self._check(run.fetched, state, info)
+            except VoucherRefused as e:
+                run.refused = str(e)
+                log.error("payout voucher refused: %s", e)
+                state.refused.append(
+                    {
+                        "at": int(time.time()),
+                        "reason": str(e),
+                        "epoch": run.fetched.get("epoch"),
+                        "cumulative": run.fetched.get("cumulative"),
+                        "vault": run.fetched.get("vault"),
+                    }
+                )
+                state.save()
+            else:
+                before = state.vouchers.get(vault)
+                if before is None or (kept.epoch, kept.cumulative) != (
+                    before.epoch,
+                    before.cumulative,
+                ):
+                    state.vouchers[vault] = kept
+                    state.save()  # before any claim: the best voucher survives a crash
+                    log.info(
+                        "payout voucher of epoch %d accepted: %d nanoTON in all",
+                        kept.epoch,
+                        kept.cumulative,
+                    )
+        for vault, kept in state.vouchers.items():
+            run.vaults.append(await self._claim(state, vault, kept, force))
+        return run
+
+    async def _provider_info(self) -> _ProviderInfo | None:
+        """The Provider's owner and registry (None while it is not deployed)."""
+        if self._info is None:
+            account = await self.client.get_address_information(self.provider)
+            if account.state != "active":
+                return None
+            p = await getters.get_provider_data(self.client, self.provider)
+            self._info = _ProviderInfo(p.owner, p.registry)
+        return self._info
+
+    async def _fetch(self) -> dict[str, Any] | None:
+        url = f"{self.matcher}/v1/ledger/payouts/{_raw(self.provider)}"
+        async with self._http().get(url) as r:
+            if r.status == 404:
+                return None  # nothing released for this provider yet
+            if r.status != 200:
+                raise ClaimError(f"GET {url}: HTTP {r.status}: {(await r.text())[:200]}")
+            try:
+                doc = await r.json(content_type=None)
+            except ValueError as e:
+                raise ClaimError(f"GET {url}: not JSON ({e})") from e
+        if not isinstance(doc, dict):
+            raise ClaimError(f"GET {url}: not a JSON object")
+        return doc
+
+    async def _check(
+        self, doc: dict[str, Any], state: ClaimState, info: _ProviderInfo
+    ) -> tuple[str, KeptVoucher]:
+        """The Vault and the voucher to keep, or VoucherRefused."""
+        try:
+            boc = base64.b64decode(doc["voucher"], validate=True)
+            signature = bytes.fromhex(doc["signature"])
+            voucher, cell_hash = PayoutVoucher.parse_boc(boc)
+        except (KeyError, TypeError, ValueError, binascii.Error, SignedObjectError) as e:
+            raise VoucherRefused(f"malformed voucher: {e}") from e
+        vault = _raw(voucher.vault)
+        if voucher.provider != self.provider:
+            raise VoucherRefused(f"voucher for another provider {_raw(voucher.provider)}")
+        if voucher.hash != cell_hash:
+            raise VoucherRefused("voucher cell is not in canonical form")
+        try:
+            said = (_raw(doc["vault"]), _raw(doc["provider"]), int(doc["epoch"]))
+            said_cumulative = int(doc["cumulative"])
+        except Exception as e:  # pytoniq raises bare errors on bad addresses
+            raise VoucherRefused(f"malformed voucher fields: {e}") from e
+        if said != (vault, _raw(self.provider), voucher.epoch) or said_cumulative != (
+            voucher.cumulative
+        ):
+            raise VoucherRefused("the JSON fields differ from the signed voucher")
+        await self._check_vault(vault, info)
+        v = await getters.get_vault_data(self.client, vault)
+        if not signature_valid(signature, cell_hash, v.operator_key.to_bytes(32, "big")):
+            raise VoucherRefused(
+                f"operator signature does not verify under the Vault's operatorKey "
+                f"(epoch {voucher.epoch}, {voucher.cumulative} nanoTON)"
+            )
+        if not 1 <= voucher.epoch <= v.last_epoch:
+            raise VoucherRefused(
+                f"epoch {voucher.epoch} is not committed on-chain (the Vault's last epoch "
+                f"is {v.last_epoch})"
+            )
+        best = state.vouchers.get(vault)
+        if best is not None:
+            if voucher.cumulative < best.cumulative:
+                raise VoucherRefused(
+                    f"lowered: {voucher.cumulative} nanoTON (epoch {voucher.epoch}) is below "
+                    f"the {best.cumulative} of the voucher kept from epoch {best.epoch}"
+                )
+            if voucher.epoch < best.epoch:
+                raise VoucherRefused(
+                    f"replayed: epoch {voucher.epoch} is older than the kept epoch {best.epoch}"
+                )
+            if voucher.epoch == best.epoch and voucher.cumulative != best.cumulative:
+                raise VoucherRefused(
+                    f"two vouchers for epoch {voucher.epoch}: {best.cumulative} and "
+                    f"{voucher.cumulative} nanoTON"
+                )
+        claimed = await getters.get_provider_claimed(self.client, self.provider, voucher.vault)
+        if voucher.cumulative < claimed:
+            raise VoucherRefused(
+                f"lowered: {voucher.cumulative} nanoTON is below the {claimed} already claimed"
+            )
+        return vault, KeptVoucher(
+            voucher.epoch, voucher.cumulative, boc, signature, int(time.time())
+        )
+
+    async def _check_vault(self, vault: str, info: _ProviderInfo) -> None:
+        """The Vault runs the code this Provider's Registry deploys vaults with, and
+        belongs to that Registry (a Vault does not change: checked once)."""
+        if vault in self._vaults_ok:
+            return
+        account = await self.client.get_address_information(vault)
+        if account.state != "active" or account.code is None:
+            raise VoucherRefused(f"the Vault {vault} is not deployed ({account.state})")
+        registry = await getters.get_registry_data(self.client, info.registry)
+        if account.code.hash != registry.vault_code_hash:
+            raise VoucherRefused(f"{vault} does not run the Registry's vault code")
+        v = await getters.get_vault_data(self.client, vault)
+        if v.registry != info.registry:
+            raise VoucherRefused(f"the Vault {vault} belongs to another Registry")
+        self._vaults_ok.add(vault)
+
+    async def _claim(self, state: ClaimState, vault: str, kept: KeptVoucher, force: bool):
+        result = VaultClaim(vault, "nothing", kept.epoch, kept.cumulative)
+        result.threshold = 0 if force else self.threshold
+        claimed = await getters.get_provider_claimed(self.client, self.provider, Address(vault))
+        result.claimed_before = claimed
+        result.amount = max(0, kept.cumulative - claimed)
+        if result.amount == 0:
+            return result
+        if result.amount <= result.threshold:
+            result.status = "below_multiple"
+            result.message = (
+                f"{result.amount} nanoTON unclaimed, not above {self.multiple:g} × the claim "
+                f"fee ({result.threshold} nanoTON)"
+            )
+            log.debug("%s", result.message)
+            return result
+        v = await getters.get_vault_data(self.client, vault)
+        if v.payable < result.amount:
+            result.status = "insolvent"
+            result.message = (
+                f"the Vault can pay {v.payable} nanoTON, less than the {result.amount} owed; "
+                "not claiming (it would be refused)"
+            )
+            log.warning("%s", result.message)
+            return result
+        voucher = kept.parsed()
+        log.info(
+            "claiming %d nanoTON (epoch %d, %d in all) from %s",
+            result.amount,
+            kept.epoch,
+            kept.cumulative,
+            vault,
+        )
+        try:
+            trace = await operations.provider_claim(
+                self.wallet, self.provider, voucher, kept.signature, timeout=self.timeout
+            )
+        except operations.OperationFailed as e:
+            result.status, result.message = "failed", str(e)
+            result.fees, result.trace = e.trace.total_fees, e.trace
+            log.error("claim of epoch %d failed: %s", kept.epoch, e)
+            return result
+        except (WalletError, ToncenterError, TimeoutError) as e:
+            result.status, result.message = "failed", f"{type(e).__name__}: {e}"
+            log.error("claim of epoch %d not sent or not seen: %s", kept.epoch, e)
+            return result
+        result.status = "claimed"
+        result.fees, result.trace = trace.total_fees, trace
+        state.claims.append(
+            {
+                "at": int(time.time()),
+                "vault": vault,
+                "epoch": kept.epoch,
+                "cumulative": str(kept.cumulative),
+                "amount": str(result.amount),
+                "fees": str(trace.total_fees),
+                "tx": trace.root.hash.hex(),
+            }
+        )
+        state.save()
+        log.info("claimed %d nanoTON from %s (fees %d)", result.amount, vault, trace.total_fees)
+        return result
+
+
+# ----------------------------------------------------------------- in the node service
+
+
+@dataclass(frozen=True)
+class ClaimSettings:
+    provider: Address
+    matcher: str
+    chain: str
+    wallet_path: Path
+    wallet_keys: WalletKeys = field(repr=False)
+    wallet_network: str
+    state_dir: Path
+    every: float = DEFAULT_CLAIM_EVERY
+    multiple: float = DEFAULT_MULTIPLE
+
+
+def wallet_path(name_or_path: str, home: Path) -> Path:
+    """``--claim-wallet``: a keystore path, or the name of a wallet in $IMAGO_HOME/wallets."""
+    p = Path(name_or_path).expanduser()
+    if "/" in name_or_path or name_or_path.endswith(".json"):
+        return p
+    return home / "wallets" / f"{name_or_path}.json"
+
+
+def claim_settings(config: Any) -> ClaimSettings | None:
+    """The claim loop's settings from a ``NodeConfig``; None when it is not configured
+    (no --chain and no --claim-wallet). Raises ValueError on half a configuration, an
+    unknown chain, a missing or undecryptable wallet."""
+    chain, wallet = getattr(config, "chain", None), getattr(config, "claim_wallet", None)
+    if not chain and not wallet:
+        return None
+    missing = [
+        flag
+        for flag, value in (
+            ("--chain", chain),
+            ("--claim-wallet", wallet),
+            ("--provider", config.provider),
+            ("--matcher", config.matcher),
+        )
+        if not value
+    ]
+    if missing:
+        raise ValueError(f"the claim loop needs {', '.join(missing)} as well")
+    chain_url(chain)  # ValueError on an unknown chain
+    if config.claim_every <= 0:
+        raise ValueError("--claim-every must be positive")
+    multiple = config.claim_multiple
+    if multiple is None:
+        multiple = DEVNET_MULTIPLE if config.devnet else DEFAULT_MULTIPLE
+    if multiple < 0:
+        raise ValueError("--claim-multiple must not be negative")
+    from contracts.chain.devnet import imago_home
+
+    path = wallet_path(wallet, imago_home())
+    try:
+        keys, header = load_keystore(path, getattr(config, "claim_passphrase", None))
+    except (WalletError, OSError) as e:
+        raise ValueError(f"--claim-wallet {wallet}: {e}") from e
+    try:
+        provider = Address(config.provider)
+    except Exception as e:
+        raise ValueError(f"--provider {config.provider!r} is not an address") from e
+    return ClaimSettings(
+        provider=provider,
+        matcher=config.matcher,
+        chain=chain,
+        wallet_path=path,
+        wallet_keys=keys,
+        wallet_network=header.get("network", "devnet"),
+        state_dir=config.state_dir,
+        every=float(config.claim_every),
+        multiple=float(multiple),
+    )
+
+
+def open_chain_client(chain: str) -> ToncenterClient:
+    """The adapter for a ``--chain`` value (devnet | testnet | mainnet | URL)."""
+    import argparse
+
+    from contracts.chain.cli import open_chain
+
+    return open_chain(argparse.Namespace(chain=chain))
+
+
+class ClaimService:
+    """Runs ``Claimer.run_once`` every ``settings.every`` seconds on an APScheduler
+    ``AsyncIOScheduler``, backing off after failures (the next runs are skipped until
+    ``every × 2^(failures-1)`` has passed, at most an hour)."""
+
+    def __init__(self, settings: ClaimSettings, *, first_run_delay: float | None = None) -> None:
+        self.settings = settings
+        # the first run soon after start (not before the node is up), then every `every`
+        self.first_run_delay = (
+            min(5.0, settings.every) if first_run_delay is None else first_run_delay
+        )
+        self.failures = 0
+        self.last: ClaimRun | None = None
+        self.runs = 0
+        self._not_before = 0.0
+        self._current: asyncio.Future[None] | None = None
+        self._scheduler: Any = None
+        self._client: ToncenterClient | None = None
+        self.claimer: Claimer | None = None
+
+    def start(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        s = self.settings
+        self._client = open_chain_client(s.chain)
+        wallet = Wallet(self._client, s.wallet_keys, network=s.wallet_network)
+        self.claimer = Claimer(
+            client=self._client,
+            wallet=wallet,
+            provider=s.provider,
+            matcher=s.matcher,
+            state_dir=s.state_dir,
+            multiple=s.multiple,
+        )
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler.add_job(
+            self._tick,
+            "interval",
+            seconds=s.every,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=self.first_run_delay),
+            id="claims",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        self._scheduler.start()
+        log.info(
+            "claim loop: every %.0f s, claiming above %g × %d nanoTON, from %s",
+            s.every,
+            s.multiple,
+            CLAIM_FEE,
+            wallet.address.to_str(is_user_friendly=False),
+        )
+
+    async def _tick(self) -> None:
+        if time.monotonic() < self._not_before:
+            return
+        # Shielded: stopping the scheduler cancels this wrapper, never a claim half-sent
+        # (stop() lets it finish).
+        self._current = asyncio.ensure_future(self._run())
+        await asyncio.shield(self._current)
+
+    async def _run(self) -> None:
+        assert self.claimer is not None
+        self.runs += 1
+        try:
+            run = await self.claimer.run_once()
+            failed, why = run.failed, run.message
+        except ClaimError as e:
+            run, failed, why = None, True, str(e)
+        except Exception as e:  # never let the loop die
+            log.exception("claim run crashed")
+            run, failed, why = None, True, f"{type(e).__name__}: {e}"
+        self.last = run
+        if failed:
+            self.failures += 1
+            wait = min(self.settings.every * 2 ** (self.failures - 1), MAX_BACKOFF_S)
+            wait = max(wait, self.settings.every)
+            self._not_before = time.monotonic() + wait - 1.0  # the run `wait` s from now
+            log.warning("claim run failed (%s); next attempt in %.0f s", why, wait)
+        else:
+            self.failures = 0
+            self._not_before = 0.0
+
+    async def stop(self, *, grace: float = 30.0) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        if self._current is not None and not self._current.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._current), grace)
+            except (TimeoutError, asyncio.CancelledError):
+                self._current.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._current
+        if self.claimer is not None:
+            await self.claimer.close()
+        if self._client is not None:
+            await self._client.close()
+
+
+def claims_ctx(
+    settings: ClaimSettings, **kw: Any
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` entry that runs the claim loop for the application's lifetime."""
+
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        service = ClaimService(settings, **kw)
+        service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    return ctx
