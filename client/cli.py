@@ -255,7 +255,8 @@ async def _check_escrow(chain: str, escrow: str, vault: str, spend_public: bytes
     from pytoniq_core import Address
 
     from contracts.chain.getters import GetterError, get_escrow_data
-    from contracts.chain.toncenter import ToncenterClient, ToncenterError
+    from contracts.chain.results import ToncenterError
+    from contracts.chain.toncenter import ToncenterClient
 
     client = ToncenterClient(chain, max_retries=2, timeout=10.0)
     not_deployed = f"escrow {escrow} is not deployed on the chain at {chain} (or is no escrow)"

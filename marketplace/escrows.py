@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pytoniq_core import Address
 
 from contracts.chain.getters import GetterError, get_escrow_data
-from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient
 
 __all__ = ["EscrowBook", "EscrowMismatch", "EscrowRefused", "EscrowUnfunded"]
 

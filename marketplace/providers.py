@@ -13,7 +13,8 @@ from pytoniq_core import Address
 
 from contracts.chain.addresses import provider_address
 from contracts.chain.getters import GetterError, get_provider_data, get_registry_data
-from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient
 
 __all__ = ["ProviderBook", "ProviderRejected", "ProviderUnknown"]
 

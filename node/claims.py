@@ -60,7 +60,9 @@ from aiohttp import web
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from contracts.chain.toncenter import ToncenterClient, ToncenterError, Trace, chain_url
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient, chain_url
+from contracts.chain.transactions import Trace
 from contracts.chain.wallet import Wallet, WalletError, WalletKeys, load_keystore
 from protocol.signed import PayoutVoucher, SignedObjectError, signature_valid
 

@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aiohttp import web  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from pytoniq_core import Address  # noqa: E402
 
@@ -54,24 +55,22 @@ from contracts.chain.messages.capabilities import Capabilities, ModelPrice  # no
 from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
 from marketplace.config import SettlementConfig  # noqa: E402
 from marketplace.db import JobStatus, make_engine  # noqa: E402
+from marketplace.errors import error_middleware  # noqa: E402
 from marketplace.ledger import Ledger, VoucherUpdate  # noqa: E402
 from marketplace.settlement.epochs import build_epoch  # noqa: E402
+from marketplace.settlement.publication import READ_ENGINE, add_routes  # noqa: E402
 from marketplace.settlement.service import SettlementService  # noqa: E402
+from node.claims import Claimer  # noqa: E402
 from protocol.ledger import (  # noqa: E402
     EscrowLeaf,
     ProviderLeaf,
     merkle_root,
 )
-from protocol.ledger import (
-    JobRecord as LedgerJob,
-)
-from protocol.signed import PayoutVoucher, Receipt, SpendVoucher, model_hash  # noqa: E402
+from protocol.signed import Receipt, SpendVoucher, model_hash  # noqa: E402
 
 TON = 1_000_000_000
 MODEL = "bench-model"
 PRICE = (20_000_000, 60_000_000)  # nanoTON per million tokens
-CLAIM_FEE = 5_681_000  # provider_claim, docs/benchmarks.md
-CLAIM_MULTIPLE = 1000  # the node's default (node.claims)
 PARAMS = replace(DEFAULT_PARAMS, min_vault_stake=100 * TON, min_provider_stake=2 * TON)
 
 
@@ -115,7 +114,7 @@ class Node:
     key: Ed25519PrivateKey
     owner: Wallet
     provider: Address
-    claimed: int = 0
+    claimer: Claimer | None = None
 
 
 @dataclass
@@ -248,33 +247,37 @@ async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
         m.jobs += [(jid, ci, a) for jid, a in paid]
 
 
-async def claims(m: Market, multiple: int = CLAIM_MULTIPLE) -> int:
-    """Each node's claim step: its latest committed payout voucher, claimed once it is
-    worth ``multiple`` claim fees. Returns the transactions sent."""
+async def claims(m: Market) -> int:
+    """Each node's own claim step (``node.claims.Claimer``, its default multiple), as
+    its loop runs it. Returns the transactions sent."""
     sent = 0
-    vault = await getters.get_vault_data(m.chain, m.vault)
     for n in m.nodes:
-        row = await m.ledger.call(
-            lambda c, p=raw(n.provider): c.exec_driver_sql(
-                "select p.voucher_boc, p.signature from payout_vouchers p join epochs e "
-                "on e.epoch = p.epoch where p.provider = ? and e.state = 'committed' "
-                "order by p.epoch desc limit 1", (p,)
-            ).first()
-        )  # fmt: skip
-        if row is None:
-            continue
-        voucher = PayoutVoucher.from_boc(base64.b64decode(row[0]))
-        if (
-            voucher.epoch > vault.last_epoch
-            or voucher.cumulative - n.claimed <= multiple * CLAIM_FEE
-        ):
-            continue
-        trace = await operations.provider_claim(n.owner, n.provider, voucher, bytes.fromhex(row[1]))
-        n.claimed = voucher.cumulative
-        m.claim_fees += trace.total_fees
-        m.claim_txs += len(trace)
-        sent += len(trace)
+        run = await n.claimer.run_once()
+        for claim in run.vaults:
+            if claim.trace is not None and claim.status == "claimed":
+                m.claim_fees += claim.trace.total_fees
+                m.claim_txs += len(claim.trace)
+                sent += len(claim.trace)
     return sent
+
+
+async def serve_ledger(m: Market, tmp: Path) -> web.AppRunner:
+    """The matcher's public ledger API over this market's database, and each node's
+    claim step pointed at it."""
+    app = web.Application(middlewares=[error_middleware])
+    app[READ_ENGINE] = m.engine
+    add_routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    for i, n in enumerate(m.nodes):
+        n.claimer = Claimer(
+            client=m.chain, wallet=n.owner, provider=n.provider, matcher=url,
+            state_dir=tmp / f"node-{i}",
+        )  # fmt: skip
+    return runner
 
 
 async def advance(m: Market, seconds: int) -> None:
@@ -339,7 +342,7 @@ async def audit(m: Market, epoch: int, client: int) -> dict[str, float]:
         ).all()
     )
     started = time.perf_counter()
-    records: list[LedgerJob] = sorted(
+    records = sorted(
         (job_record(r, r.provider, bytes.fromhex(r.salt)) for r in rows), key=lambda r: r.job_id
     )
     for record, row in zip(records, sorted(rows, key=lambda r: r.job_id), strict=True):
@@ -401,8 +404,9 @@ async def final_gap(m: Market) -> int:
     )
     claimable = 0
     for n in m.nodes:
+        provider = raw(n.provider)
         row = await m.ledger.call(
-            lambda c, p=raw(n.provider): c.exec_driver_sql(
+            lambda c, p=provider: c.exec_driver_sql(
                 "select max(cumulative) from payout_vouchers where provider = ?", (p,)
             ).scalar_one()
         )
@@ -451,6 +455,7 @@ async def run(args: argparse.Namespace) -> dict:
         out: dict = {"clients": args.clients, "nodes": args.nodes}
 
         m = await market(chain, Path(tmp) / "epochs.db", args.clients, args.nodes, 40 * TON)
+        m_api = await serve_ledger(m, Path(tmp) / "m")
         small, _ = await one_epoch_txs(m, args.small)
         big, build_s = await one_epoch_txs(m, args.big)
         last = await m.ledger.call(
@@ -465,9 +470,11 @@ async def run(args: argparse.Namespace) -> dict:
             "audit_s": await audit(m, last, 0),
         }
         gap_epochs = await final_gap(m)
+        await m_api.cleanup()
         await m.ledger.stop()
 
         f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 40 * TON)
+        f_api = await serve_ledger(f, Path(tmp) / "f")
         out |= await fee_day(f, args.days, args.jobs_per_hour)
         gap_fees = await final_gap(f)
         out["seconds_to_claimable"] = {
@@ -475,6 +482,9 @@ async def run(args: argparse.Namespace) -> dict:
             "default_bound": SettlementConfig(Path("-"), Path("-")).epoch_s,
         }
         out["accounting_gap_nanoton"] = gap_epochs + gap_fees
+        for n in m.nodes + f.nodes:
+            await n.claimer.close()
+        await f_api.cleanup()
         await f.ledger.stop()
     return out
 

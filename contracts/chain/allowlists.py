@@ -30,7 +30,8 @@ import aiohttp
 from pytoniq_core import Address
 
 from contracts.chain.getters import GetterError, is_image_allowed, is_model_allowed
-from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient
 from protocol.attestation import image_hash
 from protocol.signed import model_hash
 

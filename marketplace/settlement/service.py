@@ -32,7 +32,8 @@ from pytoniq_core import Address
 from sqlalchemy import Connection, func, select, update
 
 from contracts.chain import getters, operations
-from contracts.chain.toncenter import ToncenterClient, ToncenterError
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient
 from contracts.chain.transactions import Trace
 from contracts.chain.wallet import Wallet
 from marketplace.config import SettlementConfig

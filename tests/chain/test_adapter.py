@@ -8,7 +8,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from contracts.chain.toncenter import ToncenterClient, ToncenterError, chain_url
+from contracts.chain.results import ToncenterError
+from contracts.chain.toncenter import ToncenterClient, chain_url
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import pytest
 from pytoniq_core import Address, Builder, Cell
 
 from contracts.chain.devnet import DevnetProcess
-from contracts.chain.results import decode_stack, encode_stack
-from contracts.chain.toncenter import ToncenterError
+from contracts.chain.results import ToncenterError, decode_stack, encode_stack
 from contracts.chain.transactions import external_message_hash_norm
 from contracts.chain.wallet import OutMessage, Wallet, WalletKeys
 from tests.chain.fixtures import TON, DevnetFixture, about

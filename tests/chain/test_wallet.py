@@ -10,7 +10,7 @@ import pytest
 from pytoniq import WalletV5R1
 from pytoniq_core import Address
 
-from contracts.chain.toncenter import ToncenterError
+from contracts.chain.results import ToncenterError
 from contracts.chain.wallet import (
     KeystoreError,
     ToncenterProvider,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from contracts.chain.messages import Capabilities, ModelPrice
+from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from contracts.chain.wallet import Wallet
 from node.claims import Claimer
 from protocol.ledger import (

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from contracts.chain.toncenter import Trace
+from contracts.chain.transactions import Trace
 from contracts.chain.wallet import create_keystore
 from node.claims import CLAIM_FEE, ClaimState
 from protocol.signed import PayoutVoucher

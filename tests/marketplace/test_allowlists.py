@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from contracts.chain import allowlists
 from contracts.chain.allowlists import Allowlists, AllowlistUnavailable
-from contracts.chain.toncenter import ToncenterError
+from contracts.chain.results import ToncenterError
 from marketplace import app as matcher_app
 from marketplace.config import MatcherConfig
 from marketplace.db import NodeRecord
