@@ -14,9 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from imago import stack as imago_stack
 from client.keys import load_or_create_spend_key
 from contracts.chain import getters, operations
+from imago import stack as imago_stack
 from protocol.attestation import DEV_MEASUREMENT, image_hash
 from tests.client.client_fakes import FakeMatcher
 from tests.contracts import conftest as chain_fixtures

@@ -17,7 +17,7 @@ from node.attest import (
     TdxEvidenceProvider,
     make_provider,
 )
-from node.keys import KeystoreError, NodeKeys, load_or_create_keys
+from node.keys import NodeKeys, load_or_create_keys
 from protocol.api import AttestationDoc
 from protocol.attestation import (
     AttestationError,
@@ -25,6 +25,7 @@ from protocol.attestation import (
     report_data,
     verify_attestation,
 )
+from protocol.keystore import KeystoreError
 from tests.shared_data import TDX_DIR, needs_tdx_sample
 
 
@@ -43,7 +44,7 @@ def test_keystore_encrypted_roundtrip_and_wrong_passphrase(tmp_path):
     keys = load_or_create_keys(path, "correct horse")
     raw = path.read_text()
     doc = json.loads(raw)
-    assert "secret" not in doc and doc["encryption"]["kdf"] == "scrypt"
+    assert "secret" not in doc and doc["crypto"]["kdf"] == "scrypt"
     secret = keys.ed25519.private_bytes_raw().hex()
     assert secret not in raw
     assert load_or_create_keys(path, "correct horse").node_id == keys.node_id
