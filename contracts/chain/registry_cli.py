@@ -207,7 +207,7 @@ async def _registry_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_value(text: str, chain: str) -> int:
+def _image_value(text: str, chain: str | None = None) -> int:
     """A 32-byte image hash as is, or a 48-byte TDX mr_td hashed into one: the size tells
     them apart, and hashing here spares governance a hand-made sha256. ``dev`` is the dev
     (software) attestation's image, which only a devnet may allow."""
