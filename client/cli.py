@@ -4,7 +4,8 @@ Defaults come from ``$IMAGO_HOME/stack.json`` (written by ``imago up``; IMAGO_HO
 defaults to ``~/.imago``) when it exists: ``matcher_url``, ``gateway_url``, ``escrow``,
 ``vault``, ``model``, and optionally ``devnet``, ``chain_url``, ``registry``,
 ``max_price_prompt``, ``max_price_completion``, ``api_key``, ``tdx_measurements`` (hex
-list). Flags override.
+list). Flags override. Without a stack, the gateway pays from the escrow that `imago
+escrow open` recorded for its spend key (``<state dir>/escrow.json``).
 
 With a chain, ``imago gateway`` reads its escrow there before it serves, and refuses to
 start (exit 2) unless the escrow is deployed, pays the given vault and names this
@@ -24,21 +25,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protocol.home import client_dir, escrow_record, spend_key_file, stack_file
+
 __all__ = ["register"]
 
 DEFAULT_MATCHER = "http://127.0.0.1:8700"
 DEFAULT_GATEWAY = "http://127.0.0.1:8900/v1"
 DEFAULT_PORT = 8900
 DEFAULT_CAP = 1_000_000_000  # nanoTON per million tokens: 1 TON
-PASSPHRASE_ENV = "IMAGO_SPEND_PASSPHRASE"
 
 
-def imago_home() -> Path:
-    return Path(os.environ.get("IMAGO_HOME") or Path.home() / ".imago").expanduser()
-
-
-def load_stack_config() -> dict[str, Any]:
-    path = imago_home() / "stack.json"
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -49,14 +46,28 @@ def load_stack_config() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def load_stack_config() -> dict[str, Any]:
+    return _read_json(stack_file())
+
+
+def load_escrow_record(state_dir: Path, spend_public: bytes) -> dict[str, Any]:
+    """The escrow `imago escrow open` made for this spend key, if it recorded one."""
+    record = _read_json(escrow_record(state_dir))
+    return record if record.get("spend_key") == spend_public.hex() else {}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``gateway`` and ``chat`` to the `imago` parser."""
     serve = subparsers.add_parser("gateway", help="run the OpenAI-compatible gateway on loopback")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default loopback)")
     serve.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}")
     serve.add_argument("--matcher", help=f"matcher URL (default {DEFAULT_MATCHER})")
-    serve.add_argument("--escrow", help="your Escrow contract address")
-    serve.add_argument("--vault", help="the matcher's Vault contract address")
+    serve.add_argument(
+        "--escrow",
+        help="your Escrow contract address (default: the stack's, or the one `imago escrow "
+        "open` made for this gateway's spend key)",
+    )
+    serve.add_argument("--vault", help="the matcher's Vault contract address (default: idem)")
     serve.add_argument(
         "--devnet", action="store_true", default=None, help="accept dev attestations"
     )
@@ -125,23 +136,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pytoniq_core import Address
 
     from client.gateway import create_app, is_loopback_name, normalize_origin
-    from client.keys import KeystoreError, load_or_create_spend_key
+    from client.keys import PASSPHRASE_ENV, load_or_create_spend_key
     from client.sdk import ImagoClient, LedgerError, PriceCaps
     from contracts.chain.allowlists import Allowlists
     from contracts.chain.devnet import is_devnet
     from contracts.chain.toncenter import ToncenterClient
     from protocol.attestation import AttestationPolicy
+    from protocol.keystore import KeystoreError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = load_stack_config()
     devnet = bool(args.devnet if args.devnet is not None else config.get("devnet", False))
-    state_dir = Path(args.state_dir or imago_home() / "client").expanduser()
+    state_dir = Path(args.state_dir or client_dir()).expanduser()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         spend_key = load_or_create_spend_key(
-            state_dir / "spend.key", os.environ.get(PASSPHRASE_ENV) or None
+            spend_key_file(state_dir), os.environ.get(PASSPHRASE_ENV) or None
         )
     except KeystoreError as e:
         return _fail(str(e))
@@ -159,12 +171,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--devnet accepts dev attestations, which only the Imago devnet may; the chain "
             f"at {chain} is not one"
         )
-    escrow = args.escrow or config.get("escrow")
-    vault = args.vault or config.get("vault")
+    recorded = load_escrow_record(state_dir, spend_public)
+    escrow = args.escrow or config.get("escrow") or recorded.get("escrow")
+    vault = args.vault or config.get("vault") or recorded.get("vault")
     if not escrow or not vault:
         # With a chain, a placeholder escrow could only be refused (it is not deployed).
         if not devnet or chain:
-            return _fail("give --escrow and --vault (or run `imago up`, which writes them)")
+            return _fail(
+                "give --escrow and --vault (or open an escrow with `imago escrow open`, or "
+                "run `imago up`: both record them)"
+            )
         escrow = escrow or _devnet_placeholder("escrow", spend_public)
         vault = vault or _devnet_placeholder("vault", b"")
         print(f"devnet: placeholder escrow {escrow} and vault {vault}", file=sys.stderr)

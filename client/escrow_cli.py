@@ -1,12 +1,24 @@
-"""`imago escrow ...`: a client's credits for a vault."""
+"""`imago escrow ...`: a client's credits for a vault.
+
+`open` pays, by default, from the spend key `imago gateway` signs with
+(``$IMAGO_HOME/client/spend.key``, made if missing, encrypted with
+``$IMAGO_SPEND_PASSPHRASE`` if set) and records the escrow and vault beside it
+(``escrow.json``), where the gateway finds them. The other commands find the escrow of
+this wallet and vault from that key (or from a spend key an earlier version kept in
+``$IMAGO_HOME/keys``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from pytoniq_core import Address
 
+from client.keys import PASSPHRASE_ENV, load_or_create_spend_key, public_bytes, spend_public_key
 from contracts.chain import addresses, getters, operations
 from contracts.chain.cli import (
     CliError,
@@ -15,7 +27,6 @@ from contracts.chain.cli import (
     friendly,
     hex32,
     load_deployment,
-    load_or_create_key,
     open_chain,
     open_wallet,
     run_async,
@@ -23,15 +34,36 @@ from contracts.chain.cli import (
     save_deployment,
     trace_summary,
     vault_of,
-    wallet_passphrase,
 )
 from contracts.chain.units import format_ton, parse_address, parse_ton
+from protocol import keystore
+from protocol.home import client_dir, escrow_record, key_file, spend_key_file
 
 # ----------------------------------------------------------------- escrow
 
 
-def _escrow_key_name(vault: Address, owner: Address) -> str:
-    return f"spend-{vault.hash_part.hex()[:16]}-{owner.hash_part.hex()[:16]}"
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).expanduser() if args.state_dir else client_dir()
+
+
+def _gateway_key(args: argparse.Namespace, *, create: bool) -> tuple[bytes | None, Path]:
+    """The public spend key of the gateway's keystore (made if ``create`` and missing)."""
+    path = spend_key_file(_state_dir(args))
+    passphrase = os.environ.get(PASSPHRASE_ENV) or None
+    if path.exists():
+        return spend_public_key(path, passphrase), path
+    if not create:
+        return None, path
+    return public_bytes(load_or_create_spend_key(path, passphrase)), path
+
+
+def _legacy_key(vault: Address, owner: Address) -> bytes | None:
+    """A spend key `imago escrow open` kept in $IMAGO_HOME/keys before it used the
+    gateway's: still honoured, so an escrow opened then can be closed now."""
+    path = key_file(f"spend-{vault.hash_part.hex()[:16]}-{owner.hash_part.hex()[:16]}")
+    if not path.exists():
+        return None
+    return keystore.read_info(path).ed25519_public
 
 
 async def _escrow_address(
@@ -40,14 +72,42 @@ async def _escrow_address(
     vault = vault_of(args)
     if getattr(args, "address", None):
         return parse_address(args.address), vault, 0
-    _, public, _ = load_or_create_key(_escrow_key_name(vault, owner), wallet_passphrase(args))
+    keys = [k for k in (_gateway_key(args, create=False)[0], _legacy_key(vault, owner)) if k]
+    if not keys:
+        raise CliError(
+            f"no spend key in {_state_dir(args)}: open an escrow with `imago escrow open`, "
+            "or give --address"
+        )
     v = await getters.get_vault_data(client, vault)
-    spend = int.from_bytes(public, "big")
-    return (
-        addresses.escrow_address(vault, owner, spend, v.escrow_close_delay),
-        vault,
-        v.escrow_close_delay,
-    )
+    candidates = [
+        addresses.escrow_address(vault, owner, int.from_bytes(k, "big"), v.escrow_close_delay)
+        for k in keys
+    ]
+    for escrow in candidates:
+        if (await client.get_address_information(escrow)).state != "uninitialized":
+            return escrow, vault, v.escrow_close_delay
+    return candidates[0], vault, v.escrow_close_delay
+
+
+def _record_escrow(
+    args: argparse.Namespace, escrow: Address, vault: Address, owner: Address, public: bytes
+) -> Path | None:
+    """Note the escrow beside the gateway's spend key if ``public`` is that key."""
+    key, _ = _gateway_key(args, create=False)
+    if key != public:
+        return None
+    path = escrow_record(_state_dir(args))
+    record = {
+        "escrow": escrow.to_str(is_user_friendly=False),
+        "vault": vault.to_str(is_user_friendly=False),
+        "owner": owner.to_str(is_user_friendly=False),
+        "spend_key": public.hex(),
+        "chain": args.chain,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 async def _escrow_open(args: argparse.Namespace) -> int:
@@ -59,9 +119,8 @@ async def _escrow_open(args: argparse.Namespace) -> int:
             public = hex32(args.spend_key, "--spend-key")
             key_path = None
         else:
-            _, public, key_path = load_or_create_key(
-                _escrow_key_name(vault, owner.address), wallet_passphrase(args)
-            )
+            public, key_path = _gateway_key(args, create=True)
+            assert public is not None
         v = await getters.get_vault_data(client, vault)
         escrow, trace = await run_operation(
             "opening the escrow",
@@ -79,15 +138,24 @@ async def _escrow_open(args: argparse.Namespace) -> int:
             f"{owner.address.to_str(is_user_friendly=False)}/{vault.to_str(is_user_friendly=False)}"
         ] = escrow.to_str(is_user_friendly=False)
         save_deployment(dep)
+    record = _record_escrow(args, escrow, vault, owner.address, public)
     data = {
         "escrow": friendly(args, escrow),
         "vault": friendly(args, vault),
         "spend_key": public.hex(),
         "spend_key_file": str(key_path) if key_path else None,
+        "escrow_record": str(record) if record else None,
         **_escrow_json(e),
         **trace_summary(trace),
     }
-    emit(args, data, lambda: _escrow_human(args, escrow, e))
+
+    def human() -> str:
+        text = _escrow_human(args, escrow, e)
+        if record:
+            text += f"\n`imago gateway` pays from it (recorded in {record})"
+        return text
+
+    emit(args, data, human)
     return 0
 
 
@@ -161,6 +229,15 @@ async def _escrow_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="the gateway's state dir, where its spend key is (as given to `imago gateway "
+        "--state-dir`; default $IMAGO_HOME/client)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago escrow open|deposit|close|withdraw|status`."""
     # escrow
@@ -170,9 +247,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common_args(p)
     p.add_argument("--amount", required=True, metavar="TON")
     p.add_argument(
-        "--spend-key", help="client spend public key, hex (default: a key in $IMAGO_HOME/keys)"
+        "--spend-key",
+        help="client spend public key, hex (default: the key `imago gateway` signs with, "
+        f"made now if missing; ${PASSPHRASE_ENV} encrypts it)",
     )
     p.add_argument("--vault")
+    _state_arg(p)
     p.set_defaults(func=lambda a: run_async(_escrow_open(a)))
     for name, helptext in (
         ("deposit", "buy credits"),
@@ -186,6 +266,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("amount", metavar="TON")
         p.add_argument("--vault")
         p.add_argument("--address", help="escrow address (default: this wallet's for the vault)")
+        _state_arg(p)
         if name == "status":
             p.set_defaults(func=lambda a: run_async(_escrow_status(a)))
         else:

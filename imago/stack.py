@@ -33,7 +33,21 @@ from pytoniq_core import Address
 
 from contracts.chain.addresses import provider_address
 from contracts.chain.devnet import pid_alive
+from contracts.chain.wallet import read_keystore_header
 from protocol.attestation import DEV_MEASUREMENT, image_hash
+from protocol.home import (
+    client_dir,
+    deployment_file,
+    escrow_record,
+    imago_home,
+    key_file,
+    logs_dir,
+    matcher_dir,
+    node_dir,
+    spend_key_file,
+    stack_file,
+    wallet_file,
+)
 from protocol.signed import model_hash
 
 DEFAULT_PORTS = {"devnet": 8600, "matcher": 8700, "node": 8800, "gateway": 8900}
@@ -43,10 +57,6 @@ START_TIMEOUT_S = {"devnet": 30.0, "matcher": 30.0, "node": 300.0, "gateway": 30
 
 class StackError(RuntimeError):
     """The stack could not be brought up or down; the message says what to do."""
-
-
-def imago_home() -> Path:
-    return Path(os.environ.get("IMAGO_HOME", Path.home() / ".imago"))
 
 
 @dataclass
@@ -73,7 +83,7 @@ class StackState:
 
     @classmethod
     def path(cls, home: Path) -> Path:
-        return home / "stack.json"
+        return stack_file(home)
 
     @classmethod
     def load(cls, home: Path) -> StackState | None:
@@ -119,7 +129,7 @@ class StackLauncher:
         self.host = host
         self.ports = ports
         self.quiet = quiet
-        self.logs = home / "logs"
+        self.logs = logs_dir(home)
         self.state = StackState()
 
     def say(self, message: str) -> None:
@@ -192,7 +202,7 @@ def up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    logs_dir(home).mkdir(parents=True, exist_ok=True)
     launcher = StackLauncher(home, args.host, ports, args.json)
     try:
         launch(launcher, args)
@@ -208,7 +218,7 @@ def up(args: argparse.Namespace) -> int:
             f"\nImago is up. Model {state.model} on the gateway {state.gateway_url}/v1\n"
             f'  imago chat "What is the capital of France? Answer in one sentence."\n'
             f"  OpenAI(base_url='{state.gateway_url}/v1', api_key='imago')\n"
-            f"Logs in {home / 'logs'}; `imago down` stops everything."
+            f"Logs in {logs_dir(home)}; `imago down` stops everything."
         )
     return 0
 
@@ -227,12 +237,12 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         [
             "matcher", "serve", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["matcher"]),
-            "--state-dir", str(home / "matcher"), "--vault", state.vault,
+            "--state-dir", str(matcher_dir(home)), "--vault", state.vault,
             "--chain", state.chain_url, "--registry", state.registry,
             # it settles by itself, on the devnet's short clock: an epoch every 30 s and
             # every committed nanoton charged at once (the defaults elsewhere: an hour, 10 TON)
-            "--operator-wallet", str(home / "wallets" / "operator.json"),
-            "--operator-key", str(home / "keys" / "operator.json"),
+            "--operator-wallet", str(wallet_file("operator", home)),
+            "--operator-key", str(key_file("operator", home)),
             "--epoch-seconds", str(DEVNET_EPOCH_S), "--charge-threshold", "0.000000001",
             "--settle-every", "2",
         ],
@@ -242,7 +252,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         "node", "serve", "--devnet", "--attestation", "dev",
         "--host", launcher.host, "--port", str(launcher.ports["node"]),
         "--matcher", state.matcher_url, "--public-url", launcher.url("node"),
-        "--state-dir", str(home / "node"), "--provider", state.provider,
+        "--state-dir", str(node_dir(home)), "--provider", state.provider,
         # the claim loop: the Provider's owner collects its payouts (claim multiple 0 here)
         "--chain", state.chain_url, "--claim-wallet", "provider",
     ]  # fmt: skip
@@ -270,7 +280,7 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         [
             "gateway", "--devnet",
             "--host", launcher.host, "--port", str(launcher.ports["gateway"]),
-            "--matcher", state.matcher_url, "--state-dir", str(home / "client"),
+            "--matcher", state.matcher_url, "--state-dir", str(client_dir(home)),
             "--escrow", state.escrow, "--vault", state.vault,
             "--chain", state.chain_url, "--registry", state.registry,
         ],
@@ -321,51 +331,45 @@ def start_devnet(launcher: StackLauncher) -> None:
 
 
 def ensure_wallet(home: Path, name: str, funds_ton: str) -> None:
-    if not (home / "wallets" / f"{name}.json").exists():
+    if not wallet_file(name, home).exists():
         run_imago(home, "wallet", "new", "--name", name)
         run_imago(home, "wallet", "faucet", funds_ton, "--name", name)
 
 
 def setup_chain(launcher: StackLauncher) -> None:
     """Deploy the contract set and open the client's escrow, unless the devnet has them."""
-    from client.keys import load_or_create_spend_key
-
     home, state = launcher.home, launcher.state
     ensure_wallet(home, "operator", OPERATOR_FUNDS_TON)
-    if not (home / "deployment.json").exists():
+    if not deployment_file(home).exists():
         launcher.say("  deploying the contracts (Registry, Vault) …")
         run_imago(home, "registry", "deploy", "--all", "--name", "operator")
-    deployment = json.loads((home / "deployment.json").read_text())
+    deployment = json.loads(deployment_file(home).read_text())
     state.registry = deployment["registry"]
     state.vault = next(iter(deployment["vaults"].values()))  # the operator's (--all)
     ensure_wallet(home, "provider", PROVIDER_FUNDS_TON)
-    owner = json.loads((home / "wallets" / "provider.json").read_text())["address"]
+    owner = read_keystore_header(wallet_file("provider", home))["address"]
     # Derived, so the node can name its Provider before it is staked (seq 0).
     state.provider = provider_address(Address(state.registry), Address(owner), 0).to_str(
         is_user_friendly=False
     )
     ensure_wallet(home, "client", CLIENT_FUNDS_TON)
-    spend_key = load_or_create_spend_key(home / "client" / "spend.key")
-    spend_public = spend_key.public_key().public_bytes_raw().hex()
-    escrow_file = home / "client" / "escrow.json"
+    # `imago escrow open` pays from the gateway's spend key (client/spend.key, made if
+    # missing) and records the escrow beside it (client/escrow.json).
+    record = escrow_record(client_dir(home))
     escrow = {}
-    if escrow_file.exists():
-        address = json.loads(escrow_file.read_text())["escrow"]
+    if record.exists():
+        address = json.loads(record.read_text())["escrow"]
         escrow = try_imago(home, "escrow", "status", "--name", "client", "--address", address)
         if escrow.get("state") not in (None, "open"):
             # A closing or closed escrow takes no more deposits, and its address is
             # fixed by the spend key: open a fresh one under a new key.
-            retire(home / "client" / "spend.key")
-            spend_key = load_or_create_spend_key(home / "client" / "spend.key")
-            spend_public = spend_key.public_key().public_bytes_raw().hex()
+            retire(spend_key_file(client_dir(home)))
             escrow = {}
     if escrow.get("state") != "open":
         launcher.say(f"  opening the client's escrow with {CLIENT_ESCROW_TON} TON …")
         escrow = run_imago(
-            home, "escrow", "open", "--amount", CLIENT_ESCROW_TON,
-            "--name", "client", "--spend-key", spend_public,
-        )  # fmt: skip
-        escrow_file.write_text(json.dumps({"escrow": escrow["escrow"], "spend_key": spend_public}))
+            home, "escrow", "open", "--amount", CLIENT_ESCROW_TON, "--name", "client"
+        )
     state.escrow = escrow["escrow"]
     launcher.say(f"  escrow   {state.escrow} ({escrow.get('available', '?')} TON available)")
 

@@ -158,22 +158,19 @@ async def _settlement(app: web.Application):
         raise StartupRefused(
             "settling needs --chain, --vault and --registry (a job's Provider is paid)"
         )
-    from contracts.chain.wallet import KeystoreError, Wallet, load_keystore
+    from contracts.chain.wallet import Wallet
     from marketplace.settlement.service import SettlementError, SettlementService
+    from protocol import keystore
 
     settle = config.settlement
     try:
         wallet = Wallet.from_keystore(app[CHAIN], settle.operator_wallet, settle.passphrase)
-        keys, _ = load_keystore(settle.operator_key, settle.passphrase)
-    except (OSError, KeystoreError) as e:
+        operator, _ = keystore.load(settle.operator_key, settle.passphrase)
+    except (OSError, keystore.KeystoreError) as e:
         raise StartupRefused(f"the operator's keys: {e}") from e
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     service = SettlementService(
-        settle, app[LEDGER], app[CHAIN], wallet,
-        Ed25519PrivateKey.from_private_bytes(keys.private_key[:32]), config.vault,
-        config.instance,
-    )  # fmt: skip
+        settle, app[LEDGER], app[CHAIN], wallet, operator.ed25519, config.vault, config.instance
+    )
     try:
         await service.start()
     except SettlementError as e:

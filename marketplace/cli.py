@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from marketplace.config import default_state_dir, imago_home
+from protocol.home import logs_dir, matcher_dir
 
 DEFAULT_LOG = Path("<imago-home>/logs/matcher.log")  # resolved when the command runs
 
@@ -102,13 +102,13 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvloop
     from aiohttp import web
 
-    from contracts.chain.wallet import KeystoreError
     from marketplace.app import StartupRefused, create_app
     from marketplace.config import MatcherConfig
+    from protocol.keystore import KeystoreError
 
     handlers: list[logging.Handler]
     if args.log_file is DEFAULT_LOG:
-        args.log_file = imago_home() / "logs" / "matcher.log"
+        args.log_file = logs_dir() / "matcher.log"
     if args.log_file:
         args.log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(args.log_file)]
@@ -128,7 +128,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.registry and not args.chain:
         print("imago matcher: --registry needs --chain to read it", file=sys.stderr)
         return 2
-    state_dir = (args.state_dir or default_state_dir()).expanduser()
+    state_dir = (args.state_dir or matcher_dir()).expanduser()
     state_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {"instance": args.instance} if args.instance else {}
     if args.operator_wallet or args.operator_key:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.chain.allowlists import ALLOWLIST_TTL_S
 from protocol.attestation import AttestationPolicy
+from protocol.home import TICKET_KEY, matcher_dir
 
-__all__ = ["MatcherConfig", "SettlementConfig", "default_state_dir", "imago_home"]
+__all__ = ["MatcherConfig", "SettlementConfig"]
 
 TON = 1_000_000_000
-
-
-def imago_home() -> Path:
-    return Path(os.environ.get("IMAGO_HOME", Path.home() / ".imago"))
-
-
-def default_state_dir() -> Path:
-    return imago_home() / "matcher"
 
 
 @dataclass(frozen=True)
@@ -57,7 +49,7 @@ class MatcherConfig:
     own in-flight jobs when several replicas share one PostgreSQL database.
     """
 
-    state_dir: Path = field(default_factory=default_state_dir)
+    state_dir: Path = field(default_factory=matcher_dir)
     database_url: str | None = None
     devnet: bool = False
     allowed_mr_td: frozenset[bytes] = frozenset()
@@ -88,7 +80,7 @@ class MatcherConfig:
 
     @property
     def ticket_key_path(self) -> Path:
-        return Path(self.ticket_key or Path(self.state_dir) / "ticket_key.json").expanduser()
+        return Path(self.ticket_key or Path(self.state_dir) / TICKET_KEY).expanduser()
 
     @property
     def db_url(self) -> str:

@@ -1,9 +1,10 @@
 """The matcher's ticket key: it signs every attempt the relay sends a node.
 
 Nodes serve only jobs with a ticket under the key of the matcher they registered with
-(see ``protocol.tickets``). The key lives in a wallet-format keystore file
-(``contracts.chain.wallet``, mode 0600; one that others may read is refused), created at the
-first start in the state dir, or at ``--ticket-key PATH`` so that replicas share one.
+(see ``protocol.tickets``). The key lives in a keystore (``protocol.keystore``, kind
+``ticket``; mode 0600, one that others may read is refused), created at the first start
+in the state dir (``ticket_key.json``), or at ``--ticket-key PATH`` so that replicas share
+one. Ticket keys in the earlier wallet format are still read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contracts.chain.wallet import KeystoreError, WalletKeys, create_keystore, load_keystore
+from protocol import keystore
 from protocol.tickets import ticket_message
 
 __all__ = ["TicketSigner", "load_or_create_ticket_key"]
@@ -29,13 +30,7 @@ class TicketSigner:
 
 
 def load_or_create_ticket_key(path: Path) -> TicketSigner:
-    """Raises contracts.chain.wallet.KeystoreError for a file that is not a keystore or that
-    others may read."""
-    if not path.exists():
-        try:
-            create_keystore(path, WalletKeys.generate(mnemonic=False), name="matcher-ticket")
-        except KeystoreError:
-            if not path.exists():  # else another replica just created it: share theirs
-                raise
-    keys, _ = load_keystore(path)
-    return TicketSigner(Ed25519PrivateKey.from_private_bytes(keys.private_key[:32]))
+    """Raises protocol.keystore.KeystoreError for a file that is not a keystore or that
+    others may read. Replicas starting at once share whichever key is written first."""
+    keys, _ = keystore.load_or_create(path, kind="ticket", name="matcher-ticket")
+    return TicketSigner(keys.ed25519)

@@ -6,7 +6,8 @@
   talks to any OpenAI-compatible server.
 - ``node.supervisor``: launches and supervises vLLM (``vllm_launch``, ``Supervisor``).
 - ``node.attest``: ``dev`` and ``tdx`` (configfs-tsm) evidence providers, ``Attester``.
-- ``node.keys``: the 0600 keystore, encrypted at rest with a passphrase.
+- ``node.keys``: the node's keystore (``protocol.keystore``), encrypted at rest with a
+  passphrase; the Provider recorded for its key.
 - ``node.jobs``: the sealed job path and receipts.
 - ``node.cli``: ``imago node serve``.
 """

@@ -43,6 +43,7 @@ from protocol.api import (
     NodeStatus,
     registration_message,
 )
+from protocol.home import node_keystore
 
 __all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
 
@@ -136,7 +137,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     claims = claim_settings(config)  # ValueError on half a configuration or a bad wallet
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if keys is None:
-        keys = load_or_create_keys(config.state_dir / "node_keys.json", config.passphrase)
+        keys = load_or_create_keys(node_keystore(config.state_dir), config.passphrase)
     provider = make_provider(config.attestation_kind, keys, devnet=config.devnet)
     state = NodeState(
         config=config,

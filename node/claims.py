@@ -64,6 +64,8 @@ from contracts.chain.results import ToncenterError
 from contracts.chain.toncenter import ToncenterClient, chain_url
 from contracts.chain.transactions import Trace
 from contracts.chain.wallet import Wallet, WalletError, WalletKeys, load_keystore
+from protocol.home import wallet_file
+from protocol.keystore import KeystoreError
 from protocol.signed import PayoutVoucher, SignedObjectError, signature_valid
 
 __all__ = [
@@ -585,12 +587,12 @@ class ClaimSettings:
     multiple: float = DEFAULT_MULTIPLE
 
 
-def wallet_path(name_or_path: str, home: Path) -> Path:
+def wallet_path(name_or_path: str) -> Path:
     """``--claim-wallet``: a keystore path, or the name of a wallet in $IMAGO_HOME/wallets."""
     p = Path(name_or_path).expanduser()
     if "/" in name_or_path or name_or_path.endswith(".json"):
         return p
-    return home / "wallets" / f"{name_or_path}.json"
+    return wallet_file(name_or_path)
 
 
 def claim_settings(config: Any) -> ClaimSettings | None:
@@ -620,12 +622,10 @@ def claim_settings(config: Any) -> ClaimSettings | None:
         multiple = DEVNET_MULTIPLE if config.devnet else DEFAULT_MULTIPLE
     if multiple < 0:
         raise ValueError("--claim-multiple must not be negative")
-    from contracts.chain.devnet import imago_home
-
-    path = wallet_path(wallet, imago_home())
+    path = wallet_path(wallet)
     try:
         keys, header = load_keystore(path, getattr(config, "claim_passphrase", None))
-    except (WalletError, OSError) as e:
+    except (WalletError, KeystoreError, OSError) as e:
         raise ValueError(f"--claim-wallet {wallet}: {e}") from e
     try:
         provider = Address(config.provider)

@@ -10,11 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+from protocol.home import node_dir
+
 __all__ = ["register", "serve"]
-
-
-def _default_state_dir() -> Path:
-    return Path(os.environ.get("IMAGO_HOME") or Path.home() / ".imago") / "node"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the matcher's ticket key (ed25519, hex); pinned: a different key from the "
         "--matcher URL is refused (default: trust the key the URL serves)",
     )
-    p.add_argument("--provider", help="this node's Provider contract address, if registered")
+    p.add_argument(
+        "--provider",
+        help="this node's Provider contract address (default: the one `imago provider "
+        "register` staked for this node's key, if any)",
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -176,7 +178,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from node.app import NodeConfig, create_app
     from node.attest import AttestationUnavailable
-    from node.keys import KeystoreError
+    from node.keys import recorded_provider
+    from protocol.keystore import KeystoreError
 
     _setup_logging(args.log_file)
     passphrase = None
@@ -195,8 +198,13 @@ def serve(args: argparse.Namespace) -> int:
         if claim_passphrase is None:
             print(f"imago node: {args.claim_passphrase_env} is not set", file=sys.stderr)
             return 2
+    state_dir = args.state_dir or node_dir()
+    provider = args.provider or recorded_provider(state_dir)
+    _warn_if_clear(state_dir, passphrase)
+    if provider and not args.provider:
+        logging.getLogger("imago.node").info("naming Provider %s (from provider.json)", provider)
     config = NodeConfig(
-        state_dir=args.state_dir or _default_state_dir(),
+        state_dir=state_dir,
         devnet=args.devnet,
         attestation=args.attestation,
         **({"pccs_url": args.pccs_url} if args.pccs_url else {}),
@@ -216,7 +224,7 @@ def serve(args: argparse.Namespace) -> int:
         matcher=args.matcher,
         matcher_key=args.matcher_key,
         public_url=args.public_url or f"http://{args.host}:{args.port}",
-        provider=args.provider,
+        provider=provider,
         chain=args.chain,
         claim_wallet=args.claim_wallet,
         claim_passphrase=claim_passphrase,
@@ -238,6 +246,23 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _warn_if_clear(state_dir: Path, passphrase: str | None) -> None:
+    """A passphrase cannot protect a keystore already stored in clear: say so."""
+    from protocol import keystore
+    from protocol.home import node_keystore
+
+    path = node_keystore(state_dir)
+    if passphrase and path.exists():
+        try:
+            encrypted = keystore.read_info(path).encrypted
+        except keystore.KeystoreError:
+            return  # loading it reports the problem
+        if not encrypted:
+            logging.getLogger("imago.node").warning(
+                "%s is stored in clear: the passphrase does not protect it", path
+            )
 
 
 async def _run(app, host: str, port: int) -> None:

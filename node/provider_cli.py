@@ -18,7 +18,6 @@ from contracts.chain.cli import (
     friendly,
     hex32,
     load_deployment,
-    load_or_create_key,
     open_chain,
     open_wallet,
     registry_of,
@@ -26,10 +25,11 @@ from contracts.chain.cli import (
     run_operation,
     save_deployment,
     trace_summary,
-    wallet_passphrase,
 )
 from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from contracts.chain.units import format_ton, parse_address, parse_ton
+from node.keys import load_or_create_keys, node_public_key, record_provider
+from protocol.home import node_dir, node_keystore, stack_file
 from protocol.signed import model_hash
 
 # ----------------------------------------------------------------- provider
@@ -59,13 +59,45 @@ def _provider_of(args: argparse.Namespace, owner: Address | None) -> Address:
     return addresses.provider_address(registry_of(args), owner, args.seq)
 
 
+def _node_state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.node_state_dir).expanduser() if args.node_state_dir else node_dir()
+
+
+def _node_key(args: argparse.Namespace) -> tuple[bytes, Path | None]:
+    """The key to stake: --node-key, or that of the node's own keystore, which is made
+    here, exactly as `imago node serve` would make it, if the node has not run yet."""
+    if args.node_key:
+        return hex32(args.node_key, "--node-key"), None
+    path = node_keystore(_node_state_dir(args))
+    public = node_public_key(path)
+    if public is None:
+        passphrase = None
+        if args.node_passphrase_env:
+            passphrase = os.environ.get(args.node_passphrase_env)
+            if not passphrase:
+                raise CliError(f"--node-passphrase-env {args.node_passphrase_env}: empty or unset")
+        public = load_or_create_keys(path, passphrase).ed25519_public
+    return public, path
+
+
+def _record_for_node(
+    args: argparse.Namespace, provider: Address, node_key: bytes, registry: Address
+) -> Path | None:
+    """If ``node_key`` is the node keystore's, note its Provider there for `node serve`."""
+    state_dir = _node_state_dir(args)
+    if node_public_key(node_keystore(state_dir)) != node_key:
+        return None
+    return record_provider(
+        state_dir,
+        provider.to_str(is_user_friendly=False),
+        node_key,
+        registry.to_str(is_user_friendly=False),
+    )
+
+
 async def _provider_register(args: argparse.Namespace) -> int:
     registry = registry_of(args)
-    node_key = (
-        hex32(args.node_key, "--node-key")
-        if args.node_key
-        else load_or_create_key(f"node-{args.seq}", wallet_passphrase(args))[1]
-    )
+    node_key, keystore_path = _node_key(args)
     stake = parse_ton(args.stake)
     async with open_chain(args) as client:
         owner = open_wallet(args, client)
@@ -87,18 +119,26 @@ async def _provider_register(args: argparse.Namespace) -> int:
             provider.to_str(is_user_friendly=False)
         )
         save_deployment(dep)
+    record = _record_for_node(args, provider, node_key, registry)
     data = {
         "provider": friendly(args, provider),
         "state": p.state_name,
         "stake": format_ton(p.stake, unit=False),
         "node_key": node_key.hex(),
+        "node_keystore": str(keystore_path) if keystore_path else None,
+        "provider_record": str(record) if record else None,
         **trace_summary(trace),
     }
-    emit(
-        args,
-        data,
-        lambda: f"provider {data['provider']}: {p.state_name}, stake {format_ton(p.stake)}",
-    )
+
+    def human() -> str:
+        lines = [f"provider {data['provider']}: {p.state_name}, stake {format_ton(p.stake)}"]
+        source = f" (the key of {keystore_path})" if keystore_path else ""
+        lines.append(f"node key {node_key.hex()}{source}")
+        if record:
+            lines.append(f"`imago node serve` names this provider (recorded in {record})")
+        return "\n".join(lines)
+
+    emit(args, data, human)
     return 0
 
 
@@ -111,13 +151,16 @@ async def _provider_op(args: argparse.Namespace, op: str) -> int:
                 "topping up", operations.provider_top_up, owner, provider, parse_ton(args.amount)
             )
         elif op == "rotate-key":
+            new_key = hex32(args.new_key, "new key")
             trace = await run_operation(
                 "rotating the node key",
                 operations.provider_rotate_key,
                 owner,
                 provider,
-                hex32(args.new_key, "new key"),
+                new_key,
             )
+            if not getattr(args, "address", None):
+                _record_for_node(args, provider, new_key, registry_of(args))
         elif op == "unstake":
             trace = await run_operation("unstaking", operations.provider_unstake, owner, provider)
         else:
@@ -191,19 +234,13 @@ async def _provider_status(args: argparse.Namespace) -> int:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    if args.state_dir is not None:
-        return args.state_dir
-    from node.cli import _default_state_dir
-
-    return _default_state_dir()
+    return args.state_dir if args.state_dir is not None else node_dir()
 
 
 def _stack() -> dict[str, Any]:
     """``$IMAGO_HOME/stack.json`` (written by `imago up`), or {}."""
-    from contracts.chain.devnet import imago_home
-
     try:
-        doc = json.loads((imago_home() / "stack.json").read_text())
+        doc = json.loads(stack_file().read_text())
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
@@ -268,10 +305,10 @@ async def _provider_earnings(args: argparse.Namespace) -> int:
     import aiohttp
 
     from node.earnings import EarningsError, compute_earnings
-    from node.keys import KeystoreError, load_or_create_keys
+    from protocol.keystore import KeystoreError
 
     state_dir = _state_dir(args)
-    keystore = state_dir / "node_keys.json"
+    keystore = node_keystore(state_dir)
     if not keystore.exists():
         raise CliError(
             f"no node keystore at {keystore}: the records are fetched with the node key "
@@ -377,6 +414,21 @@ def _earnings_human(args: argparse.Namespace, e: Any) -> str:
     return "\n".join(lines)
 
 
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--node-state-dir",
+        metavar="DIR",
+        help="the node's state dir, as given to `imago node serve --state-dir` (default "
+        "$IMAGO_HOME/node)",
+    )
+    p.add_argument(
+        "--node-passphrase-env",
+        metavar="VAR",
+        help="a node keystore made here is encrypted with this variable's passphrase (give "
+        "`imago node serve` the same --passphrase-env)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago provider register|status|top-up|rotate-key|unstake|withdraw|claim|earnings`."""
     # provider
@@ -386,8 +438,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common_args(p)
     p.add_argument("--stake", required=True, metavar="TON")
     p.add_argument(
-        "--node-key", help="node ed25519 public key, hex (default: a key in $IMAGO_HOME/keys)"
+        "--node-key",
+        help="node ed25519 public key, hex (default: the key `imago node serve` signs with, "
+        "from its keystore, made now if the node has not run yet)",
     )
+    _node_args(p)
     p.add_argument("--seq", type=int, default=0, help="node number of this owner (default 0)")
     p.add_argument("--gpu-model", default="cpu")
     p.add_argument("--gpu-memory", type=int, default=0, metavar="GB")
@@ -414,6 +469,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("amount", metavar="TON")
         if name == "rotate-key":
             p.add_argument("new_key", metavar="HEX")
+            _node_args(p)
         p.add_argument("--seq", type=int, default=0)
         p.add_argument(
             "--address", help="provider address (default: derived from the wallet and --seq)"

@@ -1,6 +1,7 @@
 """Shared plumbing of the on-chain commands of every party: the --chain and wallet
 options, progress dots, one-line errors, JSON or human output, the deployment record
-(``$IMAGO_HOME/deployment.json``) and role keys (``$IMAGO_HOME/keys/``, 0600 keystores).
+(``$IMAGO_HOME/deployment.json``) and role keys (``$IMAGO_HOME/keys/``, keystores of
+``protocol.keystore``); paths come from ``protocol.home``.
 
 The commands themselves live with their parties: ``devnet_cli`` and ``registry_cli`` here,
 ``imago provider`` in ``node``, ``imago escrow`` in ``client``, ``imago vault`` in
@@ -22,14 +23,17 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
+from protocol import home, keystore
+from protocol.keystore import KeystoreError
+
 from . import devnet as devnet_mod
 from . import operations
 from .addresses import Deployment
-from .devnet import DevnetClient, DevnetError, imago_home
+from .devnet import DevnetClient, DevnetError
 from .toncenter import DEVNET_URL, ToncenterClient, ToncenterError, chain_url
 from .transactions import Trace
 from .units import UnitsError, format_address, parse_address
-from .wallet import KeystoreError, Wallet, WalletError, WalletKeys, create_keystore, load_keystore
+from .wallet import Wallet, WalletError
 
 
 class CliError(Exception):
@@ -113,7 +117,7 @@ def open_chain(args: argparse.Namespace) -> ToncenterClient:
 def wallet_file(name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise CliError(f"bad wallet name {name!r}")
-    return imago_home() / "wallets" / f"{name}.json"
+    return home.wallet_file(name)
 
 
 def wallet_passphrase(args: argparse.Namespace) -> str | None:
@@ -178,12 +182,8 @@ def trace_json(trace: Trace) -> dict[str, Any]:
 # ----------------------------------------------------------------- deployment and keys
 
 
-def deployment_file() -> Path:
-    return imago_home() / "deployment.json"
-
-
 def load_deployment(required: bool = True) -> Deployment | None:
-    path = deployment_file()
+    path = home.deployment_file()
     if not path.exists():
         if required:
             raise CliError(f"no deployment at {path}: run `imago registry deploy --all` first")
@@ -195,7 +195,7 @@ def load_deployment(required: bool = True) -> Deployment | None:
 
 
 def save_deployment(dep: Deployment) -> Path:
-    path = deployment_file()
+    path = home.deployment_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dep.to_json(), indent=2) + "\n")
@@ -203,23 +203,15 @@ def save_deployment(dep: Deployment) -> Path:
     return path
 
 
-def key_file(name: str) -> Path:
-    return imago_home() / "keys" / f"{name}.json"
-
-
 def load_or_create_key(
     name: str, passphrase: str | None = None
 ) -> tuple[Ed25519PrivateKey, bytes, Path]:
-    """An ed25519 key in $IMAGO_HOME/keys/<name>.json, created on first use: a 0600
-    keystore, encrypted at rest when a passphrase is given (--passphrase-env)."""
-    path = key_file(name)
-    if path.exists():
-        keys, _ = load_keystore(path, passphrase)
-    else:
-        keys = WalletKeys.generate(mnemonic=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        create_keystore(path, keys, passphrase=passphrase, name=name)
-    return Ed25519PrivateKey.from_private_bytes(keys.private_key[:32]), keys.public_key, path
+    """A role key (e.g. ``operator``) in $IMAGO_HOME/keys/<name>.json, created on first
+    use: a keystore (protocol.keystore, kind ``name``), encrypted at rest when a passphrase
+    is given (--passphrase-env)."""
+    path = home.key_file(name)
+    keys, _ = keystore.load_or_create(path, passphrase, kind=name, name=name)
+    return keys.ed25519, keys.ed25519_public, path
 
 
 def hex32(text: str, what: str) -> bytes:

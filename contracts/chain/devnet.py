@@ -28,6 +28,8 @@ from typing import Any
 
 from pytoniq_core import Address
 
+from protocol.home import devnet_dir
+
 from .toncenter import ToncenterClient, ToncenterError
 
 __all__ = [
@@ -38,9 +40,7 @@ __all__ = [
     "DevnetProcess",
     "DevnetStatus",
     "FaucetResult",
-    "default_state_dir",
     "free_port",
-    "imago_home",
     "is_devnet",
     "pid_alive",
     "read_status",
@@ -61,14 +61,6 @@ STATE_FILE = "state.json"
 
 class DevnetError(RuntimeError):
     """The devnet could not be started, found or stopped."""
-
-
-def imago_home() -> Path:
-    return Path(os.environ.get("IMAGO_HOME") or Path.home() / ".imago")
-
-
-def default_state_dir() -> Path:
-    return imago_home() / "devnet"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -360,7 +352,7 @@ def _is_devnet(pid: int) -> bool:
 
 def read_status(state_dir: str | Path | None = None) -> DevnetStatus:
     """Status from the pid file; ``running`` only if that pid is a live devnet."""
-    sd = Path(state_dir) if state_dir is not None else default_state_dir()
+    sd = Path(state_dir) if state_dir is not None else devnet_dir()
     pid_file = sd / PID_FILE
     try:
         info = json.loads(pid_file.read_text())
@@ -375,7 +367,7 @@ def start_background(
     state_dir: str | Path | None = None, port: int = DEFAULT_PORT, host: str = "127.0.0.1"
 ) -> DevnetProcess:
     """Start a detached devnet (``imago devnet up``); error if one already runs there."""
-    sd = Path(state_dir) if state_dir is not None else default_state_dir()
+    sd = Path(state_dir) if state_dir is not None else devnet_dir()
     st = read_status(sd)
     if st.running:
         raise DevnetError(f"a devnet already runs from {sd} (pid {st.pid}, {st.url})")
@@ -386,7 +378,7 @@ def start_background(
 
 def stop_background(state_dir: str | Path | None = None, timeout: float = 10.0) -> bool:
     """Stop the devnet of a state directory; False if none was running."""
-    sd = Path(state_dir) if state_dir is not None else default_state_dir()
+    sd = Path(state_dir) if state_dir is not None else devnet_dir()
     st = read_status(sd)
     pid_file = sd / PID_FILE
     if not st.running or st.pid is None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import sys
 from typing import Any
 
 from pytoniq_core import Cell
+
+from protocol.home import devnet_dir
+from protocol.keystore import KeystoreError
 
 from . import devnet as devnet_mod
 from .cli import (
@@ -29,7 +33,7 @@ from .devnet import DevnetClient, DevnetError
 from .toncenter import ToncenterError
 from .transactions import Trace
 from .units import format_address, format_ton, parse_address, parse_ton
-from .wallet import KeystoreError, WalletError, WalletKeys, create_keystore, read_keystore_header
+from .wallet import WalletError, WalletKeys, create_keystore, read_keystore_header
 
 DEFAULT_FAUCET_TON = "10"
 
@@ -38,7 +42,7 @@ DEFAULT_FAUCET_TON = "10"
 
 def _cmd_devnet_up(args: argparse.Namespace) -> int:
     try:
-        proc = devnet_mod.start_background(devnet_mod.default_state_dir(), port=args.port)
+        proc = devnet_mod.start_background(devnet_dir(), port=args.port)
     except DevnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -63,7 +67,7 @@ def _cmd_devnet_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_devnet_down(args: argparse.Namespace) -> int:
-    stopped = devnet_mod.stop_background(devnet_mod.default_state_dir())
+    stopped = devnet_mod.stop_background(devnet_dir())
     emit(
         args,
         {"stopped": stopped},
@@ -73,7 +77,7 @@ def _cmd_devnet_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_devnet_status(args: argparse.Namespace) -> int:
-    st = devnet_mod.read_status(devnet_mod.default_state_dir())
+    st = devnet_mod.read_status(devnet_dir())
     data: dict[str, Any] = {
         "running": st.running,
         "pid": st.pid,
@@ -295,7 +299,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dn_sub = dn.add_subparsers(dest="devnet_command", required=True, metavar="ACTION")
 
     up = dn_sub.add_parser("up", help="start the devnet in the background")
-    up.add_argument("--port", type=int, default=devnet_mod.DEFAULT_PORT)
+    up.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("IMAGO_DEVNET_PORT") or devnet_mod.DEFAULT_PORT,
+        help=f"default {devnet_mod.DEFAULT_PORT}, or $IMAGO_DEVNET_PORT",
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=_cmd_devnet_up)
 

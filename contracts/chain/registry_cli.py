@@ -16,7 +16,6 @@ from contracts.chain.cli import (
     emit,
     friendly,
     hex32,
-    key_file,
     load_deployment,
     load_or_create_key,
     open_chain,
@@ -30,7 +29,8 @@ from contracts.chain.cli import (
 )
 from contracts.chain.messages.registry import RegistryParams
 from contracts.chain.units import format_ton, parse_ton
-from protocol.attestation import image_hash
+from protocol.attestation import DEV_MEASUREMENT, image_hash
+from protocol.home import key_file
 from protocol.signed import model_hash
 
 
@@ -207,9 +207,14 @@ async def _registry_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_value(text: str) -> int:
+def _image_value(text: str, chain: str | None = None) -> int:
     """A 32-byte image hash as is, or a 48-byte TDX mr_td hashed into one: the size tells
-    them apart, and hashing here spares governance a hand-made sha256."""
+    them apart, and hashing here spares governance a hand-made sha256. ``dev`` is the dev
+    (software) attestation's image, which only a devnet may allow."""
+    if text == "dev":
+        if chain in ("testnet", "mainnet"):
+            raise CliError(f"the dev image proves nothing: never allow it on {chain}")
+        return image_hash(DEV_MEASUREMENT)
     raw = text.removeprefix("0x")
     if len(raw) == 96:
         try:
@@ -222,7 +227,7 @@ def _image_value(text: str) -> int:
 async def _registry_allow(args: argparse.Namespace, kind: str) -> int:
     registry = registry_of(args)
     if kind == "image":
-        value = _image_value(args.image)
+        value = _image_value(args.image, args.chain)
     else:
         m = args.model
         value = (
@@ -306,7 +311,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = rs.add_parser("allow-image", help="allow (or --revoke) a TEE image measurement")
     add_common_args(p)
     p.add_argument(
-        "image", help="image hash (32 bytes hex), or a TDX mr_td (48 bytes hex; its sha256 is used)"
+        "image",
+        help="image hash (32 bytes hex), a TDX mr_td (48 bytes hex; its sha256 is used), or "
+        "`dev`: the dev attestation's image (devnet only)",
     )
     p.add_argument("--revoke", action="store_true")
     p.add_argument("--registry")

@@ -6,15 +6,13 @@
   ``raw_send_message``.
 * :class:`Wallet` is what Imago code uses: deploy, send internal messages, wait for
   the whole resulting chain of transactions, read the balance.
-* Keystore files (JSON, mode 0600) hold the mnemonic, encrypted at rest with
-  scrypt + ChaCha20-Poly1305 when a passphrase is given.
+* Wallet keystores are :mod:`protocol.keystore` files of kind ``wallet`` (mode 0600,
+  encrypted at rest with scrypt + ChaCha20-Poly1305 when a passphrase is given); the
+  mnemonic is sealed with the key, the version, network and address are its metadata.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -22,10 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pytoniq.contract.contract import Contract
 from pytoniq.contract.wallets.wallet_v5 import WALLET_V5_R1_CODE, WalletV5R1, WalletV5WalletID
 from pytoniq.liteclient.client import RunGetMethodError
@@ -45,6 +40,8 @@ from pytoniq_core.tlb.account import (
 from pytoniq_core.tlb.block import CurrencyCollection
 from pytoniq_core.tlb.custom.wallet import WalletMessage, WalletV5R1Data
 
+from protocol import keystore
+
 from .results import AddressInfo, SentMessage
 from .toncenter import ToncenterClient, ToncenterError
 from .transactions import Trace
@@ -52,13 +49,11 @@ from .transactions import Trace
 __all__ = [
     "MAINNET_GLOBAL_ID",
     "TESTNET_GLOBAL_ID",
-    "KeystoreError",
     "OutMessage",
     "ToncenterProvider",
     "Wallet",
     "WalletError",
     "WalletKeys",
-    "WrongPassphrase",
     "create_keystore",
     "load_keystore",
     "network_global_id",
@@ -66,20 +61,10 @@ __all__ = [
 
 TESTNET_GLOBAL_ID = -3  # devnet wallets use the testnet id: addresses match testnet ones
 MAINNET_GLOBAL_ID = -239
-KEYSTORE_FORMAT = "imago-keystore-1"
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
 
 
 class WalletError(Exception):
     """A wallet operation failed (not deployed, no funds, rejected message...)."""
-
-
-class KeystoreError(WalletError):
-    """A keystore file is missing, malformed or would be overwritten."""
-
-
-class WrongPassphrase(KeystoreError):
-    """The passphrase does not decrypt the keystore (or one is needed)."""
 
 
 def network_global_id(network: str) -> int:
@@ -184,18 +169,17 @@ class WalletKeys:
         public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
         return cls(private_key=seed + public, public_key=public)
 
-    def secret_payload(self) -> dict[str, Any]:
-        if self.mnemonic is not None:
-            return {"mnemonic": list(self.mnemonic)}
-        return {"private_key": self.private_key[:32].hex()}
+    def to_keys(self) -> keystore.Keys:
+        """The same key for :mod:`protocol.keystore` (the mnemonic travels with it)."""
+        return keystore.Keys(
+            Ed25519PrivateKey.from_private_bytes(self.private_key[:32]), mnemonic=self.mnemonic
+        )
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> WalletKeys:
-        if "mnemonic" in payload:
-            return cls.from_mnemonic(payload["mnemonic"])
-        if "private_key" in payload:
-            return cls.from_seed(bytes.fromhex(payload["private_key"]))
-        raise KeystoreError("keystore holds neither a mnemonic nor a private key")
+    def from_keys(cls, keys: keystore.Keys) -> WalletKeys:
+        """The keystore keeps the seed beside the mnemonic: no slow re-derivation."""
+        public = keys.ed25519_public
+        return cls(private_key=keys.seed + public, public_key=public, mnemonic=keys.mnemonic)
 
 
 def wallet_address(public_key: bytes, *, network: str = "devnet", workchain: int = 0) -> Address:
@@ -204,10 +188,6 @@ def wallet_address(public_key: bytes, *, network: str = "devnet", workchain: int
         public_key, wc=workchain, network_global_id=network_global_id(network)
     )
     return Address((workchain, StateInit(code=WALLET_V5_R1_CODE, data=data).serialize().hash))
-
-
-def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
 def create_keystore(
@@ -219,103 +199,72 @@ def create_keystore(
     name: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a keystore file (mode 0600, never group/world readable). Returns its header."""
-    p = Path(path)
+    """Write a wallet keystore (:mod:`protocol.keystore`, kind ``wallet``; mode 0600,
+    encrypted when a passphrase is given). The wallet's version, network, workchain and
+    address are its public metadata; the mnemonic, if any, is sealed with the key.
+    Returns :func:`read_keystore_header`'s view of it."""
     keys = keys or WalletKeys.generate()
     address = wallet_address(keys.public_key, network=network)
-    header: dict[str, Any] = {
-        "format": KEYSTORE_FORMAT,
-        "name": name or p.stem,
-        "version": "v5r1",
-        "network": network,
-        "workchain": 0,
-        "address": address.to_str(is_user_friendly=False),
-        "public_key": keys.public_key.hex(),
-        "created_at": int(time.time()),
-    }
-    secret = json.dumps(keys.secret_payload()).encode()
-    if passphrase:
-        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
-        key = _kdf(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
-        aad = _aad(header)
-        ct = ChaCha20Poly1305(key).encrypt(nonce, secret, aad)
-        header["crypto"] = {
-            "kdf": "scrypt",
-            "n": _SCRYPT_N,
-            "r": _SCRYPT_R,
-            "p": _SCRYPT_P,
-            "salt": base64.b64encode(salt).decode(),
-            "cipher": "chacha20-poly1305",
-            "nonce": base64.b64encode(nonce).decode(),
-            "ciphertext": base64.b64encode(ct).decode(),
-        }
-    else:
-        header["secret"] = json.loads(secret)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    info = keystore.save(
+        path,
+        keys.to_keys(),
+        kind="wallet",
+        name=name,
+        metadata={
+            "version": "v5r1",
+            "network": network,
+            "workchain": 0,
+            "address": address.to_str(is_user_friendly=False),
+        },
+        passphrase=passphrase,
+        overwrite=overwrite,
+    )
+    return _header(info)
+
+
+def _header(info: keystore.KeystoreInfo) -> dict[str, Any]:
+    """A wallet keystore's public part, flat: name, version, network, workchain, address,
+    public_key, created_at, encrypted, format. The address is checked against the key."""
+    meta = info.metadata
+    if "address" not in meta or info.ed25519_public is None:
+        raise keystore.UnreadableKeystore(f"{info.path} is not a wallet keystore ({info.kind})")
     try:
-        fd = os.open(p, flags, 0o600)
-    except FileExistsError:
-        raise KeystoreError(f"{p} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        json.dump(header, f, indent=2)
-        f.write("\n")
-    return {k: v for k, v in header.items() if k not in ("secret", "crypto")} | {
-        "encrypted": passphrase is not None and passphrase != ""
+        network = str(meta.get("network", "devnet"))
+        workchain = int(meta.get("workchain", 0))
+        expected = wallet_address(info.ed25519_public, network=network, workchain=workchain)
+        matches = Address(meta["address"]) == expected
+    except Exception as e:  # a malformed address or workchain
+        raise keystore.UnreadableKeystore(f"{info.path}: malformed wallet metadata: {e}") from e
+    if not matches:
+        raise keystore.UnreadableKeystore(
+            f"{info.path}: the recorded address is not the wallet of its key"
+        )
+    return {
+        "format": info.format,
+        "name": info.name,
+        "version": meta.get("version", "v5r1"),
+        "network": network,
+        "workchain": workchain,
+        "address": expected.to_str(is_user_friendly=False),
+        "public_key": info.ed25519_public.hex(),
+        "created_at": info.created_at,
+        "encrypted": info.encrypted,
     }
-
-
-def _aad(header: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {k: header[k] for k in ("format", "address", "public_key", "network")}, sort_keys=True
-    ).encode()
 
 
 def read_keystore_header(path: str | Path) -> dict[str, Any]:
-    """The public part of a keystore (no secret), plus ``encrypted``."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KeystoreError(f"no keystore at {path}") from None
-    except ValueError as e:
-        raise KeystoreError(f"{path} is not a keystore: {e}") from None
-    if data.get("format") != KEYSTORE_FORMAT:
-        raise KeystoreError(f"{path} is not an Imago keystore")
-    return {k: v for k, v in data.items() if k not in ("secret", "crypto")} | {
-        "encrypted": "crypto" in data
-    }
+    """The public part of a wallet keystore (no passphrase needed), plus ``encrypted``."""
+    return _header(keystore.read_info(path))
 
 
 def load_keystore(
     path: str | Path, passphrase: str | None = None
 ) -> tuple[WalletKeys, dict[str, Any]]:
-    """Read keys from a keystore; WrongPassphrase if it cannot be decrypted."""
-    p = Path(path)
-    if p.stat().st_mode & 0o077:
-        raise KeystoreError(f"{p} is readable by other users: `chmod 600` it first")
-    header = read_keystore_header(p)
-    data = json.loads(p.read_text())
-    if "crypto" in data:
-        if not passphrase:
-            raise WrongPassphrase(f"{p} is encrypted: a passphrase is needed")
-        c = data["crypto"]
-        if c.get("kdf") != "scrypt" or c.get("cipher") != "chacha20-poly1305":
-            raise KeystoreError(f"{p}: unsupported encryption {c.get('kdf')}/{c.get('cipher')}")
-        key = _kdf(passphrase, base64.b64decode(c["salt"]), int(c["n"]), int(c["r"]), int(c["p"]))
-        try:
-            secret = ChaCha20Poly1305(key).decrypt(
-                base64.b64decode(c["nonce"]), base64.b64decode(c["ciphertext"]), _aad(data)
-            )
-        except InvalidTag:
-            raise WrongPassphrase(f"wrong passphrase for {p}") from None
-        payload = json.loads(secret)
-    else:
-        payload = data["secret"]
-    keys = WalletKeys.from_payload(payload)
-    if keys.public_key.hex() != data["public_key"]:
-        raise KeystoreError(f"{p}: the key does not match the recorded public key")
-    return keys, header
+    """A wallet's keys and header; raises :class:`protocol.keystore.WrongPassphrase`,
+    :class:`~protocol.keystore.UnreadableKeystore` or
+    :class:`~protocol.keystore.InsecureKeystore` (all KeystoreError)."""
+    keys, info = keystore.load(path, passphrase)
+    return WalletKeys.from_keys(keys), _header(info)
 
 
 # ----------------------------------------------------------------- the wallet

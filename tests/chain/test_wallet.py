@@ -12,17 +12,16 @@ from pytoniq_core import Address
 
 from contracts.chain.results import ToncenterError
 from contracts.chain.wallet import (
-    KeystoreError,
     ToncenterProvider,
     Wallet,
     WalletError,
     WalletKeys,
-    WrongPassphrase,
     create_keystore,
     load_keystore,
     read_keystore_header,
     wallet_address,
 )
+from protocol.keystore import KeystoreError, WrongPassphrase
 from tests.chain.fixtures import TON, DevnetFixture, about
 
 
@@ -102,7 +101,7 @@ def test_keystore_encrypted_roundtrip(tmp_path) -> None:
     with pytest.raises(WrongPassphrase, match="passphrase is needed"):
         load_keystore(path)
     # tampering with the public header breaks decryption too (it is authenticated)
-    data["address"] = "0:" + "11" * 32
+    data["metadata"]["address"] = "0:" + "11" * 32
     path.write_text(json.dumps(data))
     with pytest.raises(WrongPassphrase):
         load_keystore(path, "correct horse")

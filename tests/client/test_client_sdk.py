@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import client.sdk.client as sdk_client
-from client.keys import KeystoreError, load_or_create_spend_key, load_spend_key
+from client.keys import load_or_create_spend_key, load_spend_key
 from client.sdk import (
     AttestationRejected,
     ImagoClient,
@@ -32,6 +32,7 @@ from contracts.chain.allowlists import Allowlists
 from contracts.chain.toncenter import ToncenterClient
 from protocol.api import AttestationDoc
 from protocol.attestation import DEV_MEASUREMENT, AttestationPolicy, image_hash
+from protocol.keystore import KeystoreError, WrongPassphrase
 from protocol.signed import SpendVoucher, cost_nanoton
 from tests.client.client_fakes import FakeMatcher
 from tests.client.conftest import ESCROW, VAULT, make_client
@@ -356,10 +357,10 @@ def test_keystore(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "k.pem").st_mode) == 0o600
     again = load_spend_key(tmp_path / "k.pem", passphrase="pw")
     assert again.public_key().public_bytes_raw() == key.public_key().public_bytes_raw()
-    assert b"ENCRYPTED" in (tmp_path / "k.pem").read_bytes()
-    with pytest.raises(KeystoreError):
+    assert "crypto" in json.loads((tmp_path / "k.pem").read_text())  # encrypted at rest
+    with pytest.raises(WrongPassphrase):
         load_spend_key(tmp_path / "k.pem", passphrase="wrong")
-    with pytest.raises(KeystoreError):
+    with pytest.raises(WrongPassphrase):
         load_spend_key(tmp_path / "k.pem")
     os.chmod(tmp_path / "k.pem", 0o644)
     with pytest.raises(KeystoreError, match="chmod 600"):

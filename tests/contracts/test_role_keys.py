@@ -7,7 +7,8 @@ import json
 import pytest
 
 from contracts.chain import cli
-from contracts.chain.wallet import KeystoreError, WrongPassphrase, create_keystore, load_keystore
+from contracts.chain.wallet import create_keystore, load_keystore
+from protocol.keystore import KeystoreError, WrongPassphrase
 
 
 def test_role_keys_are_private_and_encrypted_with_a_passphrase(tmp_path, monkeypatch) -> None:

@@ -113,6 +113,7 @@ def test_the_image_and_model_ids_are_what_governance_allows() -> None:
     assert image_hash(mr_td) == int.from_bytes(hashlib.sha256(mr_td).digest(), "big")
     assert _image_value(mr_td.hex()) == image_hash(mr_td)  # `allow-image <mr_td>`
     assert _image_value(f"{image_hash(mr_td):064x}") == image_hash(mr_td)  # or the hash
+    assert _image_value("dev", "devnet") == image_hash(DEV_MEASUREMENT)  # `allow-image dev`
     assert model_hash("SmolLM2") == int.from_bytes(hashlib.sha256(b"SmolLM2").digest(), "big")
 
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from contracts.chain.wallet import KeystoreError
 from marketplace.config import MatcherConfig
 from protocol.api import RouteResponse
 from protocol.attestation import verify_attestation
+from protocol.keystore import KeystoreError
 from tests.marketplace.conftest import admit, signed_registration
 from tests.marketplace.fakes import MODEL
 

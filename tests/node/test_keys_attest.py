@@ -17,7 +17,13 @@ from node.attest import (
     TdxEvidenceProvider,
     make_provider,
 )
-from node.keys import KeystoreError, NodeKeys, load_or_create_keys
+from node.keys import (
+    NodeKeys,
+    load_or_create_keys,
+    node_public_key,
+    record_provider,
+    recorded_provider,
+)
 from protocol.api import AttestationDoc
 from protocol.attestation import (
     AttestationError,
@@ -25,6 +31,7 @@ from protocol.attestation import (
     report_data,
     verify_attestation,
 )
+from protocol.keystore import KeystoreError
 from tests.shared_data import TDX_DIR, needs_tdx_sample
 
 
@@ -43,7 +50,7 @@ def test_keystore_encrypted_roundtrip_and_wrong_passphrase(tmp_path):
     keys = load_or_create_keys(path, "correct horse")
     raw = path.read_text()
     doc = json.loads(raw)
-    assert "secret" not in doc and doc["encryption"]["kdf"] == "scrypt"
+    assert "secret" not in doc and doc["crypto"]["kdf"] == "scrypt"
     secret = keys.ed25519.private_bytes_raw().hex()
     assert secret not in raw
     assert load_or_create_keys(path, "correct horse").node_id == keys.node_id
@@ -176,3 +183,16 @@ async def test_tdx_doc_carries_cached_collateral_that_verifies():
     )
     with pytest.raises(AttestationError, match="tdx: report_data does not match"):
         verify_attestation(doc, policy, expected_nonce=nonce)
+
+
+def test_the_provider_recorded_for_the_keystore_is_named_only_for_its_key(tmp_path):
+    """`imago provider register` notes the Provider beside the node keystore; `node serve`
+    names it, but not after the keystore was replaced by another key."""
+    keys = load_or_create_keys(tmp_path / "node_keys.json")
+    assert recorded_provider(tmp_path) is None
+    record_provider(tmp_path, "0:" + "ab" * 32, keys.ed25519_public, "0:" + "cd" * 32)
+    assert recorded_provider(tmp_path) == "0:" + "ab" * 32
+    assert node_public_key(tmp_path / "node_keys.json") == keys.ed25519_public
+    (tmp_path / "node_keys.json").unlink()
+    load_or_create_keys(tmp_path / "node_keys.json")  # a new key
+    assert recorded_provider(tmp_path) is None
