@@ -57,6 +57,7 @@ __all__ = [
     "deploy_registry",
     "deploy_vault",
     "escrow_charge",
+    "escrow_charges",
     "escrow_close",
     "escrow_deposit",
     "escrow_open",
@@ -525,6 +526,31 @@ async def escrow_charge(
     return await _send(
         "charge", sender, escrow, value or OP_VALUE["charge"], body, check=check, **kw
     )
+
+
+MAX_BATCH = 200  # messages in one wallet transfer (v5r1 takes up to 255)
+
+
+async def escrow_charges(
+    sender: Any, charges: list[tuple[Address, SpendVoucher, bytes]], **kw: Any
+) -> Trace:
+    """Several charges in one wallet transfer (``sender`` is a wallet with ``send``): one
+    wallet transaction for all of them. Check each Escrow's ``charged`` afterwards: one
+    refused charge does not stop the others."""
+    from .wallet import OutMessage
+
+    if not 0 < len(charges) <= MAX_BATCH:
+        raise ValueError(f"between 1 and {MAX_BATCH} charges in one transfer")
+    messages = [
+        OutMessage(
+            escrow,
+            OP_VALUE["charge"],
+            Charge(new_query_id(), signature, voucher).to_cell(),
+            bounce=True,
+        )
+        for escrow, voucher, signature in charges
+    ]
+    return await sender.send(messages, **kw)
 
 
 async def escrow_close(owner: Sender, escrow: Address, *, check: bool = True, **kw: Any) -> Trace:

@@ -35,7 +35,7 @@ from contracts.chain import getters, operations
 from contracts.chain.results import ToncenterError
 from contracts.chain.toncenter import ToncenterClient
 from contracts.chain.transactions import Trace
-from contracts.chain.wallet import Wallet
+from contracts.chain.wallet import Wallet, WalletError
 from marketplace.config import SettlementConfig
 from marketplace.db import (
     ChargeRecord,
@@ -261,31 +261,34 @@ class SettlementService:
         return behind
 
     async def _charge(self) -> None:
+        """Every charge due, in as few wallet transfers as possible (one for up to
+        ``MAX_BATCH``): the wallet's own transaction is paid once, not per Escrow."""
         due = await self.ledger.call(lambda c: _charges_due(c, self.config.charge_threshold))
-        for escrow, leaf in due:
-            voucher = SpendVoucher.from_boc(base64.b64decode(leaf.voucher_boc))
+        for start in range(0, len(due), operations.MAX_BATCH):
+            batch = [
+                (Address(escrow), SpendVoucher.from_boc(base64.b64decode(leaf.voucher_boc)),
+                 bytes.fromhex(leaf.voucher_signature), escrow)
+                for escrow, leaf in due[start : start + operations.MAX_BATCH]
+            ]  # fmt: skip
             try:
-                trace = await operations.escrow_charge(
-                    self.wallet, Address(escrow), voucher, bytes.fromhex(leaf.voucher_signature),
-                    check=False,
-                )  # fmt: skip
-                data = await getters.get_escrow_data(self.chain, Address(escrow))
-            except (ToncenterError, TimeoutError) as e:
-                await self.ledger.call(lambda c, e_=escrow: _charge_failed(c, e_, self.config))
-                log.warning("escrow %s: charge not sent (%s); retrying", escrow, e)
+                trace = await operations.escrow_charges(self.wallet, [b[:3] for b in batch])
+            except (ToncenterError, WalletError, TimeoutError) as e:
+                for *_, escrow in batch:
+                    await self.ledger.call(lambda c, e_=escrow: _charge_failed(c, e_, self.config))
+                log.warning("%d charges not sent (%s); retrying", len(batch), e)
                 continue
-            self._sent("charge", f"charge:{escrow}:{voucher.cumulative}", trace)
-            await self.ledger.call(
-                lambda c, e_=escrow, d=data, t=trace, v=voucher: _charge_done(
-                    c, e_, d, v.cumulative, _tx_on(t, e_), self.config
+            self._sent("charge", f"charges:{len(batch)}", trace)
+            for address, voucher, _, escrow in batch:
+                data = await getters.get_escrow_data(self.chain, address)
+                tx = _tx_on(trace, escrow)
+                await self.ledger.call(
+                    lambda c, e_=escrow, d=data, v=voucher, h=tx: _charge_done(
+                        c, e_, d, v.cumulative, h, self.config
+                    )
                 )
-            )
-            if data.charged < voucher.cumulative:
-                log.warning(
-                    "escrow %s: charged %d on-chain after a charge to %d (exit codes %s)",
-                    escrow, data.charged, voucher.cumulative,
-                    operations.failed_exit_codes(trace),
-                )  # fmt: skip
+                if data.charged < voucher.cumulative:
+                    log.warning("escrow %s: charged %d on-chain after a charge to %d",
+                                escrow, data.charged, voucher.cumulative)  # fmt: skip
 
 
 # --- database steps (run on the ledger's writer, each one transaction) -------------------
