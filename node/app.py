@@ -23,7 +23,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
-from node.claims import DEFAULT_CLAIM_EVERY, claim_settings, claims_ctx
+from node.claim_loop import claim_settings, claims_ctx
+from node.claims import DEFAULT_CLAIM_EVERY
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
 from node.keys import NodeKeys, load_or_create_keys

@@ -40,32 +40,25 @@ unclaimed.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
 from contracts.chain.results import ToncenterError
-from contracts.chain.toncenter import ToncenterClient, chain_url
+from contracts.chain.toncenter import ToncenterClient
 from contracts.chain.transactions import Trace
-from contracts.chain.wallet import Wallet, WalletError, WalletKeys, load_keystore
-from protocol.home import wallet_file
-from protocol.keystore import KeystoreError
+from contracts.chain.wallet import WalletError
+from node.claim_state import ClaimState, KeptVoucher, raw_address
 from protocol.signed import PayoutVoucher, SignedObjectError, signature_valid
 
 __all__ = [
@@ -74,15 +67,9 @@ __all__ = [
     "DEFAULT_MULTIPLE",
     "DEVNET_MULTIPLE",
     "ClaimRun",
-    "ClaimService",
-    "ClaimSettings",
-    "ClaimState",
     "Claimer",
     "VaultClaim",
     "VoucherRefused",
-    "claim_settings",
-    "claims_ctx",
-    "open_chain_client",
 ]
 
 log = logging.getLogger("imago.node.claims")
@@ -96,9 +83,7 @@ DEFAULT_CLAIM_EVERY = 300.0
 DEFAULT_MULTIPLE = 1000.0
 DEVNET_MULTIPLE = 0.0
 MAX_BACKOFF_S = 3600.0
-STATE_FILE = "claims.json"
 LOCK_FILE = "claims.lock"
-_KEEP = 50  # refusals and claims kept in the state file
 
 
 class VoucherRefused(Exception):
@@ -109,100 +94,7 @@ class ClaimError(Exception):
     """A run that could not complete (matcher or chain unreachable, claim failed)."""
 
 
-def _raw(a: Address | str) -> str:
-    return (Address(a) if isinstance(a, str) else a).to_str(is_user_friendly=False)
-
-
 # ----------------------------------------------------------------- durable state
-
-
-@dataclass
-class KeptVoucher:
-    """The best payout voucher accepted from one Vault."""
-
-    epoch: int
-    cumulative: int
-    voucher: bytes  # the BOC as received
-    signature: bytes
-    seen_at: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "cumulative": str(self.cumulative),
-            "voucher": base64.b64encode(self.voucher).decode(),
-            "signature": self.signature.hex(),
-            "seen_at": self.seen_at,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> KeptVoucher:
-        return cls(
-            int(d["epoch"]),
-            int(d["cumulative"]),
-            base64.b64decode(d["voucher"]),
-            bytes.fromhex(d["signature"]),
-            int(d.get("seen_at", 0)),
-        )
-
-    def parsed(self) -> PayoutVoucher:
-        return PayoutVoucher.from_boc(self.voucher)
-
-
-@dataclass
-class ClaimState:
-    """``claims.json``: per Provider, the best voucher per Vault, recent refusals and
-    claims. Written whole to a temporary file, fsynced, then renamed over."""
-
-    path: Path
-    provider: str
-    vouchers: dict[str, KeptVoucher] = field(default_factory=dict)
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    claims: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, state_dir: Path, provider: Address | str) -> ClaimState:
-        path = state_dir / STATE_FILE
-        state = cls(path, _raw(provider))
-        try:
-            doc = json.loads(path.read_text())
-            mine = doc.get("providers", {}).get(state.provider, {})
-            state.vouchers = {
-                v: KeptVoucher.from_json(kept) for v, kept in mine.get("vouchers", {}).items()
-            }
-            state.refused = list(mine.get("refused", []))
-            state.claims = list(mine.get("claims", []))
-        except FileNotFoundError:
-            pass
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            # The chain is the guard: a lost state costs a refused claim's fee at most.
-            log.error("%s is unreadable (%s); starting from what the chain says", path, e)
-        return state
-
-    def save(self) -> None:
-        try:
-            doc = json.loads(self.path.read_text())
-            if not isinstance(doc.get("providers"), dict):
-                raise ValueError
-        except (FileNotFoundError, ValueError, AttributeError):
-            doc = {"version": 1, "providers": {}}
-        doc["providers"][self.provider] = {
-            "vouchers": {v: kept.to_json() for v, kept in self.vouchers.items()},
-            "refused": self.refused[-_KEEP:],
-            "claims": self.claims[-_KEEP:],
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (json.dumps(doc, indent=1) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-
-
-# ----------------------------------------------------------------- one run
 
 
 @dataclass
@@ -338,7 +230,7 @@ class Claimer:
             doc = await self._fetch()
             refused = None
             if info is None:
-                refused = f"the Provider {_raw(self.provider)} is not deployed"
+                refused = f"the Provider {raw_address(self.provider)} is not deployed"
             elif doc is not None:
                 try:
                     vault, kept = await self._check(doc, state, info)
@@ -354,14 +246,15 @@ class Claimer:
         info = await self._provider_info()
         if info is None:
             run.status = "no_provider"
-            run.message = f"the Provider {_raw(self.provider)} is not deployed (yet)"
+            run.message = f"the Provider {raw_address(self.provider)} is not deployed (yet)"
             log.info("%s: nothing to claim", run.message)
             return run
         if info.owner != self.wallet.address:
             run.status = "no_owner"
             run.message = (
-                f"the wallet {_raw(self.wallet.address)} is not the owner "
-                f"{_raw(info.owner)} of the Provider {_raw(self.provider)}: it cannot claim"
+                f"the wallet {raw_address(self.wallet.address)} is not the owner "
+                f"{raw_address(info.owner)} of the Provider {raw_address(self.provider)}: "
+                "it cannot claim"
             )
             log.error("%s", run.message)
             return run
@@ -416,7 +309,7 @@ class Claimer:
         return self._info
 
     async def _fetch(self) -> dict[str, Any] | None:
-        url = f"{self.matcher}/v1/ledger/payouts/{_raw(self.provider)}"
+        url = f"{self.matcher}/v1/ledger/payouts/{raw_address(self.provider)}"
         async with self._http().get(url) as r:
             if r.status == 404:
                 return None  # nothing released for this provider yet
@@ -440,17 +333,17 @@ class Claimer:
             voucher, cell_hash = PayoutVoucher.parse_boc(boc)
         except (KeyError, TypeError, ValueError, binascii.Error, SignedObjectError) as e:
             raise VoucherRefused(f"malformed voucher: {e}") from e
-        vault = _raw(voucher.vault)
+        vault = raw_address(voucher.vault)
         if voucher.provider != self.provider:
-            raise VoucherRefused(f"voucher for another provider {_raw(voucher.provider)}")
+            raise VoucherRefused(f"voucher for another provider {raw_address(voucher.provider)}")
         if voucher.hash != cell_hash:
             raise VoucherRefused("voucher cell is not in canonical form")
         try:
-            said = (_raw(doc["vault"]), _raw(doc["provider"]), int(doc["epoch"]))
+            said = (raw_address(doc["vault"]), raw_address(doc["provider"]), int(doc["epoch"]))
             said_cumulative = int(doc["cumulative"])
         except Exception as e:  # pytoniq raises bare errors on bad addresses
             raise VoucherRefused(f"malformed voucher fields: {e}") from e
-        if said != (vault, _raw(self.provider), voucher.epoch) or said_cumulative != (
+        if said != (vault, raw_address(self.provider), voucher.epoch) or said_cumulative != (
             voucher.cumulative
         ):
             raise VoucherRefused("the JSON fields differ from the signed voucher")
@@ -572,198 +465,3 @@ class Claimer:
 
 
 # ----------------------------------------------------------------- in the node service
-
-
-@dataclass(frozen=True)
-class ClaimSettings:
-    provider: Address
-    matcher: str
-    chain: str
-    wallet_path: Path
-    wallet_keys: WalletKeys = field(repr=False)
-    wallet_network: str
-    state_dir: Path
-    every: float = DEFAULT_CLAIM_EVERY
-    multiple: float = DEFAULT_MULTIPLE
-
-
-def wallet_path(name_or_path: str) -> Path:
-    """``--claim-wallet``: a keystore path, or the name of a wallet in $IMAGO_HOME/wallets."""
-    p = Path(name_or_path).expanduser()
-    if "/" in name_or_path or name_or_path.endswith(".json"):
-        return p
-    return wallet_file(name_or_path)
-
-
-def claim_settings(config: Any) -> ClaimSettings | None:
-    """The claim loop's settings from a ``NodeConfig``; None when it is not configured
-    (no --chain and no --claim-wallet). Raises ValueError on half a configuration, an
-    unknown chain, a missing or undecryptable wallet."""
-    chain, wallet = getattr(config, "chain", None), getattr(config, "claim_wallet", None)
-    if not chain and not wallet:
-        return None
-    missing = [
-        flag
-        for flag, value in (
-            ("--chain", chain),
-            ("--claim-wallet", wallet),
-            ("--provider", config.provider),
-            ("--matcher", config.matcher),
-        )
-        if not value
-    ]
-    if missing:
-        raise ValueError(f"the claim loop needs {', '.join(missing)} as well")
-    chain_url(chain)  # ValueError on an unknown chain
-    if config.claim_every <= 0:
-        raise ValueError("--claim-every must be positive")
-    multiple = config.claim_multiple
-    if multiple is None:
-        multiple = DEVNET_MULTIPLE if config.devnet else DEFAULT_MULTIPLE
-    if multiple < 0:
-        raise ValueError("--claim-multiple must not be negative")
-    path = wallet_path(wallet)
-    try:
-        keys, header = load_keystore(path, getattr(config, "claim_passphrase", None))
-    except (WalletError, KeystoreError, OSError) as e:
-        raise ValueError(f"--claim-wallet {wallet}: {e}") from e
-    try:
-        provider = Address(config.provider)
-    except Exception as e:
-        raise ValueError(f"--provider {config.provider!r} is not an address") from e
-    return ClaimSettings(
-        provider=provider,
-        matcher=config.matcher,
-        chain=chain,
-        wallet_path=path,
-        wallet_keys=keys,
-        wallet_network=header.get("network", "devnet"),
-        state_dir=config.state_dir,
-        every=float(config.claim_every),
-        multiple=float(multiple),
-    )
-
-
-def open_chain_client(chain: str) -> ToncenterClient:
-    """The adapter for a ``--chain`` value (devnet | testnet | mainnet | URL)."""
-    import argparse
-
-    from contracts.chain.cli import open_chain
-
-    return open_chain(argparse.Namespace(chain=chain))
-
-
-class ClaimService:
-    """Runs ``Claimer.run_once`` every ``settings.every`` seconds on an APScheduler
-    ``AsyncIOScheduler``, backing off after failures (the next runs are skipped until
-    ``every × 2^(failures-1)`` has passed, at most an hour)."""
-
-    def __init__(self, settings: ClaimSettings, *, first_run_delay: float | None = None) -> None:
-        self.settings = settings
-        # the first run soon after start (not before the node is up), then every `every`
-        self.first_run_delay = (
-            min(5.0, settings.every) if first_run_delay is None else first_run_delay
-        )
-        self.failures = 0
-        self.last: ClaimRun | None = None
-        self.runs = 0
-        self._not_before = 0.0
-        self._current: asyncio.Future[None] | None = None
-        self._scheduler: Any = None
-        self._client: ToncenterClient | None = None
-        self.claimer: Claimer | None = None
-
-    def start(self) -> None:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        s = self.settings
-        self._client = open_chain_client(s.chain)
-        wallet = Wallet(self._client, s.wallet_keys, network=s.wallet_network)
-        self.claimer = Claimer(
-            client=self._client,
-            wallet=wallet,
-            provider=s.provider,
-            matcher=s.matcher,
-            state_dir=s.state_dir,
-            multiple=s.multiple,
-        )
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler.add_job(
-            self._tick,
-            "interval",
-            seconds=s.every,
-            next_run_time=datetime.now(UTC) + timedelta(seconds=self.first_run_delay),
-            id="claims",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        self._scheduler.start()
-        log.info(
-            "claim loop: every %.0f s, claiming above %g × %d nanoTON, from %s",
-            s.every,
-            s.multiple,
-            CLAIM_FEE,
-            wallet.address.to_str(is_user_friendly=False),
-        )
-
-    async def _tick(self) -> None:
-        if time.monotonic() < self._not_before:
-            return
-        # Shielded: stopping the scheduler cancels this wrapper, never a claim half-sent
-        # (stop() lets it finish).
-        self._current = asyncio.ensure_future(self._run())
-        await asyncio.shield(self._current)
-
-    async def _run(self) -> None:
-        assert self.claimer is not None
-        self.runs += 1
-        try:
-            run = await self.claimer.run_once()
-            failed, why = run.failed, run.message
-        except ClaimError as e:
-            run, failed, why = None, True, str(e)
-        except Exception as e:  # never let the loop die
-            log.exception("claim run crashed")
-            run, failed, why = None, True, f"{type(e).__name__}: {e}"
-        self.last = run
-        if failed:
-            self.failures += 1
-            wait = min(self.settings.every * 2 ** (self.failures - 1), MAX_BACKOFF_S)
-            wait = max(wait, self.settings.every)
-            self._not_before = time.monotonic() + wait - 1.0  # the run `wait` s from now
-            log.warning("claim run failed (%s); next attempt in %.0f s", why, wait)
-        else:
-            self.failures = 0
-            self._not_before = 0.0
-
-    async def stop(self, *, grace: float = 30.0) -> None:
-        if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
-        if self._current is not None and not self._current.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._current), grace)
-            except (TimeoutError, asyncio.CancelledError):
-                self._current.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._current
-        if self.claimer is not None:
-            await self.claimer.close()
-        if self._client is not None:
-            await self._client.close()
-
-
-def claims_ctx(
-    settings: ClaimSettings, **kw: Any
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A ``cleanup_ctx`` entry that runs the claim loop for the application's lifetime."""
-
-    async def ctx(_app: web.Application) -> AsyncIterator[None]:
-        service = ClaimService(settings, **kw)
-        service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
-    return ctx

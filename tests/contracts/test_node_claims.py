@@ -23,7 +23,8 @@ from pytoniq_core import Address
 from contracts.chain import getters, operations
 from contracts.chain.transactions import Trace
 from contracts.chain.wallet import create_keystore
-from node.claims import CLAIM_FEE, ClaimState
+from node.claim_state import ClaimState
+from node.claims import CLAIM_FEE
 from protocol.signed import PayoutVoucher
 
 from . import fake_matcher
