@@ -38,7 +38,6 @@ from pytoniq_core import Address
 
 from marketplace.config import MatcherConfig
 from marketplace.db import JobStatus
-from marketplace.errors import ApiError
 from marketplace.escrows import EscrowBook, EscrowUnfunded
 from marketplace.ledger import DuplicateJob, Ledger, LedgerError
 from marketplace.metrics import Metrics
@@ -57,6 +56,7 @@ from protocol.envelope import (
     encode_frame,
     request_hash,
 )
+from protocol.errors import ApiError
 from protocol.receipts import ReceiptExpectations, receipt_problems
 from protocol.signed import Receipt, SignedObjectError
 from protocol.tickets import TICKET_HEADER
@@ -151,11 +151,9 @@ class Relay:
         if not provided:
             if not self.registry.serving(model):
                 raise ApiError(404, f"no node serves {model!r}", code="model_not_found")
-            raise ApiError(
-                503,
+            raise ApiError.unavailable(
                 "none of the nodes the request was sealed for is admitted; fetch a new route",
-                type="service_unavailable",
-                code="no_admitted_candidate",
+                "no_admitted_candidate",
             )
         if len(provided) == 1:
             return provided
@@ -194,12 +192,10 @@ class Relay:
             if signature is None or not self.escrows.signed_by_spend_key(
                 escrow, signature, message
             ):
-                raise ApiError(
-                    403,
+                raise ApiError.forbidden(
                     "the relay request is not signed by the escrow's spend key: only its "
                     "owner may spend from it",
-                    type="permission_error",
-                    code="relay_unauthorized",
+                    "relay_unauthorized",
                     param="signature",
                 )
         order = self._order(body.model, sealed)
