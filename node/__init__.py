@@ -7,6 +7,8 @@
 - ``node.supervisor``: launches and supervises vLLM (``vllm_launch``, ``Supervisor``).
 - ``node.attest``: ``dev`` and ``tdx`` (configfs-tsm) evidence providers, ``Attester``.
 - ``node.keys``: the 0600 keystore, encrypted at rest with a passphrase.
-- ``node.jobs``: the sealed job path and receipts.
+- ``node.jobs``: admitting a sealed job (job id, tickets, replay, prices) or refusing it;
+  ``node.runner``: its frames and signed receipt; ``node.seen``: the ids served
+  (replay memory); ``node.usage``: token counts; ``node.offers``: models and prices.
 - ``node.cli``: ``imago node serve``.
 """

@@ -120,7 +120,7 @@ class JobRun:
         return envelope.encode_frame(FrameType.END, _dumps(end).encode())
 
     async def _last(self, served: bool) -> bytes:
-        """The END frame, once the job id is on disk (see SeenJobs)."""
+        """The END frame, once the job id is on disk (see node.seen)."""
         try:
             await asyncio.shield(self.id_on_disk)
         except OSError as e:
