@@ -64,7 +64,8 @@ class ApiError(Exception):
     """An error with its HTTP status, OpenAI error type and code (and param, headers).
 
     ``type`` defaults to ``"invalid_request_error"`` below 500 and ``"server_error"``
-    from 500 on (see ``default_type`` for the few statuses with their own type).
+    from 500 on, as OpenAI types most refusals; name another where it says more
+    (``"permission_error"``, ``"rate_limit_error"``...).
     """
 
     def __init__(
