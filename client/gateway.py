@@ -36,9 +36,9 @@ from client.sdk import (
     Endpoint,
     ImagoClient,
     ImagoError,
-    InvalidRequest,
     PriceCaps,
 )
+from protocol.errors import ApiError, error_middleware
 
 __all__ = [
     "API_KEY",
@@ -105,36 +105,7 @@ _REQUEST_MODELS: dict[str, type[_CommonRequest]] = {
 }
 
 
-# -- middlewares -----------------------------------------------------------------------
-
-
-def _error_response(error: ImagoError) -> web.Response:
-    return web.json_response(error.body, status=error.status, dumps=_DUMPS)
-
-
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ImagoError as e:
-        return _error_response(e)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return _error_response(ImagoError(e.reason, status=e.status, error_type=_kind(e.status)))
-    except Exception:
-        log.exception("gateway error on %s %s", request.method, request.path)
-        return _error_response(
-            ImagoError("internal gateway error", status=500, error_type="server_error")
-        )
-
-
-def _kind(status: int) -> str:
-    return {401: "authentication_error", 404: "not_found_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
+# -- middlewares (errors: protocol.errors.error_middleware) ----------------------------
 
 
 @web.middleware
@@ -148,17 +119,12 @@ async def _auth(
         if scheme.lower() != "bearer" or not secrets.compare_digest(
             token.strip().encode(), expected.encode()
         ):
-            raise ImagoError(
-                "invalid API key",
-                status=401,
-                error_type="authentication_error",
-                code="invalid_api_key",
-            )
+            raise ApiError(401, "invalid API key", "authentication_error", "invalid_api_key")
     return await handler(request)
 
 
-def _forbidden(message: str, code: str) -> ImagoError:
-    return ImagoError(message, status=403, error_type="invalid_request_error", code=code)
+def _forbidden(message: str, code: str) -> ApiError:
+    return ApiError(403, message, "invalid_request_error", code)
 
 
 @web.middleware
@@ -195,12 +161,12 @@ async def _guard(
             "origin_not_allowed",
         )
     if request.method == hdrs.METH_POST and request.content_type != "application/json":
-        raise ImagoError(
+        raise ApiError(
+            415,
             "Unsupported Media Type: only 'application/json' is allowed, not "
             f"{request.headers.get(hdrs.CONTENT_TYPE, 'no Content-Type')!r}",
-            status=415,
-            error_type="invalid_request_error",
-            code="unsupported_media_type",
+            "invalid_request_error",
+            "unsupported_media_type",
         )
     return await handler(request)
 
@@ -272,18 +238,17 @@ async def _read_body(request: web.Request, endpoint: str) -> tuple[dict[str, Any
     try:
         body = await request.json(loads=json.loads)
     except ValueError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+        raise ApiError.bad_request(
+            f"the request body is not valid JSON: {e}", "invalid_json"
+        ) from e
     if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
+        raise ApiError.bad_request("the request body must be a JSON object", "invalid_body")
     try:
         parsed = _REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        raise InvalidRequest(message, param=param) from None
+        raise ApiError.invalid_body(e) from None
     if parsed.stream_options is not None and not parsed.stream:
-        raise InvalidRequest(
+        raise ApiError.bad_request(
             "Stream options can only be defined when `stream=True`.", param="stream_options"
         )
     caps = request.app[CLIENT].caps
@@ -292,10 +257,10 @@ async def _read_body(request: web.Request, endpoint: str) -> tuple[dict[str, Any
         (CAP_COMPLETION_FIELD, parsed.imago_max_price_completion, caps.completion),
     ):
         if asked is not None and asked > ceiling:
-            raise InvalidRequest(
+            raise ApiError.bad_request(
                 f"{field} {asked} is above the gateway's own cap of {ceiling} nanoTON per "
                 "million tokens: a request may only lower it",
-                code="price_cap_above_gateway",
+                "price_cap_above_gateway",
                 param=field,
             )
     if parsed.imago_max_price_prompt is not None or parsed.imago_max_price_completion is not None:
@@ -375,11 +340,11 @@ async def model(request: web.Request) -> web.Response:
     for entry in (await request.app[CLIENT].models()).get("data", []):
         if entry.get("id") == model_id:
             return web.json_response(entry, dumps=_DUMPS)
-    raise ImagoError(
+    raise ApiError(
+        404,
         f"The model `{model_id}` does not exist.",
-        status=404,
-        error_type="not_found_error",
-        code="model_not_found",
+        "not_found_error",
+        "model_not_found",
         param="model",
     )
 
@@ -404,7 +369,9 @@ def create_app(
     ``allow_origins``: the web origins (``scheme://host[:port]``) whose pages may call
     it, with CORS; none by default. ``loopback_hosts_only``: refuse a Host header that
     is not loopback (leave it on whenever the gateway listens on loopback)."""
-    app = web.Application(middlewares=[_errors, _guard, _auth], client_max_size=16 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[error_middleware(log), _guard, _auth], client_max_size=16 * 1024 * 1024
+    )
     app[CLIENT] = client
     app[API_KEY] = api_key or ""
     app[ALLOWED_ORIGINS] = frozenset(normalize_origin(o) for o in allow_origins)

@@ -17,6 +17,7 @@ import time
 import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pydantic import ValidationError
 from sqlalchemy import Engine, select
 
 from contracts.chain.allowlists import Allowlists
@@ -24,7 +25,6 @@ from contracts.chain.devnet import is_devnet
 from contracts.chain.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
 from marketplace.db import SpendVoucherRecord, make_engine
-from marketplace.errors import ApiError, error_middleware
 from marketplace.escrows import EscrowBook, EscrowMismatch
 from marketplace.ledger import Ledger, VoucherRejected, VoucherUpdate
 from marketplace.metrics import Metrics
@@ -43,6 +43,7 @@ from protocol.api import (
     RouteResponse,
     VoucherSubmission,
 )
+from protocol.errors import ApiError, error_middleware
 from protocol.signed import SignedObjectError, SpendVoucher, signature_valid
 from protocol.tickets import TICKET_KEY_PATH
 
@@ -220,7 +221,10 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _json_body(request: web.Request, model):
-    return model.model_validate_json(await request.read())
+    try:
+        return model.model_validate_json(await request.read())
+    except ValidationError as e:
+        raise ApiError.invalid_body(e) from None
 
 
 REGISTRATION_SKEW_S = 300
@@ -235,15 +239,11 @@ def _check_registration_signature(registration: NodeRegistration) -> None:
     except ValueError as e:
         raise ApiError(400, f"malformed registration: {e}") from e
     if not signature_valid(signature, registration.message(), key):
-        raise ApiError(
-            403, "the registration is not signed by the node key",
-            type="permission_error", code="bad_signature",
-        )  # fmt: skip
+        raise ApiError.forbidden("the registration is not signed by the node key", "bad_signature")
     if abs(time.time() - registration.signed_at) > REGISTRATION_SKEW_S:
-        raise ApiError(
-            403, "the registration is not signed within the last minutes",
-            type="permission_error", code="stale_registration",
-        )  # fmt: skip
+        raise ApiError.forbidden(
+            "the registration is not signed within the last minutes", "stale_registration"
+        )
 
 
 async def register_node(request: web.Request) -> web.Response:
@@ -306,10 +306,7 @@ async def submit_voucher(request: web.Request) -> web.Response:
     # The hash of the cell we store, which the Escrow will check: a non-canonical
     # encoding of a signed voucher must not pass here and fail on-chain.
     if not signature_valid(signature, voucher_hash, spend_public):
-        raise ApiError(
-            403, "the voucher's signature does not verify", type="permission_error",
-            code="bad_signature",
-        )  # fmt: skip
+        raise ApiError.forbidden("the voucher's signature does not verify", "bad_signature")
     vault = voucher.vault.to_str(is_user_friendly=False)
     if config.vault is not None and vault != normalize_escrow(config.vault):
         raise ApiError(400, "the voucher names another vault", code="wrong_vault")
@@ -317,7 +314,7 @@ async def submit_voucher(request: web.Request) -> web.Response:
         try:
             await request.app[ESCROWS].check(voucher.escrow, spend_public)
         except EscrowMismatch as e:
-            raise ApiError(403, str(e), type="permission_error", code=e.code) from e
+            raise ApiError.forbidden(str(e), e.code) from e
     try:
         result = await request.app[LEDGER].submit_voucher(
             VoucherUpdate(
@@ -385,7 +382,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(config: MatcherConfig | None = None) -> web.Application:
     config = config or MatcherConfig()
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=config.max_relay_body_bytes
+        middlewares=[error_middleware(log)], client_max_size=config.max_relay_body_bytes
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()

@@ -1,8 +1,9 @@
 """The relay: ciphertext from the client to a node and frames back, with failover.
 
-The matcher holds no key that opens a request or a response. It parses frames only to
-find their boundaries, hash the sealed ones (the receipt's ``response_hash``), hold back
-the clear END frame until its receipt verifies, and count bytes.
+The matcher holds no key that opens a request or a response. It reads the frames with
+``protocol.frames.FrameReader`` (the stream rules the client checks too) only to find
+their boundaries, hash the sealed ones (the receipt's ``response_hash``), hold back the
+clear END frame until its receipt verifies, and count bytes.
 
 - Before the node's first byte (connect error, 5xx, timeout, closed stream) the next
   candidate gets the job; the client pays nothing for the failure.
@@ -33,12 +34,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
 from pytoniq_core import Address
 
 from marketplace.config import MatcherConfig
 from marketplace.db import JobStatus
-from marketplace.errors import ApiError
 from marketplace.escrows import EscrowBook, EscrowUnfunded
 from marketplace.ledger import DuplicateJob, Ledger, LedgerError
 from marketplace.metrics import Metrics
@@ -49,19 +48,19 @@ from protocol.api import EndFrame, RelayRequest, relay_message
 from protocol.envelope import (
     FRAMES_CONTENT_TYPE,
     JOB_HEADER,
-    EnvelopeError,
-    FrameDecoder,
     FrameType,
     JobIdRefused,
     check_job_id_time,
     encode_frame,
     request_hash,
 )
+from protocol.errors import ApiError, read_error
+from protocol.frames import BadEndFrame, FrameReader, StreamViolation, relay_error_frame
 from protocol.receipts import ReceiptExpectations, receipt_problems
 from protocol.signed import Receipt, SignedObjectError
 from protocol.tickets import TICKET_HEADER
 
-__all__ = ["Relay", "normalize_escrow", "relay_error_frame"]
+__all__ = ["Relay", "normalize_escrow"]
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,6 @@ def normalize_escrow(escrow: str) -> str:
         return Address(escrow).to_str(is_user_friendly=False)
     except Exception as e:  # pytoniq raises bare errors
         raise ApiError(400, f"escrow {escrow!r} is not a TON address", param="escrow") from e
-
-
-def relay_error_frame(status: int, message: str, code: str, type: str = "relay_error") -> bytes:
-    payload = json.dumps({"status": status, "message": message, "type": type, "code": code})
-    return encode_frame(FrameType.RELAY_ERROR, payload.encode())
 
 
 class _FrameStream(web.StreamResponse):
@@ -151,11 +145,9 @@ class Relay:
         if not provided:
             if not self.registry.serving(model):
                 raise ApiError(404, f"no node serves {model!r}", code="model_not_found")
-            raise ApiError(
-                503,
+            raise ApiError.unavailable(
                 "none of the nodes the request was sealed for is admitted; fetch a new route",
-                type="service_unavailable",
-                code="no_admitted_candidate",
+                "no_admitted_candidate",
             )
         if len(provided) == 1:
             return provided
@@ -194,12 +186,10 @@ class Relay:
             if signature is None or not self.escrows.signed_by_spend_key(
                 escrow, signature, message
             ):
-                raise ApiError(
-                    403,
+                raise ApiError.forbidden(
                     "the relay request is not signed by the escrow's spend key: only its "
                     "owner may spend from it",
-                    type="permission_error",
-                    code="relay_unauthorized",
+                    "relay_unauthorized",
                     param="signature",
                 )
         order = self._order(body.model, sealed)
@@ -307,7 +297,7 @@ class Relay:
     async def _error_stream(
         self, request: web.Request, status: int, message: str, code: str, type: str = "relay_error"
     ) -> web.StreamResponse:
-        frame = relay_error_frame(status, message, code, type)
+        frame = relay_error_frame(ApiError(status, message, type, code))
         return web.Response(body=frame, content_type=FRAMES_CONTENT_TYPE)
 
     async def _open(
@@ -337,8 +327,8 @@ class Relay:
                 raise _NodeFailed(f"node answered {resp.status}")
             if resp.status != 200:
                 text = (await resp.content.read(4096)).decode("utf-8", "replace")
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    text = json.loads(text)["error"]["message"]
+                with contextlib.suppress(ValueError):
+                    text = read_error(resp.status, json.loads(text), text).message
                 raise _NodeRefused(resp.status, text or f"node answered {resp.status}")
             first = await resp.content.readany()
             if not first:
@@ -371,10 +361,9 @@ class Relay:
         self.metrics.first_byte_seconds.observe(ttft_ms / 1000)
         self.metrics.bytes_relayed["request"] += len(data)
         out = _FrameStream(headers={"Content-Type": FRAMES_CONTENT_TYPE})
-        decoder = FrameDecoder()
+        reader = FrameReader(relay_errors=False)
         transcript = hashlib.sha256()
-        end_payload: bytes | None = None
-        tail = bytearray()  # frames that arrived with END
+        tail = b""  # the sealed frames that came with END: they leave with it, after the check
         sent = 0
         common = {
             "node_id": node.node_id,
@@ -398,30 +387,27 @@ class Relay:
                 **fields,
             )
 
+        broken = ""  # the stream broke off or broke a rule
+        bad_end = ""  # the END frame broke the receipt rules
         try:
             await out.prepare(request)
             chunk = first
-            broken = ""
             while True:
-                pending = bytearray()
                 try:
-                    for frame_type, payload in decoder.feed(chunk):
-                        if end_payload is not None or frame_type == FrameType.RELAY_ERROR:
-                            raise EnvelopeError(f"unexpected {frame_type.name} frame")
-                        if frame_type == FrameType.END:
-                            end_payload = payload
-                            continue
-                        frame = encode_frame(frame_type, payload)
-                        transcript.update(frame)
-                        pending += frame
-                except EnvelopeError as e:
+                    reader.feed(chunk)
+                except BadEndFrame as e:
+                    bad_end = str(e)
+                except StreamViolation as e:
                     broken = f"node sent a malformed stream: {e}"
-                if end_payload is not None and not broken:
-                    tail += pending  # goes out with END in one write, after the check
-                elif pending:
-                    await out.write(pending)
-                    sent += len(pending)
-                if broken:
+                forward = reader.forward  # whole sealed frames, as received
+                if forward:
+                    transcript.update(forward)
+                    if reader.end is not None or bad_end:
+                        tail += forward
+                    else:
+                        await out.write(forward)
+                        sent += len(forward)
+                if broken or bad_end:
                     break
                 try:
                     chunk = await resp.content.readany()
@@ -429,6 +415,10 @@ class Relay:
                     broken = f"node stream broke: {e!r}"
                     break
                 if not chunk:
+                    try:
+                        reader.close()
+                    except StreamViolation as e:
+                        broken = f"node stream {e}"
                     break
         except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as e:
             resp.close()
@@ -437,32 +427,29 @@ class Relay:
             else:
                 finish(JobStatus.FAILED_MIDSTREAM, f"client disconnected: {e!r}")
             raise
-        resp.release() if not broken else resp.close()
+        resp.release() if not (broken or bad_end) else resp.close()
 
-        if broken or end_payload is None or decoder.pending:
-            reason = broken or (
-                "node closed the stream without its END frame"
-                if not decoder.pending
-                else "node closed the stream inside a frame"
-            )
+        if broken:
             node.stats.record_failure()
-            await self._write_last(
-                out, tail + relay_error_frame(502, reason, "node_failed_midstream")
-            )
+            error = ApiError(502, broken, "relay_error", "node_failed_midstream")
+            await self._write_last(out, tail + relay_error_frame(error))
             sent += len(tail)
-            finish(JobStatus.FAILED_MIDSTREAM, reason)
+            finish(JobStatus.FAILED_MIDSTREAM, broken)
             return out
 
+        end, end_payload = reader.end, reader.end_payload
         try:
-            end = EndFrame.model_validate_json(end_payload)
+            if bad_end or end is None or end_payload is None:
+                raise ValueError(bad_end or "no END frame")
             fields = self._check_receipt(
                 end, node, job.job_bytes, job.escrow, job.model, copy_hash, transcript.digest()
             )
-        except (ValidationError, ValueError, SignedObjectError) as e:
+        except (ValueError, SignedObjectError) as e:
             node.stats.record_failure()
             message = f"the node's receipt does not verify: {e}"
             log.warning("job %s: %s", job_id[:12], message)
-            await self._write_last(out, tail + relay_error_frame(502, message, "invalid_receipt"))
+            error = ApiError(502, message, "relay_error", "invalid_receipt")
+            await self._write_last(out, tail + relay_error_frame(error))
             sent += len(tail)
             finish(JobStatus.ERRORED, message)
             return out
@@ -495,14 +482,10 @@ class Relay:
         request_hash: bytes,
         response_hash: bytes,
     ) -> dict:
-        if end.receipt is None:
-            if end.prompt_tokens or end.completion_tokens:
-                raise ValueError("tokens were served but the END frame carries no receipt")
+        if end.receipt is None:  # then no tokens either (protocol.frames)
             return {}
-        if end.signature is None:
-            raise ValueError("the receipt is not signed")
         boc = base64.b64decode(end.receipt, validate=True)
-        signature = bytes.fromhex(end.signature)
+        signature = bytes.fromhex(end.signature or "")
         # SignedObjectError (a ValueError) if not a receipt BOC; cell_hash is the hash of
         # the cell as received, which the signature is over, not of a rebuilt one.
         receipt, cell_hash = Receipt.parse_boc(boc)

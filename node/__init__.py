@@ -8,6 +8,10 @@
 - ``node.attest``: ``dev`` and ``tdx`` (configfs-tsm) evidence providers, ``Attester``.
 - ``node.keys``: the node's keystore (``protocol.keystore``), encrypted at rest with a
   passphrase; the Provider recorded for its key.
-- ``node.jobs``: the sealed job path and receipts.
+- ``node.jobs``: admitting a sealed job (job id, tickets, replay, prices) or refusing it;
+  ``node.runner``: its frames and signed receipt; ``node.seen``: the ids served
+  (replay memory); ``node.usage``: token counts; ``node.offers``: models and prices.
+- ``node.receipt_log``: every signed receipt, one JSON line each; ``node.claims``,
+  ``node.claim_loop``: the payout claims; ``node.earnings``: ``imago provider earnings``.
 - ``node.cli``: ``imago node serve``.
 """

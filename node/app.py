@@ -26,10 +26,12 @@ from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collater
 from node.claim_loop import claim_settings, claims_ctx
 from node.claims import DEFAULT_CLAIM_EVERY
 from node.engine import EngineBackend, OpenAIHttpBackend
-from node.jobs import JobService, OfferBook, SeenJobs, error_response
+from node.jobs import JobService
 from node.keys import NodeKeys, load_or_create_keys
+from node.offers import OfferBook
 from node.receipt_log import FILE_NAME as RECEIPT_LOG
 from node.receipt_log import ReceiptLog
+from node.seen import SeenJobs
 from node.supervisor import (
     DEFAULT_MODEL_ID,
     Supervisor,
@@ -44,6 +46,7 @@ from protocol.api import (
     NodeStatus,
     registration_message,
 )
+from protocol.errors import ApiError, error_middleware
 from protocol.home import node_keystore
 
 __all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
@@ -157,7 +160,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         hardware=describe_hardware(),
         receipts=ReceiptLog(config.state_dir / RECEIPT_LOG),
     )
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware(log)], client_max_size=16 * 1024 * 1024)
     app[STATE] = state
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_registration_ctx)
@@ -346,7 +349,7 @@ async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine_ready.is_set() and await state.backend.health():
         return web.json_response({"status": "ok"})
-    return error_response(503, "the engine is not ready", "service_unavailable", "engine_not_ready")
+    raise ApiError.unavailable("the engine is not ready", "engine_not_ready")
 
 
 async def _identity(request: web.Request) -> web.Response:
@@ -367,19 +370,14 @@ async def _attest(request: web.Request) -> web.Response:
         if len(nonce) != 32:
             raise ValueError("a nonce is 32 bytes")
     except (ValueError, KeyError, TypeError, ValidationError):
-        return error_response(
-            400,
-            'body must be {"nonce": <64 hex characters>}',
-            "invalid_request_error",
-            "invalid_nonce",
-        )
+        raise ApiError.bad_request(
+            'body must be {"nonce": <64 hex characters>}', "invalid_nonce"
+        ) from None
     try:
         doc = await state.attester.attest(nonce)
     except Exception as e:
         log.error("attestation failed: %s", e)
-        return error_response(
-            503, f"attestation failed: {e}", "service_unavailable", "attestation_unavailable"
-        )
+        raise ApiError.unavailable(f"attestation failed: {e}", "attestation_unavailable") from e
     state.last_matcher_contact = time.monotonic()
     return web.Response(text=doc.model_dump_json(), content_type="application/json")
 

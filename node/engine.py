@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from protocol.api import error_json
+from protocol.errors import error_body
 
 __all__ = [
     "EngineBackend",
@@ -33,7 +33,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def engine_error(status: int, message: str, type_: str, code: str | int | None = None) -> dict:
-    return error_json(message, type_, code or status)
+    return error_body(message, type_, code or status)
 
 
 class EngineError(Exception):

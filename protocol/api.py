@@ -29,7 +29,6 @@ __all__ = [
     "SealedRequest",
     "StreamUsage",
     "VoucherSubmission",
-    "error_json",
     "registration_message",
     "relay_message",
 ]
@@ -209,15 +208,7 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """OpenAI-style error JSON, used by every party's HTTP API."""
+    """OpenAI-style error JSON, used by every party's HTTP API (built and read in
+    protocol.errors)."""
 
     error: ErrorBody
-
-
-def error_json(
-    message: str, type: str, code: str | int | None = None, param: str | None = None
-) -> dict:
-    """The body of an ``ErrorResponse``, as every party answers errors."""
-    return ErrorResponse(
-        error=ErrorBody(message=message, type=type, param=param, code=code)
-    ).model_dump()

@@ -55,12 +55,12 @@ from contracts.chain.messages.capabilities import Capabilities, ModelPrice  # no
 from contracts.chain.wallet import Wallet, WalletKeys  # noqa: E402
 from marketplace.config import SettlementConfig  # noqa: E402
 from marketplace.db import JobStatus, make_engine  # noqa: E402
-from marketplace.errors import error_middleware  # noqa: E402
 from marketplace.ledger import Ledger, VoucherUpdate  # noqa: E402
 from marketplace.settlement.epochs import build_epoch  # noqa: E402
 from marketplace.settlement.publication import READ_ENGINE, add_routes  # noqa: E402
 from marketplace.settlement.service import SettlementService  # noqa: E402
 from node.claims import Claimer  # noqa: E402
+from protocol.errors import error_middleware  # noqa: E402
 from protocol.ledger import (  # noqa: E402
     EscrowLeaf,
     ProviderLeaf,
@@ -264,7 +264,7 @@ async def claims(m: Market) -> int:
 async def serve_ledger(m: Market, tmp: Path) -> web.AppRunner:
     """The matcher's public ledger API over this market's database, and each node's
     claim step pointed at it."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware()])
     app[READ_ENGINE] = m.engine
     add_routes(app)
     runner = web.AppRunner(app)

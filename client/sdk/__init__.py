@@ -1,6 +1,6 @@
 """The Imago client SDK: confidential, attested, receipt-checked inference."""
 
-from client.sdk.client import Completion, CompletionStream, Endpoint, ImagoClient
+from client.sdk.client import Endpoint, ImagoClient
 from client.sdk.errors import (
     AttestationRejected,
     ImagoError,
@@ -13,6 +13,7 @@ from client.sdk.errors import (
 )
 from client.sdk.ledger import LedgerError, SpendLedger
 from client.sdk.receipts import PriceCaps, VerifiedReceipt
+from client.sdk.stream import Completion, CompletionStream
 
 __all__ = [
     "AttestationRejected",

@@ -1,9 +1,13 @@
-"""Typed SDK errors: each carries the HTTP status and the OpenAI-style error JSON that
-the gateway (or any other caller) should surface."""
+"""Typed SDK errors: each is a ``protocol.errors.ApiError``, with the HTTP status and the
+OpenAI-style error JSON that the gateway (or any other caller) should surface."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
+
+import aiohttp
+
+from protocol.errors import ApiError, read_error
 
 __all__ = [
     "AttestationRejected",
@@ -14,15 +18,17 @@ __all__ = [
     "RelayFailed",
     "ResponseTampered",
     "UpstreamError",
+    "matcher_error",
 ]
 
 
-class ImagoError(Exception):
-    """Base of every SDK error. ``status`` is an HTTP status; ``body`` is OpenAI error JSON."""
+class ImagoError(ApiError):
+    """Base of every SDK error: an ``ApiError`` (``status``, ``body``: OpenAI error JSON)
+    whose status and type default per subclass. ``error_type`` is its ``type``."""
 
     status: int = 502
     error_type: str = "imago_error"
-    code: str | None = None
+    code: str | int | None = None
 
     def __init__(
         self,
@@ -33,50 +39,30 @@ class ImagoError(Exception):
         code: str | int | None = None,
         param: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if error_type is not None:
-            self.error_type = error_type
-        if code is not None:
-            self.code = code  # type: ignore[assignment]
-        self.param = param
-
-    @property
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        super().__init__(
+            self.status if status is None else status,
+            message,
+            error_type or self.error_type,
+            self.code if code is None else code,
+            param=param,
+        )
+        self.error_type = self.type
 
     @classmethod
-    def from_error_json(cls, status: int, data: Any, default_message: str) -> ImagoError:
-        """Build from an OpenAI-style ``{"error": {...}}`` (or a flat one) and a status."""
-        error = data.get("error", data) if isinstance(data, dict) else {}
-        if not isinstance(error, dict):
-            error = {"message": str(error)}
+    def from_error_json(cls, status: int, data: Any, default_message: str) -> Self:
+        """Build from an OpenAI-style ``{"error": {...}}`` (or a flat one) and a status
+        (protocol.errors.read_error reads it)."""
+        return cls.from_api_error(read_error(status, data, default_message))
+
+    @classmethod
+    def from_api_error(cls, error: ApiError) -> Self:
         return cls(
-            str(error.get("message") or default_message),
-            status=status,
-            error_type=str(error.get("type") or _type_for(status)),
-            code=error.get("code"),
-            param=error.get("param"),
+            error.message,
+            status=error.status,
+            error_type=error.type,
+            code=error.code,
+            param=error.param,
         )
-
-
-def _type_for(status: int) -> str:
-    if status == 404:
-        return "not_found_error"
-    if status == 401:
-        return "authentication_error"
-    if status < 500:
-        return "invalid_request_error"
-    return "server_error"
 
 
 class InvalidRequest(ImagoError):
@@ -120,3 +106,12 @@ class ReceiptRejected(ImagoError):
     status = 502
     error_type = "integrity_error"
     code = "receipt_rejected"
+
+
+async def matcher_error(resp: aiohttp.ClientResponse, what: str) -> MatcherError:
+    """The matcher's error answer to ``what`` (its ``ErrorResponse``, or its status)."""
+    try:
+        data = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        data = None
+    return MatcherError.from_error_json(resp.status, data, f"{what}: HTTP {resp.status}")

@@ -26,8 +26,8 @@ from marketplace.db import (
     PayoutRecord,
     SpendVoucherRecord,
 )
-from marketplace.errors import ApiError
 from marketplace.settlement.epochs import job_record
+from protocol.errors import ApiError
 from protocol.ledger import (
     RECORDS_AUTH_WINDOW_S,
     EscrowLeaf,

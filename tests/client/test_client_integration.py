@@ -212,8 +212,8 @@ async def test_a_voucher_whose_answer_was_lost_counts_as_acknowledged(
     held = real_stack.client.acknowledged_spend
     # The same cumulative again, as after a lost 200: the matcher answers 409 and the
     # client must stop retrying rather than loop forever.
-    assert await real_stack.client._post_voucher(held, [])
-    assert not await real_stack.client._post_voucher(held + 1, [["00" * 32, 1]])  # unknown job
+    assert await real_stack.client._vouchers.post(held, [])
+    assert not await real_stack.client._vouchers.post(held + 1, [["00" * 32, 1]])  # unknown job
 
 
 async def test_real_path_errors(real_stack: RealStack) -> None:

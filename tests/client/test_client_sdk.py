@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import client.sdk.client as sdk_client
+import client.sdk.routing as sdk_routing
 from client.keys import load_or_create_spend_key, load_spend_key
 from client.sdk import (
     AttestationRejected,
@@ -27,6 +27,7 @@ from client.sdk import (
     SpendLedger,
     UpstreamError,
 )
+from client.sdk.routing import Router
 from contracts.chain import allowlists as allowlists_module
 from contracts.chain.allowlists import Allowlists
 from contracts.chain.toncenter import ToncenterClient
@@ -127,16 +128,16 @@ async def test_lying_matcher_offer_above_cap_is_refused(imago: ImagoClient, fake
     matcher, _ = fake_matcher
     caps = PriceCaps(prompt=1, completion=1)
 
-    async def route_anyway(self, model, caps):  # a matcher that ignores the cap
-        return await original(self, model, PriceCaps(10**9, 10**9))
+    async def route_anyway(self, session, model, caps):  # a matcher that ignores the cap
+        return await original(self, session, model, PriceCaps(10**9, 10**9))
 
-    original = ImagoClient._route
-    ImagoClient._route = route_anyway  # type: ignore[method-assign]
+    original = Router.route
+    Router.route = route_anyway  # type: ignore[method-assign]
     try:
         with pytest.raises(MatcherError) as info:
             await imago.complete("chat/completions", CHAT, caps)
     finally:
-        ImagoClient._route = original  # type: ignore[method-assign]
+        Router.route = original  # type: ignore[method-assign]
     assert info.value.status == 402
     assert matcher.relay_calls == 0
 
@@ -153,7 +154,7 @@ async def test_unattested_candidate_is_skipped(imago: ImagoClient, fake_matcher)
     matcher.nodes[1].attestation = cheap.attestation.model_copy(
         update={"ed25519_public": matcher.nodes[1].node_id}
     )
-    imago._routes.clear()
+    imago._router.routes.clear()
     with pytest.raises(AttestationRejected) as info:
         await imago.complete("chat/completions", CHAT)
     assert "report_data" in info.value.message or "signature" in info.value.message
@@ -209,16 +210,16 @@ async def test_attestations_verified_once_per_node_key(
     imago: ImagoClient, fake_matcher, monkeypatch
 ) -> None:
     calls = []
-    real = sdk_client.verify_attestation
+    real = sdk_routing.verify_attestation
 
     def counting(doc, policy, expected_nonce=None):
         calls.append(doc.ed25519_public)
         return real(doc, policy, expected_nonce)
 
-    monkeypatch.setattr(sdk_client, "verify_attestation", counting)
+    monkeypatch.setattr(sdk_routing, "verify_attestation", counting)
     for _ in range(3):
         await imago.complete("chat/completions", CHAT)
-        imago._routes.clear()  # re-route every time; the attestation cache still holds
+        imago._router.routes.clear()  # re-route every time; the attestation cache still holds
     assert sorted(calls) == sorted(n.node_id for n in fake_matcher[0].nodes)
 
 

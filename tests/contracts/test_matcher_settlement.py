@@ -25,11 +25,11 @@ from contracts.chain import getters, operations
 from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from marketplace.config import SettlementConfig
 from marketplace.db import EpochRecord, JobRecord, JobStatus, make_engine
-from marketplace.errors import error_middleware
 from marketplace.ledger import Ledger, VoucherUpdate
 from marketplace.settlement.epochs import build_epoch
 from marketplace.settlement.publication import READ_ENGINE, add_routes
 from marketplace.settlement.service import SettlementService
+from protocol.errors import error_middleware
 from protocol.ledger import (
     EscrowLeaf,
     ProofStep,
@@ -251,7 +251,7 @@ async def test_publication(world: World) -> None:
     await world.pay(jobs)
     await service.run_once(force_epoch=True)
 
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware()])
     app[READ_ENGINE] = world.engine
     add_routes(app)
     runner = web.AppRunner(app)

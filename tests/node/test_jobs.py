@@ -11,8 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.app import STATE
-from node.jobs import SeenJobs, _Tally
 from node.keys import NodeKeys
+from node.seen import SeenJobs
+from node.usage import Tally
 from protocol import envelope
 from protocol.envelope import FRAMES_CONTENT_TYPE
 from protocol.tickets import TICKET_HEADER
@@ -100,7 +101,7 @@ VLLM_COMPLETIONS_2_PROMPTS = [
     ],
 )
 def test_tally_of_vllm_usage_per_choice(chunks, n, expected):
-    tally = _Tally()
+    tally = Tally()
     counts = []
     for index, prompt, completion in chunks:
         choices = [] if index is None else [{"index": index, "text": "x"}]
@@ -152,16 +153,14 @@ async def test_streams_of_several_choices_count_up_and_bill_the_engine_totals(
 
 
 async def test_a_running_count_never_goes_down_even_if_the_engine_totals_do(node, monkeypatch):
-    from node import jobs
-
-    real = jobs._Tally.add_engine_usage
+    real = Tally.add_engine_usage
 
     def low_totals(self, chunk, usage, n):  # FAKE: an engine whose totals undercount
         if not chunk.get("choices"):
             usage = (usage[0], usage[1] - 1)
         real(self, chunk, usage, n)
 
-    monkeypatch.setattr(jobs._Tally, "add_engine_usage", low_totals)
+    monkeypatch.setattr(Tally, "add_engine_usage", low_totals)
     r = await node.job({"model": MODEL, "messages": MESSAGES, "stream": True})
     counts = running_counts(r)
     assert counts[-1] == (PROMPT_TOKENS, ANSWER_TOKENS)
