@@ -30,7 +30,8 @@ from contracts.chain.units import format_ton, parse_address, parse_ton
 # ----------------------------------------------------------------- escrow
 
 
-def _escrow_key_name(vault: Address, owner: Address) -> str:
+def escrow_key_name(vault: Address, owner: Address) -> str:
+    """The role key (``$IMAGO_HOME/keys/<name>.json``) `imago escrow open` signs with."""
     return f"spend-{vault.hash_part.hex()[:16]}-{owner.hash_part.hex()[:16]}"
 
 
@@ -40,7 +41,7 @@ async def _escrow_address(
     vault = vault_of(args)
     if getattr(args, "address", None):
         return parse_address(args.address), vault, 0
-    _, public, _ = load_or_create_key(_escrow_key_name(vault, owner), wallet_passphrase(args))
+    _, public, _ = load_or_create_key(escrow_key_name(vault, owner), wallet_passphrase(args))
     v = await getters.get_vault_data(client, vault)
     spend = int.from_bytes(public, "big")
     return (
@@ -60,7 +61,7 @@ async def _escrow_open(args: argparse.Namespace) -> int:
             key_path = None
         else:
             _, public, key_path = load_or_create_key(
-                _escrow_key_name(vault, owner.address), wallet_passphrase(args)
+                escrow_key_name(vault, owner.address), wallet_passphrase(args)
             )
         v = await getters.get_vault_data(client, vault)
         escrow, trace = await run_operation(
