@@ -34,6 +34,7 @@ from protocol.signed import (
     EpochCommit,
     PayoutVoucher,
     Receipt,
+    SpendVoucher,
     cost_nanoton,
     model_hash,
     signature_valid,
@@ -84,6 +85,10 @@ def make_commit(
         fees=fees,
         leaves=leaves,
     )
+
+
+def make_spend(escrow: str, vault: str, cumulative: int) -> SpendVoucher:
+    return SpendVoucher(escrow=Address(escrow), vault=Address(vault), cumulative=cumulative)
 
 
 def make_payout(vault: str, provider: str, epoch: int, cumulative: int) -> PayoutVoucher:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pytoniq_core import Address
 
 from client.audit import (
     CommitHistory,
@@ -48,8 +49,15 @@ from tests.client.audit_fakes import (
     raw,
     stub_chain,
 )
+from tests.contracts import conftest as contract_fixtures
 
 FEE_BPS = 200
+
+# the devnet, a deployed Registry and funded wallets (end-to-end tests, at the bottom)
+devnet = contract_fixtures.devnet
+chain = contract_fixtures.chain
+contracts_set = contract_fixtures.contracts_set
+make_wallet = contract_fixtures.make_wallet
 
 
 def addr(tag: int) -> str:
@@ -282,15 +290,15 @@ def test_totals_tie_out(ledger):
 
 
 def test_cumulatives_chain_across_epochs(ledger):
-    chain = LeafChain(full=True)
+    lc = LeafChain(full=True)
     for e in ledger.builder.epochs:
-        assert not check_cumulatives(e.number, e.leaves, chain)
-    assert chain.earned[P1] == chain.latest[("provider", P1)][0]
-    chain = LeafChain(full=True)
+        assert not check_cumulatives(e.number, e.leaves, lc)
+    assert lc.earned[P1] == lc.latest[("provider", P1)][0]
+    lc = LeafChain(full=True)
     e1, e2 = ledger.builder.epochs[:2]
-    check_cumulatives(1, e1.leaves, chain)
+    check_cumulatives(1, e1.leaves, lc)
     skewed = [replace(e2.leaves[0], cumulative=e2.leaves[0].cumulative + 1), *e2.leaves[1:]]
-    found = check_cumulatives(2, skewed, chain)
+    found = check_cumulatives(2, skewed, lc)
     assert [(f.check, f.epoch, f.leaf, f.address) for f in found] == [
         ("cumulative", 2, 0, e2.leaves[0].address)
     ]
@@ -331,18 +339,18 @@ def test_payout_voucher(ledger):
 
 
 def test_claims_and_charges_stay_within_the_commits(ledger):
-    chain = stub_chain(ledger.builder, REGISTRY)
+    stub = stub_chain(ledger.builder, REGISTRY)
     latest = (100, 2, 3)
-    assert not check_provider_account(P1, latest, chain.providers[P1], 100, REGISTRY)
-    found = check_provider_account(P1, latest, chain.providers[P1], 101, REGISTRY)
+    assert not check_provider_account(P1, latest, stub.providers[P1], 100, REGISTRY)
+    found = check_provider_account(P1, latest, stub.providers[P1], 101, REGISTRY)
     assert [(f.check, f.expected, f.found) for f in found] == [("claimed", "<= 100", "101")]
     assert [f.check for f in check_provider_account(P1, latest, None, 0, REGISTRY)] == [
         "provider-account"
     ]
-    assert [f.check for f in check_provider_account(P1, latest, chain.providers[P1], 0, VAULT)] == [
+    assert [f.check for f in check_provider_account(P1, latest, stub.providers[P1], 0, VAULT)] == [
         "provider-registry"
     ]
-    escrow = chain.escrows[E1]
+    escrow = stub.escrows[E1]
     cums = [10, 25, 40]
     for charged, ok in ((0, True), (10, True), (40, True), (30, False), (41, False)):
         data = replace(escrow, charged=charged)
@@ -515,3 +523,261 @@ def test_receipt_log_lines_are_base64_boc_and_hex(ledger):
     line = json.loads(ledger.builder.receipt_log("escrow", E1).splitlines()[0])
     assert base64.b64decode(line["receipt"]) and bytes.fromhex(line["signature"])
     assert raw(E1) == E1
+
+
+# --------------------------------------------------------------------- end to end, devnet
+# A fresh Vault on the session's devnet (the Registry of tests/contracts), two registered
+# Providers and two opened Escrows; two epochs settled the way docs/ledger.md says (each
+# escrow charged its cumulative, each epoch committed on the Vault), one claim; a fake
+# matcher serves the ledger; `imago audit` runs as a real subprocess.
+
+ROOT = Path(__file__).resolve().parents[2]
+TON = 1_000_000_000
+
+
+@dataclass
+class Settled:
+    vault: str
+    url: str
+    chain_url: str
+    fake: FakeLedgerMatcher
+    builder: LedgerBuilder
+    escrow: str  # E1's address, with its client state dir
+    provider: str  # P1's address, with its node state dir
+    client_dir: Path
+    node_dir: Path
+    home: Path
+
+
+@pytest.fixture(scope="module")
+async def settled(devnet, chain, contracts_set, make_wallet, tmp_path_factory):
+    from aiohttp import web
+
+    from contracts.chain import getters, operations
+    from contracts.chain.messages import Capabilities, ModelPrice
+    from node.keys import load_or_create_keys
+    from protocol.signed import model_hash
+    from tests.client.audit_fakes import MODEL, make_payout, make_spend
+    from tests.contracts.conftest import Key
+
+    cs = contracts_set
+    base = tmp_path_factory.mktemp("audit")
+    operator_key = Key()  # a Vault of its own: its first commit is epoch 1
+    vault = await operations.deploy_vault(
+        cs.operator, cs.registry, operator_key.int, 5 * TON, client=chain
+    )
+    vd = await getters.get_vault_data(chain, vault)
+
+    caps = Capabilities("H100", 80, 1, "eu", (ModelPrice(model_hash(MODEL), 100, 200),))
+    node_dir, client_dir = base / "node", base / "client"
+    node_keys = {}
+    owners = {}
+    providers = []
+    for seq in range(2):
+        owner = await make_wallet()
+        if seq == 0:  # P1's node key lives in a node keystore, as `imago node` keeps it
+            node = load_or_create_keys(node_dir / "node_keys.json").ed25519
+        else:
+            node = Key().private
+        provider, _ = await operations.register_provider(
+            owner, chain, cs.registry, public(node), 3 * TON, caps
+        )
+        providers.append(raw(provider))
+        node_keys[raw(provider)] = node
+        owners[raw(provider)] = owner
+    spend_keys = {}
+    escrows = []
+    for _ in range(2):
+        client = await make_wallet()
+        spend = Ed25519PrivateKey.generate()
+        escrow, _ = await operations.escrow_open(
+            client, vault, public(spend), TON, vd.escrow_close_delay
+        )
+        escrows.append(raw(escrow))
+        spend_keys[raw(escrow)] = spend
+    e1, e2 = escrows
+    p1, p2 = providers
+
+    b = LedgerBuilder(raw(vault), operator_key.private, vd.protocol_fee_bps, node_keys)
+    charged: dict[str, int] = {}
+    for jobs in (
+        [Job(e1, p1), Job(e1, p1, 2000, 100), Job(e2, p2, 10, 700), Job(e1, p2)],
+        [Job(e1, p1, 7, 9), Job(e2, p1)],
+    ):
+        built = b.add_epoch(jobs)
+        for e in escrows:  # each escrow charged what it will have committed
+            cumulative = b.cumulative[("escrow", e)]
+            if charged.get(e) != cumulative:
+                voucher = make_spend(e, raw(vault), cumulative)
+                await operations.escrow_charge(
+                    cs.operator, Address(e), voucher, spend_keys[e].sign(voucher.hash)
+                )
+                charged[e] = cumulative
+        await operations.vault_commit_epoch(cs.operator, vault, built.commit, built.signature)
+    first = next(lf for lf in b.epochs[0].leaves if lf.address == p1 and lf.KIND == "provider")
+    voucher = make_payout(raw(vault), p1, 1, first.cumulative)
+    await operations.provider_claim(
+        owners[p1], Address(p1), voucher, operator_key.private.sign(voucher.hash)
+    )
+    assert await getters.get_provider_claimed(chain, p1, vault) == first.cumulative
+
+    # what the parties kept: E1's client (gateway spend key, receipts), P1's node
+    client_dir.mkdir()
+    pem = client_dir / "spend.key"
+    pem.write_bytes(
+        spend_keys[e1].private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pem.chmod(0o600)
+    (client_dir / "receipts.jsonl").write_text(b.receipt_log("escrow", e1))
+    (node_dir / "receipts.jsonl").write_text(b.receipt_log("provider", p1))
+
+    keys = {("escrow", e): public(k) for e, k in spend_keys.items()}
+    keys |= {("provider", p): public(k) for p, k in node_keys.items()}
+    fake = FakeLedgerMatcher(b, keys)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    home = base / "home"
+    home.mkdir()
+    yield Settled(
+        raw(vault),
+        f"http://127.0.0.1:{port}",
+        devnet.url,
+        fake,
+        b,
+        e1,
+        p1,
+        client_dir,
+        node_dir,
+        home,
+    )
+    await runner.cleanup()
+
+
+@pytest.fixture
+def ledger_e2e(settled):
+    settled.fake.reset()
+    yield settled
+    settled.fake.reset()
+
+
+async def imago_audit(s: Settled, *extra: str, json_out: bool = True) -> tuple[int, dict, str]:
+    """`python -m imago.cli audit ...` as a subprocess: exit code, JSON (or text), stderr."""
+    import asyncio
+    import sys
+
+    env = {**os.environ, "IMAGO_HOME": str(s.home), "PYTHONPATH": str(ROOT)}
+    env.pop("TONCENTER_API_KEY", None)
+    args = ["audit", "--vault", s.vault, "--matcher", s.url, "--chain", s.chain_url, *extra]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imago.cli", *args, *(["--json"] if json_out else []),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    text = out.decode()
+    return proc.returncode, json.loads(text) if json_out else {"text": text}, err.decode()
+
+
+async def test_e2e_a_consistent_ledger_exits_0(ledger_e2e):
+    code, report, err = await imago_audit(ledger_e2e)
+    assert code == 0, (report, err)
+    assert report["ok"] and report["last_epoch"] == 2
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert report["epochs"][0]["anchored"] == "the Vault's commit transaction"
+    assert report["epochs"][1]["anchored"] == "the Vault's lastRoot"
+    assert report["checked"]["leaves"] == 4 + 3
+    assert report["checked"]["provider_claims"] == 2 and report["checked"]["escrow_charges"] == 2
+    code, out, _ = await imago_audit(ledger_e2e, json_out=False)
+    assert code == 0 and "OK: the published ledger matches the chain" in out["text"]
+
+
+async def test_e2e_a_client_and_a_provider_check_their_records(ledger_e2e):
+    s = ledger_e2e
+    code, report, err = await imago_audit(s, "--escrow", s.escrow, "--state-dir", str(s.client_dir))
+    assert code == 0, (report, err)
+    assert report["party"]["records"] == report["party"]["receipts_matched"] == 4
+    code, report, err = await imago_audit(
+        s, "--provider", s.provider, "--state-dir", str(s.node_dir)
+    )
+    assert code == 0, (report, err)
+    assert report["party"]["records"] == report["party"]["receipts_matched"] == 4
+    assert not s.fake.refused
+    # another key than the escrow's spend key is refused before asking the matcher
+    other = s.home / "other.key"
+    other.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    other.chmod(0o600)
+    code, report, _ = await imago_audit(s, "--escrow", s.escrow, "--key-file", str(other))
+    assert code == 1 and "spend key" in report["error"]
+
+
+async def test_e2e_a_tampered_leaf_exits_1_naming_epoch_and_leaf(ledger_e2e):
+    s = ledger_e2e
+    leaf = s.fake.leaves[1][2]
+    leaf["amount"] = str(int(leaf["amount"]) - 1)
+    code, report, _ = await imago_audit(s)
+    assert code == 1
+    first = report["first_mismatch"]
+    assert (first["check"], first["epoch"], first["leaf"]) == ("leaf-hash", 1, 2)
+    assert first["address"] == leaf["address"]
+    code, out, _ = await imago_audit(s, json_out=False)
+    assert code == 1 and "MISMATCH: epoch 1, leaf #2" in out["text"]
+
+
+async def test_e2e_a_tampered_root_exits_1_naming_the_epoch(ledger_e2e):
+    s = ledger_e2e
+    # the newest epoch: the operator signs another root; the Vault's lastRoot disagrees
+    s.fake.epochs[2] = s.builder.resign(s.fake.epochs[2], root=os.urandom(32))
+    code, report, _ = await imago_audit(s)
+    assert code == 1
+    assert report["first_mismatch"]["epoch"] == 2
+    assert {"root-onchain", "onchain-root", "root"} <= {
+        f["check"] for f in report["findings"] if f["epoch"] == 2
+    }
+    # an older epoch: only the Vault's transaction history holds its root
+    s.fake.reset()
+    s.fake.epochs[1] = s.builder.resign(s.fake.epochs[1], root=os.urandom(32))
+    code, report, _ = await imago_audit(s)
+    assert code == 1
+    first = report["first_mismatch"]
+    assert (first["check"], first["epoch"]) == ("onchain-root", 1)
+
+
+async def test_e2e_a_wrong_total_exits_1_naming_the_epoch(ledger_e2e):
+    s = ledger_e2e
+    data = s.fake.epochs[1]
+    s.fake.epochs[1] = s.builder.resign(data, charged=int(data["charged"]) + 1)
+    code, report, _ = await imago_audit(s)
+    assert code == 1
+    first = report["first_mismatch"]
+    assert (first["check"], first["epoch"]) == ("onchain-charged", 1)
+    assert any(f["check"] == "total-charged" and f["epoch"] == 1 for f in report["findings"])
+    # the same with the chain's history left out: the totals do not tie out
+    code, report, _ = await imago_audit(s, "--no-history")
+    assert code == 1
+    checks = [(f["check"], f["epoch"]) for f in report["findings"]]
+    assert ("total-charged", 1) in checks and ("total-fees", 1) in checks
+
+
+async def test_e2e_a_tampered_record_exits_1_naming_epoch_leaf_and_job(ledger_e2e):
+    s = ledger_e2e
+    response = s.fake.records[(2, "escrow", s.escrow)]
+    record = response["records"][0]["record"]
+    record["prompt_tokens"] += 1
+    code, report, _ = await imago_audit(s, "--escrow", s.escrow, "--state-dir", str(s.client_dir))
+    assert code == 1
+    first = report["first_mismatch"]
+    assert (first["epoch"], first["leaf"], first["job"]) == (2, response["index"], record["job_id"])
+    assert first["check"] == "record-proof"
+    assert ("record-prompt_tokens", 2) in {(f["check"], f["epoch"]) for f in report["findings"]}
