@@ -216,7 +216,7 @@ class Report:
     last_epoch: int = 0  # on-chain
     last_root: str = ""
     epochs: list[EpochSummary] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)
     warnings: list[str] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
     party: dict[str, Any] | None = None
@@ -281,7 +281,10 @@ class Report:
 
 
 def _raw(address: Address | str) -> str:
-    a = Address(address) if isinstance(address, str) else address
+    try:
+        a = Address(address) if isinstance(address, str) else address
+    except Exception as e:  # pytoniq's AddressError is no ValueError
+        raise LedgerFormatError(f"not an address: {address!r}") from e
     return a.to_str(is_user_friendly=False)
 
 
@@ -822,7 +825,7 @@ def check_payout(
         ("cumulative", str(voucher.cumulative)),
     ):
         shown = payout.get(name)
-        if shown is not None and not _same(name, shown, signed):
+        if not _same(name, shown, signed):
             out.add(f"payout-{name}", f"{name} differs from the signed voucher", signed, shown)
     if voucher.cumulative != cumulative:
         out.add(
@@ -946,7 +949,7 @@ def check_records(
         leaf_json = response.get("leaf")
         if isinstance(leaf_json, dict) and "kind" not in leaf_json:
             leaf_json = {**leaf_json, "kind": kind}
-        leaf = EscrowLeaf.from_json(leaf_json)
+        leaf_hash = EscrowLeaf.from_json(leaf_json).hash()
         leaf_proof = _proof(response.get("proof"), "proof")
         items = response.get("records")
         if not isinstance(items, list):
@@ -956,13 +959,16 @@ def check_records(
         return [], out
     if shown_root != pub.root:
         out.add("records-root", "the records name another root", pub.root.hex(), shown_root.hex())
-    if leaf.hash() != public_leaf.hash():
+    if leaf_hash != public_leaf.hash():
         out.add(
             "records-leaf",
             "the leaf served with the records is not the public leaf",
             public_leaf.hash().hex(),
-            leaf.hash().hex(),
+            leaf_hash.hex(),
         )
+    elif "hash" in leaf_json and str(leaf_json["hash"]).lower() != leaf_hash.hex():
+        out.add("records-leaf", "the leaf's hash is not the hash of its fields", leaf_hash.hex(),
+                leaf_json["hash"])  # fmt: skip
     if str(response.get("index", index)) != str(index):
         out.add(
             "records-leaf",
@@ -1407,11 +1413,15 @@ async def run_audit(
     from_epoch = max(1, from_epoch)
     report = Report(vault=vault, matcher=matcher, from_epoch=from_epoch)
     find = report.findings.extend
+    add = report.findings.add
     try:
         vd = await source.vault()
-        listed = await source.epochs(max(1, from_epoch - 1))
     except Exception as e:
-        raise AuditError(f"{e}") from e
+        raise AuditError(f"cannot read the Vault {vault}: {e}") from e
+    try:
+        listed = await source.epochs(max(1, from_epoch - 1))
+    except SourceError as e:
+        raise AuditError(str(e)) from e
     operator_key = vd.operator_key.to_bytes(32, "big")
     fee_bps = vd.protocol_fee_bps
     report.last_epoch, report.last_root = vd.last_epoch, vd.last_root.hex()
@@ -1424,25 +1434,15 @@ async def run_audit(
             pubs.append(parse_epoch(item))
         except (LedgerFormatError, SourceError, ValueError, TypeError) as e:
             n = item.get("epoch") if isinstance(item, dict) else None
-            find(
-                [
-                    Finding(
-                        "epoch-format", f"unreadable epoch: {e}", n if isinstance(n, int) else None
-                    )
-                ]
-            )
+            add("epoch-format", f"unreadable epoch: {e}", epoch=n if isinstance(n, int) else None)
     previous = Totals()
     if from_epoch > 1:  # the epoch before the window gives the totals to chain from
         base = next((p for p in pubs if p.epoch == from_epoch - 1), None)
         if base is None:
-            find(
-                [
-                    Finding(
-                        "epochs",
-                        "the epoch before the audited window is not published",
-                        from_epoch - 1,
-                    )
-                ]
+            add(
+                "epochs",
+                "the epoch before the audited window is not published",
+                epoch=from_epoch - 1,
             )
         else:
             find(check_commit(base, vault, operator_key))
@@ -1474,7 +1474,7 @@ async def run_audit(
         try:
             pages = await source.leaves(pub.epoch)
         except SourceError as e:
-            find([Finding("leaves", str(e), pub.epoch)])
+            add("leaves", str(e), epoch=pub.epoch)
             pages = []
         leaves, found = check_leaves(pub, pages)
         find(found)
@@ -1519,7 +1519,7 @@ async def _audit_accounts(
     operator_key: bytes,
 ) -> None:
     """Payout vouchers, claims and charges of every party of the ledger."""
-    find = report.findings.extend
+    find, add = report.findings.extend, report.findings.add
     providers = sorted(a for (k, a) in chain.latest if k == "provider")
     escrows = sorted(a for (k, a) in chain.latest if k == "escrow")
     payouts = await _each(providers, source.payout)
@@ -1531,14 +1531,14 @@ async def _audit_accounts(
         latest = chain.latest[("provider", p)]
         at = _where(latest[1], latest[2], kind="provider", address=p)
         if isinstance(payout, Exception):
-            find([Finding("payout", f"cannot fetch the payout voucher: {payout}", **at)])
+            add("payout", f"cannot fetch the payout voucher: {payout}", **at)
         else:
             earned = chain.earned[p] if chain.full else None
             find(check_payout(p, latest, payout, vault, operator_key, vd.last_epoch, earned))
             report.count("payout_vouchers")
         if isinstance(data, Exception) or (data is not None and isinstance(claimed, Exception)):
             error = data if isinstance(data, Exception) else claimed
-            find([Finding("provider-account", f"cannot read the Provider: {error}", **at)])
+            add("provider-account", f"cannot read the Provider: {error}", **at)
             unread = True
             continue
         claimed = None if data is None else claimed
@@ -1553,7 +1553,7 @@ async def _audit_accounts(
         latest = chain.latest[key]
         if isinstance(data, Exception):
             at = _where(latest[1], latest[2], kind="escrow", address=a)
-            find([Finding("escrow-account", f"cannot read the Escrow: {data}", **at)])
+            add("escrow-account", f"cannot read the Escrow: {data}", **at)
             unread = True
             continue
         cumulatives = chain.cumulatives[key]
@@ -1564,9 +1564,8 @@ async def _audit_accounts(
     if chain.full and not unread:
         # Every payout and charge the Vault counted belongs to a party of the ledger. (A
         # claim or charge in flight moves the child's counter first, so these hold then too.)
-        out = Findings()
         if vd.paid_out > claimed_total:
-            out.add(
+            add(
                 "paid-out",
                 "the Vault paid out more than the ledger's providers claimed "
                 "(payouts outside the ledger)",
@@ -1574,14 +1573,13 @@ async def _audit_accounts(
                 vd.paid_out,
             )
         if vd.charged_in > charged_total:
-            out.add(
+            add(
                 "charged-in",
                 "the Vault was charged more than the ledger's escrows were "
                 "(charges outside the ledger)",
                 f"<= {charged_total}",
                 vd.charged_in,
             )
-        find(out)
 
 
 async def _audit_party(
@@ -1593,7 +1591,7 @@ async def _audit_party(
     fee_bps: int,
 ) -> None:
     """The party's records, epoch by epoch, then against its receipts."""
-    find = report.findings.extend
+    find, add = report.findings.extend, report.findings.add
     address = _raw(party.address)
     info: dict[str, Any] = {
         "kind": party.kind,
@@ -1617,7 +1615,7 @@ async def _audit_party(
         try:
             response = await source.records(pub.epoch, party.kind, address, party.key)
         except SourceError as e:
-            find([Finding("records", str(e), pub.epoch, index, party.kind, address)])
+            add("records", str(e), epoch=pub.epoch, leaf=index, kind=party.kind, address=address)
             continue
         found_records, found = check_records(
             party.kind, address, pub, leaves[index], index, response, fee_bps

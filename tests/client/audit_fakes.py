@@ -18,7 +18,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
-from client.audit import CommitHistory, OnChainCommit
+from client.audit import CommitHistory, OnChainCommit, SourceError
 from contracts.chain.getters import EscrowData, ProviderData, VaultData
 from protocol.ledger import (
     RECORDS_AUTH_WINDOW_S,
@@ -437,18 +437,26 @@ class MemorySource:
         return [self.fake.epochs[n] for n in sorted(self.fake.epochs) if n >= from_epoch]
 
     async def epoch(self, n: int) -> Any:
+        if n not in self.fake.epochs:
+            raise SourceError(f"404 for epoch {n}")
         return self.fake.epochs[n]
 
     async def leaves(self, epoch: int) -> list[Any]:
+        if epoch not in self.fake.leaves or epoch not in self.fake.epochs:
+            raise SourceError(f"404 for the leaves of epoch {epoch}")
         data = self.fake.leaves[epoch]
-        root = self.fake.epochs[epoch]["root"]
-        return [{"epoch": epoch, "root": root, "total": len(data), "leaves": data}]
+        shown = self.fake.epochs[epoch]
+        root = shown.get("root") if isinstance(shown, dict) else None
+        total = len(data) if isinstance(data, list) else None
+        return [{"epoch": epoch, "root": root, "total": total, "leaves": data}]
 
     async def payout(self, provider: str) -> Any | None:
         return self.fake.payouts.get(provider)
 
     async def records(self, epoch: int, kind: str, address: str, key: Any) -> Any:
         assert public(key) == self.fake.party_keys[(kind, raw(address))]
+        if (epoch, kind, raw(address)) not in self.fake.records:
+            raise SourceError(f"404 for the records of epoch {epoch}")
         return self.fake.records[(epoch, kind, raw(address))]
 
     async def escrow(self, address: str) -> EscrowData | None:

@@ -5,6 +5,7 @@ Vault."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 from dataclasses import dataclass, replace
@@ -14,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pytoniq_core import Address
 
 from client.audit import (
@@ -781,3 +784,60 @@ async def test_e2e_a_tampered_record_exits_1_naming_epoch_leaf_and_job(ledger_e2
     assert (first["epoch"], first["leaf"], first["job"]) == (2, response["index"], record["job_id"])
     assert first["check"] == "record-proof"
     assert ("record-prompt_tokens", 2) in {(f["check"], f["epoch"]) for f in report["findings"]}
+
+
+# --------------------------------------------------------------------- whatever is served
+
+
+def _paths(node, prefix=()):
+    """Every (container, key) in a JSON tree."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in items:
+        yield node, k, prefix + (k,)
+        if isinstance(v, dict | list):
+            yield from _paths(v, prefix + (k,))
+
+
+GARBAGE = st.one_of(
+    st.none(),
+    st.integers(-(2**130), 2**130),
+    st.text(max_size=70),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.sampled_from(["0:" + "ab" * 32, "00" * 32, "AAAA", "-1", "left", "escrow", "provider"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+async def test_whatever_the_matcher_serves_the_audit_reports_and_never_crashes(data):
+    lg = build_ledger([[Job(E1, P1), Job(E1, P2), Job(E2, P1)], [Job(E2, P2, 5, 5)]])
+    served = {
+        "epochs": lg.fake.epochs,
+        "leaves": lg.fake.leaves,
+        # the records the party (E1) fetches
+        "records": {f"{k}": v for k, v in lg.fake.records.items() if k[1:] == ("escrow", E1)},
+        "payouts": lg.fake.payouts,
+    }
+    spots = [(c, k, p) for c, k, p in _paths(served) if len(p) > 1 and p[-1] != "tx_hash"]
+    container, key, path = data.draw(st.sampled_from(spots))
+    before = copy.deepcopy(container[key])
+    container[key] = data.draw(GARBAGE)
+    lg.fake.records |= {eval(k): v for k, v in served["records"].items()}  # noqa: S307
+    party = Party("escrow", E1, lg.spend[E1], None)
+    report = await run_audit(lg.source(), VAULT, party=party)
+    report.render()
+    json.dumps(report.to_json())
+    if report.ok:  # only a change that means the same thing may pass
+        optional = key in ("epoch_charged", "epoch_earned", "epoch_fees") and container[key] is None
+        assert optional or _same_meaning(before, container[key]), (path, before, container[key])
+
+
+def _same_meaning(before, after) -> bool:
+    if before == after:
+        return True
+    if isinstance(before, str) and isinstance(after, int) and not isinstance(after, bool):
+        return before == str(after)  # amounts as decimal strings or numbers
+    if isinstance(before, str) and isinstance(after, str):
+        return before.lower() == after.lower()
+    return False
