@@ -178,11 +178,11 @@ async def _party(args: argparse.Namespace, source: Any, vault: str) -> Any:
             break
         tried.append(f"{path} holds {public.hex()[:16]}…")
     if key is None:
-        names = "; ".join(tried) or "no key file found in " + ", ".join(
-            str(p) for p, _ in candidates
-        )
-        raise CliError(f"no key for {what} ({next(iter(wanted)).hex()[:16]}…): {names}; "
-                       "give --key-file")  # fmt: skip
+        looked = ", ".join(str(p) for p, _ in candidates)
+        names = "; ".join(tried) or f"no key file in {looked}"
+        expected = next(iter(wanted)).hex()[:16]
+        hint = "" if args.key_file else "; give --key-file"
+        raise CliError(f"no key for {what} ({expected}…): {names}{hint}")
 
     receipts_path = args.receipts or state_dir / "receipts.jsonl"
     receipts = None
