@@ -1621,6 +1621,15 @@ async def _audit_party(
             party.kind, address, pub, leaves[index], index, response, fee_bps
         )
         find(found)
+        # each job is on both sides: the other party of every record has a leaf too
+        other = "provider" if party.kind == "escrow" else "escrow"
+        present = {lf.address for lf in leaves if other == lf.KIND}
+        for r in found_records:
+            counterpart = r.provider if other == "provider" else r.escrow
+            if counterpart not in present:
+                add("record-counterpart", f"the job's {other} has no leaf in this epoch",
+                    f"a leaf of {counterpart}", "none", epoch=pub.epoch, leaf=index,
+                    kind=party.kind, address=address, job=r.job_id.hex())  # fmt: skip
         info["epochs"] += 1
         info["records"] += len(found_records)
         records.extend((pub.epoch, index, r) for r in found_records)

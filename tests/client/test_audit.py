@@ -841,3 +841,17 @@ def _same_meaning(before, after) -> bool:
     if isinstance(before, str) and isinstance(after, str):
         return before.lower() == after.lower()
     return False
+
+
+async def test_a_record_whose_counterpart_has_no_leaf_is_named(ledger):
+    # a provider's record naming an escrow that has no leaf that epoch: billed nowhere
+    key = (3, "provider", P2)
+    response = ledger.fake.records[key]
+    stray = JobRecord.from_json(response["records"][0]["record"])
+    assert stray.escrow == E2
+    party = Party("provider", P2, ledger.nodes[P2], None)
+    ledger.fake.leaves[3] = [lf for lf in ledger.fake.leaves[3] if lf["kind"] == "provider"]
+    report = await run_audit(ledger.source(), VAULT, party=party, history=False)
+    assert ("record-counterpart", 3, stray.job_id.hex()) in {
+        (f.check, f.epoch, f.job) for f in report.findings
+    }
