@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("client.cli", "ask one question through the gateway"),
     "gateway": ("client.cli", "run the OpenAI-compatible gateway on loopback"),
     "escrow": ("client.escrow_cli", "a client's credits for a vault"),
+    "audit": ("client.audit_cli", "verify every settled epoch against the chain"),
     "node": ("node.cli", "run a provider node"),
     "provider": ("node.provider_cli", "a GPU node's stake and registration"),
     "matcher": ("marketplace.cli", "the marketplace matcher"),

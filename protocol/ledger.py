@@ -81,14 +81,22 @@ def _u(value: int, bits: int) -> bytes:
     return value.to_bytes(bits // 8, "big")
 
 
+def _address(address: Address | str) -> Address:
+    if isinstance(address, Address):
+        return address
+    try:
+        return Address(address)
+    except Exception as e:  # pytoniq's AddressError is no ValueError
+        raise LedgerFormatError(f"not an address: {address!r}") from e
+
+
 def _addr(address: Address | str) -> bytes:
-    a = Address(address) if isinstance(address, str) else address
+    a = _address(address)
     return (a.wc & 0xFF).to_bytes(1, "big") + a.hash_part
 
 
 def _raw(address: Address | str) -> str:
-    a = Address(address) if isinstance(address, str) else address
-    return a.to_str(is_user_friendly=False)
+    return _address(address).to_str(is_user_friendly=False)
 
 
 @dataclass(frozen=True)

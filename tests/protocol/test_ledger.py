@@ -109,6 +109,15 @@ def test_fields_out_of_range_are_refused() -> None:
         EscrowLeaf(ESCROW, 1, 1, 1, b"short").payload()
 
 
+def test_json_from_elsewhere_fails_as_a_format_error() -> None:
+    leaf = EscrowLeaf(ESCROW, 1, 1, 1, bytes(32)).to_json()
+    for bad in ({**leaf, "address": "0:zz"}, {**leaf, "address": ""}, {**leaf, "amount": "x"}):
+        with pytest.raises(LedgerFormatError):
+            EscrowLeaf.from_json(bad)
+    with pytest.raises(LedgerFormatError):
+        JobRecord.from_json({**job(1).to_json(), "provider": "nowhere"})
+
+
 @given(st.integers(0, 10**15), st.integers(0, 10_000))
 def test_fee_rounds_up_and_never_exceeds_the_amount(amount: int, bps: int) -> None:
     fee = fee_of(amount, bps)
