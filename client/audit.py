@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
 from contracts.chain import getters
-from contracts.chain.messages import OP_COMMIT_EPOCH, CommitEpoch
+from contracts.chain.messages.opcodes import OP_COMMIT_EPOCH
+from contracts.chain.messages.vault import CommitEpoch
 from contracts.chain.toncenter import ToncenterClient
 from protocol.ledger import (
     EscrowLeaf,

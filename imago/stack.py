@@ -253,8 +253,9 @@ def launch(launcher: StackLauncher, args: argparse.Namespace) -> None:
         "--host", launcher.host, "--port", str(launcher.ports["node"]),
         "--matcher", state.matcher_url, "--public-url", launcher.url("node"),
         "--state-dir", str(node_dir(home)), "--provider", state.provider,
-        # the claim loop: the Provider's owner collects its payouts (claim multiple 0 here)
-        "--chain", state.chain_url, "--claim-wallet", "provider",
+        # the claim loop: the Provider's owner collects its payouts (claim multiple 0 here),
+        # looking every few seconds, as the matcher settles every 30 s
+        "--chain", state.chain_url, "--claim-wallet", "provider", "--claim-every", "5",
     ]  # fmt: skip
     if args.upstream:
         node_args += ["--upstream", args.upstream]

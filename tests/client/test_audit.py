@@ -557,7 +557,7 @@ async def settled(devnet, chain, contracts_set, make_wallet, tmp_path_factory):
     from aiohttp import web
 
     from contracts.chain import getters, operations
-    from contracts.chain.messages import Capabilities, ModelPrice
+    from contracts.chain.messages.capabilities import Capabilities, ModelPrice
     from node.keys import load_or_create_keys
     from protocol.signed import model_hash
     from tests.client.audit_fakes import MODEL, make_payout, make_spend
