@@ -6,6 +6,11 @@ relays a job it pays for.
   the escrow's getter the first time it sees an escrow. They are part of the escrow's
   address, so the answer never changes and is cached for good; an escrow that is not
   deployed yet is asked again next time.
+- A getter can lie: any contract can answer ``escrow_data``. So the matcher recomputes
+  the address an Escrow with those fields must have (the Vault's registered escrow code,
+  the Vault, the owner, the spend key and the Vault's close delay) and refuses any
+  other address: a look-alike, or an Escrow with another close delay (one the Vault
+  would never accept a charge from).
 - A job is relayed only for whoever holds the escrow's spend key (the relay request is
   signed with it), and only while the escrow is open and its deposit is above what the
   client has already signed away (the latest voucher the matcher holds). The deposit
@@ -20,9 +25,16 @@ import time
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pytoniq_core import Address
+from pytoniq_core import Address, Cell
 
-from contracts.chain.getters import GetterError, get_escrow_data
+from contracts.chain import artifacts
+from contracts.chain.addresses import escrow_address
+from contracts.chain.getters import (
+    GetterError,
+    get_escrow_data,
+    get_vault_code_hashes,
+    get_vault_data,
+)
 from contracts.chain.results import ToncenterError
 from contracts.chain.toncenter import ToncenterClient
 
@@ -58,6 +70,7 @@ class EscrowBook:
         self._known: dict[str, tuple[bytes, Address, Ed25519PublicKey]] = {}
         self._funds: dict[str, tuple[float, str, int]] = {}  # raw → (read at, state, deposited)
         self._refreshing: dict[str, asyncio.Task] = {}
+        self._vault_terms: tuple[int, Cell] | None = None  # close delay, escrow code
         self.signed: dict[str, int] = {}  # raw escrow → cumulative of the latest voucher held
 
     def voucher_stored(self, escrow: str, cumulative: int) -> None:
@@ -103,9 +116,39 @@ class EscrowBook:
             data = await get_escrow_data(self.chain, escrow)
         except (GetterError, ToncenterError, ValueError) as e:
             raise refusal("unknown_escrow", f"escrow {raw} is not deployed on-chain ({e})") from e
+        if self.vault is not None:
+            if data.vault != self.vault:
+                raise refusal("wrong_vault", f"escrow {raw} pays another vault")
+            close_delay, code = await self._terms(self.vault, refusal)
+            genuine = escrow_address(self.vault, data.owner, data.spend_key, close_delay, code)
+            if genuine != escrow:
+                raise refusal(
+                    "forged_escrow",
+                    f"{raw} is no Escrow of this vault: an Escrow of its owner and spend key "
+                    f"is at {genuine.to_str(is_user_friendly=False)}",
+                )
         spend_key = data.spend_key.to_bytes(32, "big")
         self._known[raw] = (spend_key, data.vault, Ed25519PublicKey.from_public_bytes(spend_key))
         self._funds[raw] = (time.monotonic(), data.state_name, data.deposited)
+
+    async def _terms(self, vault: Address, refusal: type[EscrowRefused]) -> tuple[int, Cell]:
+        """The Vault's close delay and the escrow code it authenticates charges with
+        (which must be the code this build knows: only then can the address be
+        recomputed)."""
+        if self._vault_terms is None:
+            try:
+                data = await get_vault_data(self.chain, vault)
+                escrow_hash, _ = await get_vault_code_hashes(self.chain, vault)
+            except (GetterError, ToncenterError, ValueError) as e:
+                raise refusal("vault_unavailable", f"the vault cannot be read: {e}") from e
+            code = artifacts.load("escrow").code
+            if code.hash != escrow_hash:
+                raise refusal(
+                    "vault_unknown_code",
+                    "the vault authenticates escrows of a code this matcher does not know",
+                )
+            self._vault_terms = (data.escrow_close_delay, code)
+        return self._vault_terms
 
     async def check(self, escrow: Address, spend_public: bytes) -> None:
         raw = escrow.to_str(is_user_friendly=False)

@@ -6,7 +6,7 @@ import pytest
 from pytoniq_core import Address
 
 from contracts.chain import getters, operations
-from marketplace.escrows import EscrowBook, EscrowMismatch, EscrowUnfunded
+from marketplace.escrows import EscrowBook, EscrowMismatch, EscrowRefused, EscrowUnfunded
 from protocol.api import relay_message
 from tests.contracts.conftest import TON, Key
 
@@ -70,3 +70,55 @@ async def test_jobs_stop_when_the_escrow_is_spent_or_closed(
     with pytest.raises(EscrowUnfunded) as unknown:
         await fresh.ensure_funded(Address("0:" + "55" * 32).to_str(is_user_friendly=False))
     assert unknown.value.code == "unknown_escrow"
+
+
+async def test_a_forged_escrow_is_refused(chain, contracts_set, make_wallet) -> None:
+    """A getter can say anything: the matcher recomputes where a genuine Escrow of those
+    fields lives, and refuses a look-alike (escrow code with a deposit it never got in
+    its data) and an Escrow with a close delay other than the Vault's (zero here: one
+    the client could empty before any charge lands)."""
+    from pytoniq_core import StateInit, begin_cell
+
+    from contracts.chain import addresses, artifacts
+
+    owner, spend = await make_wallet(), Key()
+    vault = contracts_set.vault
+    vault_data = await getters.get_vault_data(chain, vault)
+    book = EscrowBook(chain, vault.to_str(is_user_friendly=False))
+
+    # the look-alike: the escrow's own code, claiming a 1,000 TON deposit
+    forged_data = (
+        begin_cell()
+        .store_address(vault)
+        .store_address(owner.address)
+        .store_uint(spend.int, 256)
+        .store_uint(vault_data.escrow_close_delay, 32)
+        .store_uint(0, 8)
+        .store_uint(0, 32)
+        .store_coins(1000 * TON)
+        .store_coins(0)
+        .end_cell()
+    )
+    forged_init = StateInit(code=artifacts.load("escrow").code, data=forged_data)
+    forged = addresses.address_of(forged_init)
+    await owner.transfer(forged, TON // 10, None, state_init=forged_init, bounce=False)
+    lie = await getters.get_escrow_data(chain, forged)
+    assert lie.deposited >= 1000 * TON and lie.spend_key == spend.int  # what it claims
+    with pytest.raises(EscrowMismatch) as refused:
+        await book.check(forged, spend.public)
+    assert refused.value.code == "forged_escrow"
+    with pytest.raises(EscrowRefused):
+        await book.ensure_funded(forged.to_str(is_user_friendly=False))
+
+    # a genuine Escrow contract, opened with no close delay: not one of this Vault's
+    quick, _ = await operations.escrow_open(owner, vault, spend.public, TON, 0, check=False)
+    assert (await getters.get_escrow_data(chain, quick)).close_delay == 0
+    with pytest.raises(EscrowMismatch) as refused:
+        await book.check(quick, spend.public)
+    assert refused.value.code == "forged_escrow"
+
+    # and the genuine one passes
+    genuine, _ = await operations.escrow_open(
+        owner, vault, spend.public, TON, vault_data.escrow_close_delay
+    )
+    await book.check(genuine, spend.public)
