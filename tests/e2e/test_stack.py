@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,97 @@ def test_the_matcher_holds_a_voucher_the_escrow_accepts(stack: dict) -> None:
             ).fetchone()
         time.sleep(0.2)
     assert row is not None and int(row[0]) > 0
+
+
+def _signed(stack: dict) -> int:
+    """What the client has signed for, in all: the matcher's latest voucher."""
+    escrow = Address(stack["escrow"]).to_str(is_user_friendly=False)
+    with sqlite3.connect(stack["home"] / "matcher" / "matcher.db") as db:
+        row = db.execute("SELECT cumulative FROM spend_vouchers WHERE escrow = ?", (escrow,))
+        found = row.fetchone()
+    return int(found[0]) if found else 0
+
+
+def _json(stack: dict, *args: str) -> dict:
+    result = imago(stack["home"], *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _nano(ton: str) -> int:
+    whole, _, frac = ton.partition(".")
+    return int(whole) * 10**9 + int((frac + "0" * 9)[:9])
+
+
+def _settled(stack: dict, signed: int, timeout: float = 120) -> dict:
+    """Wait until the Escrow's on-chain charge reaches ``signed`` (an epoch is 30 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        escrow = _json(stack, "escrow", "status", "--name", "client", "--address", stack["escrow"])
+        if _nano(escrow["charged"]) >= signed or time.monotonic() > deadline:
+            return escrow
+        time.sleep(2)
+
+
+def test_the_money_settles_by_itself(stack: dict) -> None:
+    """Nobody presses a button: after an epoch the Escrow is charged exactly what the
+    usage said, the Provider's owner is paid, the Vault's counters hold invariants 1-3,
+    and the public ledger audits clean against the chain."""
+    client = gateway(stack)
+    client.chat.completions.create(  # the voucher of this module's earlier jobs lands
+        model=stack["model"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    time.sleep(2)
+    before = _settled(stack, _signed(stack))
+    assert _nano(before["charged"]) == _signed(stack)
+    started = int(time.time())
+    owner_before = _nano(_json(stack, "wallet", "balance", "--name", "provider")["balance"])
+
+    costs = []
+    for _ in range(3):
+        response = client.chat.completions.create(
+            model=stack["model"], messages=[{"role": "user", "content": QUESTION}], max_tokens=16
+        )
+        costs.append(response.usage.model_dump()["cost_nanoton"])
+    time.sleep(2)  # the gateway posts its voucher within a second
+    signed = _signed(stack)
+    assert signed == _nano(before["charged"]) + sum(costs)
+    after = _settled(stack, signed)
+    assert _nano(after["charged"]) == signed  # exactly what the usage reported
+
+    # the node claimed its payout on its own: its owner's wallet rose by it, less fees
+    claims_file = stack["home"] / "node" / "claims.json"
+    provider = Address(stack["provider"]).to_str(is_user_friendly=False)
+    payouts = f"{stack['matcher_url']}/v1/ledger/payouts/{provider}"
+    deadline = time.monotonic() + 60
+    while True:
+        state = json.loads(claims_file.read_text()) if claims_file.exists() else {}
+        claims = state.get("providers", {}).get(provider, {}).get("claims", [])
+        with urllib.request.urlopen(payouts) as resp:
+            released = int(json.load(resp)["cumulative"])
+        done = claims and int(claims[-1]["cumulative"]) == released
+        if (done and int(claims[-1]["at"]) >= started) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    new = [c for c in claims if int(c["at"]) >= started]
+    assert new, "the node did not claim the new jobs' payout"
+    owner_after = _nano(_json(stack, "wallet", "balance", "--name", "provider")["balance"])
+    assert owner_after - owner_before == sum(int(c["amount"]) - int(c["fees"]) for c in new)
+    vault = _json(stack, "vault", "status", "--vault", stack["vault"])
+    assert _nano(vault["paid_out"]) == int(claims[-1]["cumulative"]) == released
+
+    # invariants 1-3 on the Vault's counters
+    charged_in, paid_out = _nano(vault["charged_in"]), _nano(vault["paid_out"])
+    fees, stake = _nano(vault["fees_accrued"]), _nano(vault["stake"])
+    assert charged_in == signed  # the only escrow of this Vault
+    assert paid_out <= charged_in - fees + stake
+    assert _nano(after["charged"]) <= _nano(after["deposited"])
+
+    # anyone can audit it, and the client its own jobs
+    audit = imago(stack["home"], "audit", "--vault", stack["vault"],
+                  "--matcher", stack["matcher_url"], "--chain", stack["chain_url"])  # fmt: skip
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    mine = imago(stack["home"], "audit", "--vault", stack["vault"], "--matcher",
+                 stack["matcher_url"], "--chain", stack["chain_url"],
+                 "--escrow", stack["escrow"])  # fmt: skip
+    assert mine.returncode == 0, mine.stdout + mine.stderr
