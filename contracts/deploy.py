@@ -19,6 +19,7 @@ from .toncenter import Trace
 __all__ = [
     "DEFAULT_PARAMS",
     "PRODUCTION_PARAMS",
+    "STORAGE_RESERVES",
     "ChildCodes",
     "Deployment",
     "DeployError",
@@ -61,6 +62,14 @@ PRODUCTION_PARAMS = RegistryParams(
     slash_bounty_bps=1000,
     min_vault_stake=1000 * TON,
 )
+
+
+# What each contract keeps on its balance for storage fees (the `*_STORAGE_RESERVE` constants
+# of contracts/<name>/fees.tolk; tests/contracts/test_reserves.py checks both agree and that
+# each covers ten years of storage at the chain's prices).
+STORAGE_RESERVES = {
+    "vault": TON // 2,
+}
 
 
 class DeployError(RuntimeError):

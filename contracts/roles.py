@@ -125,6 +125,7 @@ ERROR_NAMES = {
     313: "vault: not unstaking (or more than the stake)",
     314: "vault: still locked (unbonding)",
     315: "vault: no stake free (it covers what is owed)",
+    316: "vault: balance less the storage reserve does not cover it",
     400: "escrow: not owner",
     401: "escrow: not enough value",
     402: "escrow: bad signature",
@@ -369,7 +370,7 @@ async def deploy_vault(
     if client is not None:
         fee = (await getters.get_registry_data(client, registry)).deploy_vault_fee
     else:
-        fee = TON // 5
+        fee = TON  # above deployVaultFee(): gas, forward fee, storage reserve
     body = DeployVault(new_query_id(), _key_int(operator_key)).to_cell()
     await _send("deploy vault", operator, registry, stake + fee, body, check=check, **kw)
     return deploy.vault_address(registry, operator.address, _key_int(operator_key))

@@ -75,7 +75,9 @@ async def test_vault_stake_unbonds_and_only_the_free_part_is_withdrawn(
     paid = [t for t in tr.transactions if Address(t.account) == op.address]
     assert paid and v2.balance - v3.balance > v1.stake - TON - TON // 100
     # what stays is exactly what the vault still owes (stake + charged - paid - fees paid)
-    assert v3.balance <= v3.stake + v3.charged_in - v3.paid_out - v3.fees_withdrawn + TON // 1000
+    # and its storage reserve
+    owed = v3.stake + v3.charged_in - v3.paid_out - v3.fees_withdrawn
+    assert v3.balance <= owed + deploy.STORAGE_RESERVES["vault"] + TON // 1000
 
     # nothing left to withdraw
     await roles.vault_unstake(op, vault, TON)
@@ -186,3 +188,42 @@ async def test_final_withdrawals_keep_the_account(chain, contracts_set, make_wal
     # the reserve stays (less at most a little storage fee): before, 0 and deletable
     assert p.state == 4 and p.stake == 0 and TON // 100 - TON // 10_000 <= p.balance <= TON // 100
     assert e.state == 2 and 5 * TON // 1000 - TON // 10_000 <= e.balance <= 5 * TON // 1000
+
+
+# --- 6. a payout the Vault's real balance cannot cover is refused, never lost --------------
+
+
+async def test_payout_beyond_the_real_balance_is_not_lost(chain, contracts_set, make_wallet, clock):
+    """The counters say solvent but the balance is short (storage fees since the fees were
+    withdrawn): the claim must come back to the Provider, not abort in the action phase
+    with the Provider's counter moved. After a top-up the same voucher pays."""
+    cs = contracts_set
+    op, key, vault = await _fresh_vault(chain, cs.registry, make_wallet)
+    node, client, spend = await make_wallet(), await make_wallet(), Key()
+    provider, _ = await roles.register_provider(
+        node, chain, cs.registry, Key().public, 2 * TON, CAPS
+    )
+    v0 = await getters.get_vault_data(chain, vault)
+    escrow, _ = await roles.escrow_open(client, vault, spend.public, 2 * TON, v0.escrow_close_delay)
+    sv = SpendVoucher(escrow, vault, TON)
+    await roles.escrow_charge(op, escrow, sv, spend.sign(sv))
+    v = await getters.get_vault_data(chain, vault)
+    await roles.vault_withdraw_fees(op, vault, v.fees_accrued - v.fees_withdrawn)
+    v = await getters.get_vault_data(chain, vault)
+    # the whole of what the counters allow: charged - fees + stake - paid
+    c = EpochCommit(vault, 1, b"\x06" * 32, v.charged_in, v.payable, v.fees_accrued, 1)
+    await roles.vault_commit_epoch(op, vault, c, key.sign(c))
+    await clock.advance(600)  # storage fees: the balance falls below the counters
+    pv = PayoutVoucher(vault, provider, 1, v.payable)
+    before = await node.balance()
+    tr = await roles.provider_claim(node, provider, pv, key.sign(pv), check=False)
+    assert codes(tr) == [316]  # the balance less the storage reserve does not cover it
+    # not lost: the Provider's counter is back and the value returned to the owner
+    assert await getters.get_provider_claimed(chain, provider, vault) == 0
+    assert before - await node.balance() < TON // 50
+    assert (await getters.get_vault_data(chain, vault)).paid_out == 0
+    # anyone tops the vault up; the same voucher is then paid in full
+    await cs.gov.transfer(vault, TON)
+    await roles.provider_claim(node, provider, pv, key.sign(pv))
+    assert await getters.get_provider_claimed(chain, provider, vault) == v.payable
+    assert await node.balance() - before > v.payable - TON // 20
