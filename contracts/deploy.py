@@ -203,6 +203,8 @@ def vault_data(registry: Address, operator: Address, operator_key: int) -> Cell:
     for _ in range(5):  # stake chargedIn paidOut feesAccrued feesWithdrawn
         b.store_coins(0)
     b.store_uint(0, 64).store_uint(0, 256)  # lastEpoch lastRoot
+    for _ in range(3):  # committedCharged committedPaid committedFees
+        b.store_coins(0)
     b.store_coins(0).store_uint(0, 32).store_bit(0)  # unstaking unlockTime ready
     return b.store_ref(consts).end_cell()
 

@@ -192,7 +192,7 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     rec.add("escrow_deposit", await roles.escrow_deposit(client, escrow, TON))
     sv = SpendVoucher(escrow, vault, 2 * TON)
     rec.add("escrow_charge", await roles.escrow_charge(operator, escrow, sv, spend_key.sign(sv)))
-    commit = EpochCommit(vault, 1, b"\x01" * 32, 2 * TON, 0, 4 * TON // 100, 10)
+    commit = EpochCommit(vault, 1, b"\x01" * 32, 2 * TON, TON, 4 * TON // 100, 10)
     tr = await roles.vault_commit_epoch(operator, vault, commit, operator_key.sign(commit))
     rec.add("vault_epoch_commit", tr)
     pv = PayoutVoucher(vault, provider, 1, TON)

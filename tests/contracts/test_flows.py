@@ -49,7 +49,7 @@ async def test_full_flow(chain, contracts_set, make_wallet):
     v = await getters.get_vault_data(chain, cs.vault)
     assert e.charged == 2 * TON and v.charged_in == 2 * TON and v.fees_accrued == 2 * TON * 2 // 100
 
-    commit = EpochCommit(cs.vault, 1, os.urandom(32), 2 * TON, 0, v.fees_accrued, 3)
+    commit = EpochCommit(cs.vault, 1, os.urandom(32), 2 * TON, TON, v.fees_accrued, 3)
     tr = await roles.vault_commit_epoch(cs.operator, cs.vault, commit, cs.operator_key.sign(commit))
     print("commit", gas(tr), [t.gas_used for t in tr.transactions])
 

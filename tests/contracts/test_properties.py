@@ -37,7 +37,11 @@ operations = st.one_of(
     st.tuples(st.just("charge"), st.sampled_from(["ok", "ok", "replay", "wrong_key"]), amounts),
     st.tuples(st.just("close")),
     st.tuples(st.just("withdraw"), st.booleans()),
-    st.tuples(st.just("commit")),
+    st.tuples(
+        st.just("commit"),
+        st.sampled_from(["ok", "ok", "backwards", "beyond"]),
+        st.integers(min_value=0, max_value=100),
+    ),
     st.tuples(st.just("claim"), amounts),
     st.tuples(st.just("withdraw_fees"), st.integers(min_value=1, max_value=100)),
 )
@@ -128,7 +132,7 @@ class World:
             trace = await roles.escrow_withdraw(self.client, self.escrow, check=False)
             await c.set_clock(None)
         elif kind == "commit":
-            trace = await self.commit()
+            trace = await self.commit(op[1], op[2])
         elif kind == "claim":
             v = await getters.get_vault_data(c, self.vault)
             pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, self.claimed + op[1])
@@ -158,14 +162,22 @@ class World:
         v = await getters.get_vault_data(c, self.vault)
         if v.payable < payable:
             await roles.vault_top_up_stake(self.operator, self.vault, payable - v.payable + TON)
-        if v.last_epoch == 0:
-            await self.commit()
+        await self.commit("ok", 100)  # every payable nanoTON committed
         self.paid_base = (await getters.get_vault_data(c, self.vault)).paid_out
         self.claimed = 0
 
-    async def commit(self) -> Trace:
+    async def commit(self, how: str, percent: int) -> Trace:
+        """Commit the next epoch: every charge received, and a paid total ``percent`` of
+        the way from the last one to the most the vault could owe (charged - fees + stake);
+        or a commit going backwards or beyond the charges, which the vault refuses."""
         v = await getters.get_vault_data(self.chain, self.vault)
-        commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
+        charged, fees = v.charged_in, v.fees_accrued
+        paid = v.committed_paid + (v.committable - v.committed_paid) * percent // 100
+        if how == "backwards" and v.committed_paid > 0:
+            paid = v.committed_paid - 1
+        elif how != "ok":
+            charged = v.charged_in + 1
+        commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
         return await roles.vault_commit_epoch(
             self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
         )
@@ -203,6 +215,11 @@ class World:
         # claiming): a bounced claim gives back its own amount, whatever else is in flight
         claimed = await getters.get_provider_claimed(c, self.provider, self.vault)
         assert claimed == v.paid_out - self.paid_base, (claimed, v.paid_out - self.paid_base)
+        # epoch totals: cumulative, never beyond the charges; payouts within the last commit
+        for f in ("committed_charged", "committed_paid", "committed_fees"):
+            assert getattr(v, f) >= getattr(self.last_vault, f), f
+        assert v.committed_fees <= v.committed_charged <= v.charged_in
+        assert v.paid_out <= v.committed_paid <= v.committed_charged - v.committed_fees + v.stake
         # invariant 3: paid out <= charged - fees + stake; fee withdrawals within the fees
         assert v.paid_out <= v.charged_in - v.fees_accrued + v.stake
         assert v.fees_withdrawn <= v.fees_accrued

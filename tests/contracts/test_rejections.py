@@ -54,7 +54,10 @@ async def world(chain, contracts_set, make_wallet):
 
 async def _committed_epoch(chain, cs) -> int:
     v = await getters.get_vault_data(chain, cs.vault)
-    c = EpochCommit(cs.vault, v.last_epoch + 1, b"\x07" * 32, 0, 0, 0, 0)
+    # every charge committed, and all the vault could pay (charged - fees + stake)
+    c = EpochCommit(
+        cs.vault, v.last_epoch + 1, b"\x07" * 32, v.charged_in, v.committable, v.fees_accrued, 0
+    )
     await roles.vault_commit_epoch(cs.operator, cs.vault, c, cs.operator_key.sign(c))
     return v.last_epoch + 1
 
