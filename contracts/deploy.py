@@ -24,7 +24,9 @@ __all__ = [
     "Deployment",
     "DeployError",
     "Sender",
+    "MAX_SLASH_BOUNTY_BPS",
     "address_of",
+    "check_params",
     "deploy_all",
     "deploy_registry",
     "escrow_address",
@@ -72,8 +74,22 @@ STORAGE_RESERVES = {
 }
 
 
+# The most of a slashed stake a reporter may get (contracts/common/common.tolk).
+MAX_SLASH_BOUNTY_BPS = 5000
+
+
 class DeployError(RuntimeError):
     """A deployment transaction failed or produced an unexpected account."""
+
+
+def check_params(params: RegistryParams) -> None:
+    """Raise ValueError on params the Registry's UpdateParams refuses (103)."""
+    if params.protocol_fee_bps > 10_000:
+        raise ValueError(f"protocol_fee_bps {params.protocol_fee_bps} is above 10000 (100 %)")
+    if params.slash_bounty_bps > MAX_SLASH_BOUNTY_BPS:
+        raise ValueError(
+            f"slash_bounty_bps {params.slash_bounty_bps} is above {MAX_SLASH_BOUNTY_BPS} (50 %)"
+        )
 
 
 class Sender(Protocol):
@@ -310,7 +326,11 @@ def _check(trace: Trace, what: str) -> Trace:
 async def deploy_registry(
     owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
 ) -> tuple[Address, Trace]:
-    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit)."""
+    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit).
+
+    Its initial params are checked here as ``UpdateParams`` checks them on-chain (no message
+    checks the StateInit): a fee of at most 100 %, a slashing bounty of at most 50 %."""
+    check_params(params)
     si = registry_state_init(owner.address, params)
     addr = address_of(si)
     trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)

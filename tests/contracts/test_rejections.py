@@ -15,6 +15,7 @@ from contracts.messages import (
     ProviderInit,
     SetImage,
     SignedPayout,
+    SlashedStake,
 )
 from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
@@ -189,6 +190,10 @@ async def test_forged_children(chain, world, make_wallet):
     body = ProviderInit(1, 100 * TON, 1, 1, 0, begin_cell().end_cell(), forger.address).to_cell()
     tr = await forger.transfer(w.provider, TON, body)
     assert codes(tr) == [202]
+    # a "slashed stake" that no Provider of the registry sent
+    body = SlashedStake(1, forger.address, 0).to_cell()
+    tr = await forger.transfer(w.cs.registry, TON, body)
+    assert codes(tr) == [104]
 
 
 async def test_epoch_commit_rejections(chain, contracts_set):

@@ -11,7 +11,7 @@ from pytoniq_core import Address, begin_cell
 
 from contracts import deploy, getters, roles
 from contracts.messages import Charge, EscrowWithdraw, VaultInit
-from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
+from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 from contracts.wallet import OutMessage
 
 from .conftest import TEST_PARAMS, TON, Key
@@ -285,3 +285,36 @@ async def test_epoch_totals_bind_commits_and_payouts(chain, contracts_set, make_
     assert await claim(TON - fees, 2) == []
     v2 = await getters.get_vault_data(chain, vault)
     assert v2.paid_out == v2.committed_paid == TON - fees
+
+
+# --- 8. a slashing bounty is at most half the stake -----------------------------------------
+
+
+async def test_self_reporting_offender_still_loses_half(chain, make_wallet):
+    """The reporter's bounty is capped at 50% of the stake (a Registry refuses a higher
+    slash_bounty_bps, and a Provider caps whatever it was given); the rest goes to
+    governance. An offender reporting itself keeps at most half."""
+    gov, node = await make_wallet(), await make_wallet()
+    # a Registry whose initial data (which no message checks) says 100% bounty
+    params = replace(TEST_PARAMS, slash_bounty_bps=10_000)
+    si = deploy.registry_state_init(gov.address, params)
+    registry = deploy.address_of(si)
+    await gov.transfer(registry, TON, None, state_init=si, bounce=False)
+    node_key, stake = Key(), 4 * TON
+    provider, _ = await roles.register_provider(node, chain, registry, node_key.public, stake, CAPS)
+    escrow = deploy.escrow_address(registry, node.address, 1, 1)
+    r1 = Receipt(escrow, 77, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
+    r2 = Receipt(escrow, 77, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
+    before, gov_before = await node.balance(), await gov.balance()
+    await roles.provider_slash(node, provider, (r1, node_key.sign(r1)), (r2, node_key.sign(r2)))
+    # the offender got back at most half its stake (plus its message value, minus gas)
+    assert await node.balance() - before <= stake // 2
+    assert await gov.balance() - gov_before >= stake // 2 - TON // 20
+    assert (await getters.get_provider_data(chain, provider)).state_name == "slashed"
+    # governance cannot set more than 50% either
+    tr = await roles.update_params(
+        gov, registry, replace(params, slash_bounty_bps=5001), check=False
+    )
+    assert codes(tr) == [103]
+    await roles.update_params(gov, registry, replace(params, slash_bounty_bps=5000))
+    assert (await getters.get_registry_data(chain, registry)).slash_bounty_bps == 5000
