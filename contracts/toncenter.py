@@ -753,6 +753,19 @@ class ToncenterClient:
             file_hash=last.get("file_hash", ""),
         )
 
+    # -- config
+
+    async def get_config_param(self, param: int) -> Cell:
+        """The cell of one blockchain config param (``getConfigParam``)."""
+        r = await self.call("getConfigParam", {"config_id": param})
+        return _decode_cell_value(r["config"])
+
+    async def get_global_id(self) -> int:
+        """The network's global id (config param 19): mainnet -239, testnet -3, the Imago
+        devnet its own (``contracts.protocol.signed.DEVNET_GLOBAL_ID``). Every signed
+        object names it, and the contracts refuse one signed for another network."""
+        return (await self.get_config_param(19)).begin_parse().load_int(32)
+
     # -- waiting
 
     async def wait_for_transaction(

@@ -41,6 +41,9 @@ from contracts.protocol import cells
 from contracts.protocol.cells import BitReader, BitWriter, CellBits, Unsupported
 
 __all__ = [
+    "DEVNET_GLOBAL_ID",
+    "MAINNET_GLOBAL_ID",
+    "TESTNET_GLOBAL_ID",
     "EpochCommit",
     "PayoutVoucher",
     "Receipt",
@@ -57,6 +60,12 @@ TAG_PAYOUT = 0x5041594F  # "PAYO"
 TAG_EPOCH = 0x45504F43  # "EPOC"
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
+
+# Network global ids (config param 19). Every signed object names its network; a contract
+# refuses one whose global id is not its chain's.
+MAINNET_GLOBAL_ID = -239
+TESTNET_GLOBAL_ID = -3
+DEVNET_GLOBAL_ID = -1000  # the Imago devnet's (contracts/devnet/server.mjs)
 
 
 class SignedObjectError(ValueError):
