@@ -245,9 +245,9 @@ async def _deploy_registry_traced(
 ) -> Address:
     si = deploy.registry_state_init(gov.address, params)
     addr = deploy.address_of(si)
-    trace = await gov.transfer(
-        addr, parse_ton("0.1"), None, state_init=si, bounce=False, on_poll=on_poll
-    )
+    deploy.check_params(params)
+    value = deploy.STORAGE_RESERVES["registry"] + parse_ton("0.1")  # its storage reserve stays
+    trace = await gov.transfer(addr, value, None, state_init=si, bounce=False, on_poll=on_poll)
     if roles.failed_exit_codes(trace):
         raise roles.OperationFailed("registry deploy", trace)
     return addr
@@ -344,6 +344,18 @@ async def _registry_allow(args: argparse.Namespace, kind: str) -> int:
         now = await check(client, registry, value)
     data = {kind: f"{value:064x}", "allowed": now, **_trace_summary(trace)}
     _emit(args, data, lambda: f"{kind} {value:064x}: {'allowed' if now else 'not allowed'}")
+    return 0
+
+
+async def _registry_sweep(args: argparse.Namespace) -> int:
+    registry = _registry_of(args)
+    async with open_chain(args) as client:
+        gov = open_wallet(args, client)
+        trace = await _do("sweeping the registry", roles.registry_sweep, gov, registry)
+        balance = await client.get_balance(registry)
+    data = {"registry": _friendly(args, registry), "balance": format_ton(balance, unit=False)}
+    data |= _trace_summary(trace)
+    _emit(args, data, lambda: f"registry swept; it keeps {format_ton(balance)}")
     return 0
 
 
@@ -478,6 +490,8 @@ async def _provider_op(args: argparse.Namespace, op: str) -> int:
             )
         elif op == "unstake":
             trace = await _do("unstaking", roles.provider_unstake, owner, provider)
+        elif op == "sweep":
+            trace = await _do("sweeping", roles.provider_sweep, owner, provider)
         else:
             trace = await _do("withdrawing the stake", roles.provider_withdraw, owner, provider)
         p = await getters.get_provider_data(client, provider)
@@ -818,6 +832,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--revoke", action="store_true")
     p.add_argument("--registry")
     p.set_defaults(func=lambda a: run_async(_registry_allow(a, "model")))
+    p = rs.add_parser("sweep", help="send what the Registry holds above its reserve to its owner")
+    _common(p)
+    p.add_argument("--registry")
+    p.set_defaults(func=lambda a: run_async(_registry_sweep(a)))
     p = rs.add_parser("status", help="registry state, params and code hashes")
     _common(p, wallet=False)
     p.add_argument("--registry")
@@ -850,6 +868,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("rotate-key", "replace the node key"),
         ("unstake", "start the unbonding delay"),
         ("withdraw", "take the stake back after the unbonding delay"),
+        ("sweep", "withdrawn or slashed: take what is left above the storage reserve"),
         ("status", "state, stake, key, capabilities"),
     ):
         p = ps.add_parser(name, help=helptext)

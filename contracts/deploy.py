@@ -70,7 +70,10 @@ PRODUCTION_PARAMS = RegistryParams(
 # of contracts/<name>/fees.tolk; tests/contracts/test_reserves.py checks both agree and that
 # each covers ten years of storage at the chain's prices).
 STORAGE_RESERVES = {
+    "registry": TON,
     "vault": TON // 2,
+    "provider": TON // 4,
+    "escrow": TON // 10,
 }
 
 
@@ -324,13 +327,17 @@ def _check(trace: Trace, what: str) -> Trace:
 
 
 async def deploy_registry(
-    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
+    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int | None = None
 ) -> tuple[Address, Trace]:
     """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit).
 
     Its initial params are checked here as ``UpdateParams`` checks them on-chain (no message
     checks the StateInit): a fee of at most 100 %, a slashing bounty of at most 50 %."""
     check_params(params)
+    if value is None:
+        value = STORAGE_RESERVES["registry"] + TON // 10
+    if value < STORAGE_RESERVES["registry"]:
+        raise ValueError(f"a Registry keeps a {STORAGE_RESERVES['registry']} nanoTON reserve")
     si = registry_state_init(owner.address, params)
     addr = address_of(si)
     trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)

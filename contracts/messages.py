@@ -51,6 +51,9 @@ __all__ = [
     "SlashBounty",
     "SlashedStake",
     "StakeReturned",
+    "SweepProvider",
+    "SweepRegistry",
+    "Swept",
     "TopUpStake",
     "Unstake",
     "UpdateCapabilities",
@@ -66,11 +69,13 @@ __all__ = [
 
 # --- opcodes -----------------------------------------------------------------------------
 OP_RETURN_EXCESS = 0xD53276DB
+OP_SWEPT = 0x53574550
 # registry
 OP_UPDATE_PARAMS = 0x52470001
 OP_SET_IMAGE = 0x52470002
 OP_SET_MODEL = 0x52470003
 OP_CHANGE_OWNER = 0x52470004
+OP_SWEEP_REGISTRY = 0x52470005
 OP_REGISTER_PROVIDER = 0x52470010
 OP_DEPLOY_VAULT = 0x52470011
 OP_SLASHED_STAKE = 0x52470020
@@ -84,6 +89,7 @@ OP_UNSTAKE = 0x50520013
 OP_WITHDRAW_STAKE = 0x50520014
 OP_CLAIM = 0x50520015
 OP_SLASH = 0x50520016
+OP_SWEEP_PROVIDER = 0x50520017
 OP_PROVIDER_PAYOUT = 0x50520020
 OP_STAKE_RETURNED = 0x50520021
 OP_SLASH_BOUNTY = 0x50520022
@@ -247,6 +253,14 @@ class ReturnExcess(_Body):
     query_id: int = _f(U64)
 
 
+@dataclass(frozen=True, slots=True)
+class Swept(_Body):
+    """swept#53574550 query_id:uint64 = Swept;  (to the owner, with what was swept)"""
+
+    OP: ClassVar[int] = OP_SWEPT
+    query_id: int = _f(U64)
+
+
 # --- registry ----------------------------------------------------------------------------
 
 
@@ -317,6 +331,14 @@ class SlashedStake(_Body):
     query_id: int = _f(U64)
     owner: Address = _f("address")
     seq: int = _f(U32)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRegistry(_Body):
+    """sweep_registry#52470005 query_id:uint64 = SweepRegistry;  (owner)"""
+
+    OP: ClassVar[int] = OP_SWEEP_REGISTRY
+    query_id: int = _f(U64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +428,14 @@ class Slash(_Body):
     query_id: int = _f(U64)
     proof1: SignedReceipt = _f(("refobj", SignedReceipt))
     proof2: SignedReceipt = _f(("refobj", SignedReceipt))
+
+
+@dataclass(frozen=True, slots=True)
+class SweepProvider(_Body):
+    """sweep_provider#50520017 query_id:uint64 = SweepProvider;  (owner; withdrawn or slashed)"""
+
+    OP: ClassVar[int] = OP_SWEEP_PROVIDER
+    query_id: int = _f(U64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +726,7 @@ MESSAGES: dict[int, type[_Body]] = {
         StakeReturned, SlashBounty, PayoutRequest, PayoutPaid, CommitEpoch, WithdrawFees,
         TopUpStake, FeesPaid, Deposit, Charge, Close, EscrowWithdraw, EscrowCharged,
         EscrowRefund, VaultInit, UnstakeVault, WithdrawVaultStake, VaultStakeReturned,
+        Swept, SweepRegistry, SweepProvider,
     )
 }  # fmt: skip
 

@@ -35,6 +35,8 @@ from .messages import (
     SignedPayout,
     SignedReceipt,
     Slash,
+    SweepProvider,
+    SweepRegistry,
     TopUpStake,
     Unstake,
     UnstakeVault,
@@ -66,11 +68,13 @@ __all__ = [
     "provider_claim",
     "provider_rotate_key",
     "provider_slash",
+    "provider_sweep",
     "provider_top_up",
     "provider_unstake",
     "provider_update_capabilities",
     "provider_withdraw",
     "register_provider",
+    "registry_sweep",
     "update_params",
     "vault_commit_epoch",
     "vault_top_up_stake",
@@ -110,6 +114,7 @@ ERROR_NAMES = {
     211: "provider: proof does not verify",
     213: "provider: key rotated too recently",
     214: "provider: malformed capabilities",
+    215: "provider: neither withdrawn nor slashed",
     300: "vault: not operator",
     301: "vault: not enough value",
     302: "vault: sender is not an escrow of this vault",
@@ -198,7 +203,7 @@ async def _send(
 
 
 async def deploy_registry(
-    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
+    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int | None = None
 ) -> Address:
     addr, _ = await deploy.deploy_registry(owner, params, value=value)
     return addr
@@ -236,6 +241,16 @@ async def allow_model(
     m = model_hash(model) if isinstance(model, str) else model
     body = SetModel(new_query_id(), m, allowed).to_cell()
     return await _send("allow model", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def registry_sweep(
+    owner: Sender, registry: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    """Send everything on the Registry above its storage reserve to its owner (governance)."""
+    body = SweepRegistry(new_query_id()).to_cell()
+    return await _send(
+        "registry sweep", owner, registry, OP_VALUE["admin"], body, check=check, **kw
+    )
 
 
 async def change_owner(
@@ -313,6 +328,14 @@ async def provider_withdraw(
     return await _send(
         "withdraw stake", owner, provider, OP_VALUE["simple"], body, check=check, **kw
     )
+
+
+async def provider_sweep(
+    owner: Sender, provider: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    """Withdrawn or slashed: send everything above the storage reserve to the owner."""
+    body = SweepProvider(new_query_id()).to_cell()
+    return await _send("sweep", owner, provider, OP_VALUE["simple"], body, check=check, **kw)
 
 
 async def provider_claim(

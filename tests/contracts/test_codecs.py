@@ -56,6 +56,9 @@ SAMPLES = [
     messages.UnstakeVault(34, 5),
     messages.WithdrawVaultStake(35),
     messages.VaultStakeReturned(36, 5),
+    messages.Swept(37),
+    messages.SweepRegistry(38),
+    messages.SweepProvider(39),
 ]
 
 

@@ -40,7 +40,7 @@ async def test_full_flow(chain, contracts_set, make_wallet):
     tr = await roles.escrow_deposit(client, escrow, 1 * TON)
     print("deposit", gas(tr), [t.gas_used for t in tr.transactions])
     e = await getters.get_escrow_data(chain, escrow)
-    assert e.deposited > 3.9 * TON
+    assert e.deposited > 3.8 * TON  # 4 TON but the storage reserve (0.1 TON) and gas
 
     voucher = SpendVoucher(escrow, cs.vault, 2 * TON)
     tr = await roles.escrow_charge(cs.operator, escrow, voucher, spend.sign(voucher))
