@@ -115,6 +115,7 @@ ERROR_NAMES = {
     213: "provider: key rotated too recently",
     214: "provider: malformed capabilities",
     215: "provider: neither withdrawn nor slashed",
+    216: "provider: a receipt of the proof is for another network",
     300: "vault: not operator",
     301: "vault: not enough value",
     302: "vault: sender is not an escrow of this vault",
@@ -135,6 +136,7 @@ ERROR_NAMES = {
     317: "vault: epoch commit totals go backwards",
     318: "vault: epoch commit totals beyond what the vault was charged",
     319: "vault: payout above the last epoch commit's paid total",
+    320: "vault: voucher or commit for another network",
     400: "escrow: not owner",
     401: "escrow: not enough value",
     402: "escrow: bad signature",
@@ -146,6 +148,7 @@ ERROR_NAMES = {
     408: "escrow: not closing",
     409: "escrow: still locked (close delay)",
     410: "escrow: not open",
+    411: "escrow: voucher for another network",
     0xFFFF: "unknown opcode",
     9: "malformed body (cell underflow)",
 }

@@ -30,7 +30,12 @@ from contracts.protocol.api import (
     RouteResponse,
     VoucherSubmission,
 )
-from contracts.protocol.signed import SignedObjectError, SpendVoucher, signature_valid
+from contracts.protocol.signed import (
+    SignedObjectError,
+    SpendVoucher,
+    network_global_id,
+    signature_valid,
+)
 from contracts.protocol.tickets import TICKET_KEY_PATH
 from contracts.toncenter import ToncenterClient
 from marketplace.config import MatcherConfig
@@ -50,6 +55,7 @@ __all__ = [
     "CONFIG",
     "ENGINE",
     "ESCROWS",
+    "GLOBAL_ID",
     "PROVIDERS",
     "LEDGER",
     "METRICS",
@@ -66,7 +72,8 @@ log = logging.getLogger(__name__)
 
 
 class StartupRefused(RuntimeError):
-    """The configuration is unsafe against the chain it names; the matcher does not start."""
+    """The configuration is unsafe against the chain it names (or names no network); the
+    matcher does not start."""
 
 
 CONFIG = web.AppKey("config", MatcherConfig)
@@ -81,6 +88,7 @@ ESCROWS = web.AppKey("escrows", EscrowBook)
 PROVIDERS = web.AppKey("providers", ProviderBook)
 TICKETS = web.AppKey("tickets", TicketSigner)
 ALLOWLISTS = web.AppKey("allowlists", Allowlists)
+GLOBAL_ID = web.AppKey("global_id", int)  # the network vouchers and receipts must name
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -114,15 +122,34 @@ async def _node_client(app: web.Application):
     )
     app[REGISTRY] = registry
     app[RELAY] = Relay(
-        config, session, registry, app[LEDGER], app[METRICS], app[TICKETS], app.get(ESCROWS)
+        config,
+        session,
+        registry,
+        app[LEDGER],
+        app[METRICS],
+        app[TICKETS],
+        app.get(ESCROWS),
+        global_id=app[GLOBAL_ID],
     )
     yield
     await session.close()
 
 
+def _network(config: MatcherConfig, on_chain: int | None) -> int:
+    """The global id vouchers and receipts must name: the configured one, else the
+    devnet's on the devnet, else the chain's (``on_chain``); none otherwise."""
+    try:
+        if config.global_id is None and not config.devnet:
+            return network_global_id(on_chain, devnet=False)
+        return network_global_id(config.global_id, devnet=config.devnet)
+    except ValueError as e:
+        raise StartupRefused(f"{e}: give --global-id or --chain") from e
+
+
 async def _chain(app: web.Application):
     config = app[CONFIG]
     if config.chain_url is None:
+        app[GLOBAL_ID] = _network(config, None)
         yield
         return
     if config.devnet and not await is_devnet(config.chain_url):
@@ -131,6 +158,17 @@ async def _chain(app: web.Application):
             f"at {config.chain_url} is not one (it does not answer /devnet/health)"
         )
     chain = ToncenterClient(config.chain_url)
+    try:
+        # read only when neither the configuration nor the devnet says which network
+        needed = config.global_id is None and not config.devnet
+        app[GLOBAL_ID] = _network(config, await chain.get_global_id() if needed else None)
+    except Exception as e:
+        await chain.close()
+        if isinstance(e, StartupRefused):
+            raise
+        raise StartupRefused(
+            f"cannot read the global id of the chain at {config.chain_url}: {e}"
+        ) from e
     escrows = app[ESCROWS] = EscrowBook(chain, config.vault)
     held = await app[LEDGER].call(
         lambda c: c.execute(select(VOUCHERS.c.escrow, VOUCHERS.c.cumulative)).all()
@@ -267,6 +305,12 @@ async def submit_voucher(request: web.Request) -> web.Response:
             403, "the voucher's signature does not verify", type="permission_error",
             code="bad_signature",
         )  # fmt: skip
+    if voucher.global_id != request.app[GLOBAL_ID]:
+        raise ApiError(
+            400,
+            f"the voucher is for network {voucher.global_id}, not {request.app[GLOBAL_ID]}",
+            code="wrong_network",
+        )
     vault = voucher.vault.to_str(is_user_friendly=False)
     if config.vault is not None and vault != normalize_escrow(config.vault):
         raise ApiError(400, "the voucher names another vault", code="wrong_vault")

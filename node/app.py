@@ -28,6 +28,7 @@ from contracts.protocol.api import (
     NodeStatus,
     registration_message,
 )
+from contracts.protocol.signed import network_global_id
 from node.attest import DEFAULT_PCCS_URL, Attester, make_provider, pccs_collateral_fetcher
 from node.engine import EngineBackend, OpenAIHttpBackend
 from node.jobs import JobService, OfferBook, SeenJobs, error_response
@@ -50,6 +51,9 @@ log = logging.getLogger("imago.node")
 class NodeConfig:
     state_dir: Path
     devnet: bool = False
+    # the network its receipts name (config param 19); None: the devnet's with devnet,
+    # and create_app refuses to start without one off the devnet
+    global_id: int | None = None
     attestation: str | None = None  # None: "dev" on the devnet, "tdx" elsewhere
     pccs_url: str = DEFAULT_PCCS_URL  # where a TDX node fetches its DCAP collateral
     passphrase: str | None = field(default=None, repr=False)
@@ -92,6 +96,7 @@ class NodeState:
     matcher_keys: MatcherKeys
     engine_ready: asyncio.Event
     hardware: str
+    global_id: int  # the network its receipts name
     backend: EngineBackend | None = None
     jobs: JobService | None = None
     supervisor: Supervisor | None = None
@@ -127,6 +132,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     if keys is None:
         keys = load_or_create_keys(config.state_dir / "node_keys.json", config.passphrase)
     provider = make_provider(config.attestation_kind, keys, devnet=config.devnet)
+    global_id = network_global_id(config.global_id, devnet=config.devnet)  # ValueError
     state = NodeState(
         config=config,
         keys=keys,
@@ -142,6 +148,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         matcher_keys=MatcherKeys(config.matcher, pinned),
         engine_ready=asyncio.Event(),
         hardware=describe_hardware(),
+        global_id=global_id,
     )
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = state
@@ -215,6 +222,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             state.matcher_keys,
             max_concurrent=config.max_concurrent,
             engine_ready=state.engine_ready,
+            global_id=state.global_id,
         )
         tasks.append(asyncio.create_task(_watch_engine(state), name="engine-watch"))
         yield

@@ -317,8 +317,10 @@ class JobService:
         *,
         max_concurrent: int,
         engine_ready: asyncio.Event,
+        global_id: int,
     ) -> None:
         self._keys = keys
+        self.global_id = global_id  # the network its receipts name
         self._node_public = keys.ed25519_public
         self._backend = backend
         self._offers = offers
@@ -522,6 +524,7 @@ class _Job:
             return envelope.encode_frame(FrameType.END, _dumps(end).encode())
         offer = self.model.offer
         receipt = Receipt(
+            global_id=self.service.global_id,
             escrow=self.escrow,
             job_id=int.from_bytes(self.job_id, "big"),
             time=int(time.time()),

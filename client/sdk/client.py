@@ -65,6 +65,7 @@ from contracts.protocol.envelope import (
 from contracts.protocol.signed import (
     SpendVoucher,
     cost_nanoton,
+    network_global_id,
 )
 
 __all__ = ["Completion", "CompletionStream", "Endpoint", "ImagoClient"]
@@ -169,6 +170,8 @@ class ImagoClient:
     ``fanout``: how many top candidates get a sealed copy (the matcher fails over).
     ``voucher_interval``: at most one voucher post per interval (seconds); the jobs in
     between share one cumulative voucher, so the matcher is not hit twice per request.
+    ``global_id``: the network the escrow is on (config param 19; mainnet -239, testnet
+    -3): every voucher names it and every receipt must. Required off the devnet.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class ImagoClient:
         read_timeout: float = 600.0,
         voucher_interval: float = 1.0,
         allowlists: Allowlists | None = None,
+        global_id: int | None = None,
     ) -> None:
         if policy.allow_dev and not devnet:
             raise ValueError("dev attestations are accepted only in devnet mode")
@@ -203,6 +207,9 @@ class ImagoClient:
         self.allowlists = allowlists
         self.caps = caps
         self.devnet = devnet
+        # the network its vouchers name and its receipts must name; none by default
+        # off the devnet (ValueError)
+        self.global_id = network_global_id(global_id, devnet=devnet)
         self.fanout = fanout
         self._spend_key = spend_key
         self.spend_public = spend_key.public_key().public_bytes_raw()
@@ -696,6 +703,7 @@ class ImagoClient:
         node = job.serving
         assert node is not None  # checked by the caller
         expected = Expected(
+            global_id=self.global_id,
             node_id=node.node_id,
             node_ed25519=node.ed25519_public,
             job_id=job.job_id,
@@ -758,7 +766,9 @@ class ImagoClient:
             self._voucher_idle.set()
 
     async def _post_voucher(self, cumulative: int, job_ids: list[str]) -> bool:
-        voucher = SpendVoucher(escrow=self.escrow, vault=self.vault, cumulative=cumulative)
+        voucher = SpendVoucher(
+            global_id=self.global_id, escrow=self.escrow, vault=self.vault, cumulative=cumulative
+        )
         submission = {
             "voucher": base64.b64encode(voucher.to_boc()).decode(),
             "signature": voucher.sign(self._spend_key).hex(),

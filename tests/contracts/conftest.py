@@ -15,10 +15,15 @@ from pytoniq_core import Address
 from contracts import deploy, roles
 from contracts.devnet import DevnetClient
 from contracts.messages import RegistryParams
+from contracts.protocol.signed import DEVNET_GLOBAL_ID
 from contracts.wallet import Wallet, WalletKeys
 from tests.chain import fixtures as _chain_fixtures
 
 TON = 1_000_000_000
+
+# The devnet's network global id: every signed object names it (the contracts refuse one
+# for another network; test_signed_objects_for_the_devnet checks the chain agrees).
+G = DEVNET_GLOBAL_ID
 
 # Short delays so that tests can move the clock past them (wallets sign messages valid for
 # 120 s of wall time, so the devnet clock may run at most that far ahead).
@@ -118,4 +123,4 @@ async def clock(chain: DevnetClient):
     await chain.set_clock(None)
 
 
-__all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "roles"]
+__all__ = ["G", "TEST_PARAMS", "TON", "ContractSet", "Key", "os", "roles"]

@@ -12,12 +12,12 @@ from contracts import deploy, getters, messages
 from contracts.messages import Capabilities, MessageError, ModelPrice, RegistryParams
 from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
-from .conftest import Key
+from .conftest import G, Key
 
 A = Address("0:" + "ab" * 32)
 B = Address("0:" + "cd" * 32)
 SIG = bytes(range(64))
-R = Receipt(A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
+R = Receipt(G, A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
 
 SAMPLES = [
     messages.ReturnExcess(1),
@@ -35,19 +35,21 @@ SAMPLES = [
     messages.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),
     messages.Unstake(14),
     messages.WithdrawStake(15),
-    messages.Claim(16, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 10))),
+    messages.Claim(16, messages.SignedPayout(SIG, PayoutVoucher(G, A, B, 1, 10))),
     messages.Slash(17, messages.SignedReceipt(SIG, R), messages.SignedReceipt(SIG, R)),
     messages.ProviderPayout(18, 5),
     messages.StakeReturned(19, 6),
     messages.SlashBounty(20, 7),
-    messages.PayoutRequest(21, 1, 2, A, 3, messages.SignedPayout(SIG, PayoutVoucher(A, B, 1, 2))),
+    messages.PayoutRequest(
+        21, 1, 2, A, 3, messages.SignedPayout(SIG, PayoutVoucher(G, A, B, 1, 2))
+    ),
     messages.PayoutPaid(22, 1, 2),
-    messages.CommitEpoch(23, SIG, EpochCommit(A, 1, b"\3" * 32, 1, 2, 3, 4)),
+    messages.CommitEpoch(23, SIG, EpochCommit(G, A, 1, b"\3" * 32, 1, 2, 3, 4)),
     messages.WithdrawFees(24, 5),
     messages.TopUpStake(25),
     messages.FeesPaid(26, 1),
     messages.Deposit(27),
-    messages.Charge(28, SIG, SpendVoucher(A, B, 5)),
+    messages.Charge(28, SIG, SpendVoucher(G, A, B, 5)),
     messages.Close(29),
     messages.EscrowWithdraw(30),
     messages.EscrowCharged(31, 5, A, 7, B),

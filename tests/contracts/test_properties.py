@@ -26,7 +26,7 @@ from contracts.protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 from contracts.toncenter import Trace
 from contracts.wallet import OutMessage, WalletKeys
 
-from .conftest import TON, Key, LongValidityWallet
+from .conftest import TON, G, Key, LongValidityWallet
 
 CENT = TON // 100
 PARAMS = RegistryParams(2 * TON, 40, 20, 300, 1000, 2 * TON)
@@ -118,7 +118,7 @@ class World:
         elif kind == "charge":
             _, how, delta = op
             cumulative = self.charged if how == "replay" else self.charged + delta
-            v = SpendVoucher(self.escrow, self.vault, cumulative)
+            v = SpendVoucher(G, self.escrow, self.vault, cumulative)
             key = Key() if how == "wrong_key" else self.spend
             trace = await roles.escrow_charge(
                 self.operator, self.escrow, v, key.sign(v), check=False
@@ -135,7 +135,7 @@ class World:
             trace = await self.commit(op[1], op[2])
         elif kind == "claim":
             v = await getters.get_vault_data(c, self.vault)
-            pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, self.claimed + op[1])
+            pv = PayoutVoucher(G, self.vault, self.provider, v.last_epoch, self.claimed + op[1])
             trace = await roles.provider_claim(
                 self.node, self.provider, pv, self.operator_key.sign(pv), check=False
             )
@@ -177,7 +177,7 @@ class World:
             paid = v.committed_paid - 1
         elif how != "ok":
             charged = v.charged_in + 1
-        commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
+        commit = EpochCommit(G, self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
         return await roles.vault_commit_epoch(
             self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
         )
@@ -189,7 +189,7 @@ class World:
         messages, cumulative, best = [], self.claimed, 0
         for delta, how in batch:
             cumulative += delta
-            pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, cumulative)
+            pv = PayoutVoucher(G, self.vault, self.provider, v.last_epoch, cumulative)
             key = Key() if how == "refused" else self.operator_key
             body = Claim(roles.new_query_id(), SignedPayout(key.sign(pv), pv)).to_cell()
             messages.append(OutMessage(self.provider, roles.OP_VALUE["claim"], body, None, True))

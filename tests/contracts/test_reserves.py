@@ -19,7 +19,7 @@ from contracts.devnet import DevnetClient
 from contracts.messages import Capabilities, ModelPrice
 from contracts.protocol.signed import model_hash
 
-from .conftest import TON, Key
+from .conftest import TON, G, Key
 from .test_rejections import codes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,8 +124,8 @@ async def test_slashed_provider_sweeps_to_its_owner(chain, contracts_set, make_w
     node, reporter, key = await make_wallet(), await make_wallet(), Key()
     provider, _ = await roles.register_provider(node, chain, cs.registry, key.public, 2 * TON, CAPS)
     escrow = deploy.escrow_address(cs.vault, node.address, 1, 1)
-    r1 = Receipt(escrow, 5, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
-    r2 = Receipt(escrow, 5, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
+    r1 = Receipt(G, escrow, 5, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
+    r2 = Receipt(G, escrow, 5, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
     await roles.provider_slash(reporter, provider, (r1, key.sign(r1)), (r2, key.sign(r2)))
     await reporter.transfer(provider, TON, None, bounce=False)
     before = await node.balance()

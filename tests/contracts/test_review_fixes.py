@@ -14,7 +14,7 @@ from contracts.messages import Charge, EscrowWithdraw, VaultInit
 from contracts.protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 from contracts.wallet import OutMessage
 
-from .conftest import TEST_PARAMS, TON, Key
+from .conftest import TEST_PARAMS, TON, G, Key
 from .test_rejections import CAPS, codes
 
 
@@ -57,9 +57,9 @@ async def test_vault_stake_unbonds_and_only_the_free_part_is_withdrawn(
     provider, _ = await roles.register_provider(
         node, chain, cs.registry, node_key.public, 2 * TON, CAPS
     )
-    c = EpochCommit(vault, 1, b"\x01" * 32, 0, TON, 0, 0)  # 1 TON owed, from the stake
+    c = EpochCommit(G, vault, 1, b"\x01" * 32, 0, TON, 0, 0)  # 1 TON owed, from the stake
     await roles.vault_commit_epoch(op, vault, c, key.sign(c))
-    pv = PayoutVoucher(vault, provider, 1, TON)
+    pv = PayoutVoucher(G, vault, provider, 1, TON)
     await roles.provider_claim(node, provider, pv, key.sign(pv))
     v2 = await getters.get_vault_data(chain, vault)
     assert v2.paid_out == TON and v2.charged_in == 0
@@ -99,7 +99,7 @@ async def test_charge_bounced_after_withdraw_reaches_the_owner(
     escrow, _ = await roles.escrow_open(client, cs.vault, spend.public, 2 * TON, 7)
     await roles.escrow_close(client, escrow)
     await clock.advance(8)
-    v = SpendVoucher(escrow, cs.vault, TON)
+    v = SpendVoucher(G, escrow, cs.vault, TON)
     # one external: Charge then Withdraw; the charge's bounce arrives after the Withdraw
     tr = await client.send(
         [
@@ -207,16 +207,16 @@ async def test_payout_beyond_the_real_balance_is_not_lost(chain, contracts_set, 
     )
     v0 = await getters.get_vault_data(chain, vault)
     escrow, _ = await roles.escrow_open(client, vault, spend.public, 2 * TON, v0.escrow_close_delay)
-    sv = SpendVoucher(escrow, vault, TON)
+    sv = SpendVoucher(G, escrow, vault, TON)
     await roles.escrow_charge(op, escrow, sv, spend.sign(sv))
     v = await getters.get_vault_data(chain, vault)
     await roles.vault_withdraw_fees(op, vault, v.fees_accrued - v.fees_withdrawn)
     v = await getters.get_vault_data(chain, vault)
     # the whole of what the counters allow: charged - fees + stake - paid
-    c = EpochCommit(vault, 1, b"\x06" * 32, v.charged_in, v.payable, v.fees_accrued, 1)
+    c = EpochCommit(G, vault, 1, b"\x06" * 32, v.charged_in, v.payable, v.fees_accrued, 1)
     await roles.vault_commit_epoch(op, vault, c, key.sign(c))
     await clock.advance(600)  # storage fees: the balance falls below the counters
-    pv = PayoutVoucher(vault, provider, 1, v.payable)
+    pv = PayoutVoucher(G, vault, provider, 1, v.payable)
     before = await node.balance()
     tr = await roles.provider_claim(node, provider, pv, key.sign(pv), check=False)
     assert codes(tr) == [316]  # the balance less the storage reserve does not cover it
@@ -246,17 +246,17 @@ async def test_epoch_totals_bind_commits_and_payouts(chain, contracts_set, make_
     )
     v = await getters.get_vault_data(chain, vault)
     escrow, _ = await roles.escrow_open(client, vault, spend.public, 3 * TON, v.escrow_close_delay)
-    sv = SpendVoucher(escrow, vault, TON)
+    sv = SpendVoucher(G, escrow, vault, TON)
     await roles.escrow_charge(op, escrow, sv, spend.sign(sv))
     v = await getters.get_vault_data(chain, vault)
     fees = v.fees_accrued
 
     async def commit(epoch, charged, paid, fees):
-        c = EpochCommit(vault, epoch, bytes([epoch]) * 32, charged, paid, fees, 1)
+        c = EpochCommit(G, vault, epoch, bytes([epoch]) * 32, charged, paid, fees, 1)
         return codes(await roles.vault_commit_epoch(op, vault, c, key.sign(c), check=False))
 
     async def claim(cumulative, epoch):
-        pv = PayoutVoucher(vault, provider, epoch, cumulative)
+        pv = PayoutVoucher(G, vault, provider, epoch, cumulative)
         return codes(await roles.provider_claim(node, provider, pv, key.sign(pv), check=False))
 
     # more charged than the Vault received, fees above the charge, paid above charged -
@@ -304,8 +304,8 @@ async def test_self_reporting_offender_still_loses_half(chain, make_wallet):
     node_key, stake = Key(), 4 * TON
     provider, _ = await roles.register_provider(node, chain, registry, node_key.public, stake, CAPS)
     escrow = deploy.escrow_address(registry, node.address, 1, 1)
-    r1 = Receipt(escrow, 77, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
-    r2 = Receipt(escrow, 77, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
+    r1 = Receipt(G, escrow, 77, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
+    r2 = Receipt(G, escrow, 77, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
     before, gov_before = await node.balance(), await gov.balance()
     await roles.provider_slash(node, provider, (r1, node_key.sign(r1)), (r2, node_key.sign(r2)))
     # the offender got back at most half its stake (plus its message value, minus gas)

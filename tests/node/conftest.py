@@ -23,7 +23,7 @@ from pytoniq_core import Address
 from contracts.protocol import envelope
 from contracts.protocol.api import SealedRequest
 from contracts.protocol.envelope import FrameDecoder, FrameType, ResponseOpener
-from contracts.protocol.signed import Receipt, model_hash
+from contracts.protocol.signed import DEVNET_GLOBAL_ID, Receipt, model_hash
 from contracts.protocol.tickets import TICKET_HEADER, ticket_message
 from node.app import STATE, NodeConfig, create_app
 from node.keys import NodeKeys
@@ -149,7 +149,8 @@ def check_receipt(result: JobResult, node_ed25519: bytes, model: str, prices: tu
     """Everything a client checks on a receipt."""
     receipt, end = result.receipt, result.end
     assert receipt is not None and end is not None
-    assert receipt.verify(bytes.fromhex(end["signature"]), node_ed25519)
+    # a devnet node: its receipts name the devnet's network
+    assert receipt.verify(bytes.fromhex(end["signature"]), node_ed25519, global_id=DEVNET_GLOBAL_ID)
     assert receipt.job_id == int.from_bytes(result.job_id, "big")
     assert receipt.escrow == Address(ESCROW)
     assert receipt.model == model_hash(model)
