@@ -75,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chain", help="toncenter v2 API of the chain (default: the stack's devnet, if any)"
     )
     serve.add_argument(
+        "--global-id",
+        type=int,
+        help="the network's global id, which vouchers and receipts name (mainnet -239, "
+        "testnet -3; default: read from --chain, or the devnet's with --devnet)",
+    )
+    serve.add_argument(
         "--registry",
         help="the Registry whose image allowlist nodes must be on (default: the stack's)",
     )
@@ -201,10 +207,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _fail(f"a TDX measurement is hex: {e}")
+    global_id = args.global_id
     if chain:
         refusal = asyncio.run(_check_escrow(chain, escrow, vault, spend_public))
         if refusal:
             return _fail(refusal)
+        try:
+            on_chain = asyncio.run(_chain_global_id(chain))
+        except Exception as e:  # transport or API error: say which chain
+            return _fail(f"cannot read the network's global id from the chain at {chain}: {e}")
+        if global_id is not None and global_id != on_chain:
+            return _fail(f"--global-id {global_id}: the chain at {chain} is network {on_chain}")
+        global_id = on_chain
     allowlists = Allowlists(ToncenterClient(chain), registry) if registry else None
     policy = AttestationPolicy(
         allow_dev=devnet,
@@ -224,6 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             state_path=ledger,
             devnet=devnet,
             allowlists=allowlists,
+            global_id=global_id,
         )
     except (LedgerError, ValueError) as e:
         return _fail(str(e))
@@ -263,6 +278,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=announce,
     )
     return 0
+
+
+async def _chain_global_id(chain: str) -> int:
+    from contracts.chain.toncenter import ToncenterClient
+
+    async with ToncenterClient(chain, max_retries=2, timeout=10.0) as client:
+        return await client.get_global_id()
 
 
 async def _check_escrow(chain: str, escrow: str, vault: str, spend_public: bytes) -> str | None:

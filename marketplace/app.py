@@ -44,7 +44,12 @@ from protocol.api import (
     VoucherSubmission,
 )
 from protocol.errors import ApiError, error_middleware
-from protocol.signed import SignedObjectError, SpendVoucher, signature_valid
+from protocol.signed import (
+    SignedObjectError,
+    SpendVoucher,
+    network_global_id,
+    signature_valid,
+)
 from protocol.tickets import TICKET_KEY_PATH
 
 __all__ = [
@@ -52,6 +57,7 @@ __all__ = [
     "CONFIG",
     "ENGINE",
     "ESCROWS",
+    "GLOBAL_ID",
     "PROVIDERS",
     "LEDGER",
     "METRICS",
@@ -69,7 +75,8 @@ log = logging.getLogger(__name__)
 
 
 class StartupRefused(RuntimeError):
-    """The configuration is unsafe against the chain it names; the matcher does not start."""
+    """The configuration is unsafe against the chain it names (or names no network); the
+    matcher does not start."""
 
 
 CONFIG = web.AppKey("config", MatcherConfig)
@@ -86,6 +93,7 @@ TICKETS = web.AppKey("tickets", TicketSigner)
 ALLOWLISTS = web.AppKey("allowlists", Allowlists)
 CHAIN = web.AppKey("chain", ToncenterClient)
 SETTLEMENT = web.AppKey("settlement", object)  # a SettlementService, imported when used
+GLOBAL_ID = web.AppKey("global_id", int)  # the network vouchers and receipts must name
 VOUCHERS = SpendVoucherRecord.__table__
 
 
@@ -119,15 +127,34 @@ async def _node_client(app: web.Application):
     )
     app[REGISTRY] = registry
     app[RELAY] = Relay(
-        config, session, registry, app[LEDGER], app[METRICS], app[TICKETS], app.get(ESCROWS)
+        config,
+        session,
+        registry,
+        app[LEDGER],
+        app[METRICS],
+        app[TICKETS],
+        app.get(ESCROWS),
+        global_id=app[GLOBAL_ID],
     )
     yield
     await session.close()
 
 
+def _network(config: MatcherConfig, on_chain: int | None) -> int:
+    """The global id vouchers and receipts must name: the configured one, else the
+    devnet's on the devnet, else the chain's (``on_chain``); none otherwise."""
+    try:
+        if config.global_id is None and not config.devnet:
+            return network_global_id(on_chain, devnet=False)
+        return network_global_id(config.global_id, devnet=config.devnet)
+    except ValueError as e:
+        raise StartupRefused(f"{e}: give --global-id or --chain") from e
+
+
 async def _chain(app: web.Application):
     config = app[CONFIG]
     if config.chain_url is None:
+        app[GLOBAL_ID] = _network(config, None)
         yield
         return
     if config.devnet and not await is_devnet(config.chain_url):
@@ -136,6 +163,17 @@ async def _chain(app: web.Application):
             f"at {config.chain_url} is not one (it does not answer /devnet/health)"
         )
     chain = app[CHAIN] = ToncenterClient(config.chain_url)
+    try:
+        # read only when neither the configuration nor the devnet says which network
+        needed = config.global_id is None and not config.devnet
+        app[GLOBAL_ID] = _network(config, await chain.get_global_id() if needed else None)
+    except Exception as e:
+        await chain.close()
+        if isinstance(e, StartupRefused):
+            raise
+        raise StartupRefused(
+            f"cannot read the global id of the chain at {config.chain_url}: {e}"
+        ) from e
     escrows = app[ESCROWS] = EscrowBook(chain, config.vault)
     held = await app[LEDGER].call(
         lambda c: c.execute(select(VOUCHERS.c.escrow, VOUCHERS.c.cumulative)).all()
@@ -170,8 +208,9 @@ async def _settlement(app: web.Application):
     except (OSError, keystore.KeystoreError) as e:
         raise StartupRefused(f"the operator's keys: {e}") from e
     service = SettlementService(
-        settle, app[LEDGER], app[CHAIN], wallet, operator.ed25519, config.vault, config.instance
-    )
+        settle, app[LEDGER], app[CHAIN], wallet, operator.ed25519, config.vault, config.instance,
+        app[GLOBAL_ID],
+    )  # fmt: skip
     try:
         await service.start()
     except SettlementError as e:
@@ -307,6 +346,12 @@ async def submit_voucher(request: web.Request) -> web.Response:
     # encoding of a signed voucher must not pass here and fail on-chain.
     if not signature_valid(signature, voucher_hash, spend_public):
         raise ApiError.forbidden("the voucher's signature does not verify", "bad_signature")
+    if voucher.global_id != request.app[GLOBAL_ID]:
+        raise ApiError(
+            400,
+            f"the voucher is for network {voucher.global_id}, not {request.app[GLOBAL_ID]}",
+            code="wrong_network",
+        )
     vault = voucher.vault.to_str(is_user_friendly=False)
     if config.vault is not None and vault != normalize_escrow(config.vault):
         raise ApiError(400, "the voucher names another vault", code="wrong_vault")

@@ -48,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="toncenter v2 API (the devnet's, or toncenter): check escrows' spend keys on-chain",
     )  # fmt: skip
     serve.add_argument(
+        "--global-id", type=int, metavar="ID",
+        help="the network vouchers and receipts must name (mainnet -239, testnet -3; "
+        "default: the --chain's, or the devnet's with --devnet)",
+    )  # fmt: skip
+    serve.add_argument(
         "--registry", metavar="ADDR",
         help="with --chain: admit only nodes whose Provider of this Registry is active, "
         "staked and bound to the attested key, whose image the Registry allows, and only "
@@ -161,6 +166,7 @@ def serve_command(args: argparse.Namespace) -> int:
         allowed_mr_td=mr_td,
         accepted_tcb_statuses=frozenset(args.accept_tcb_status),
         vault=args.vault,
+        global_id=args.global_id,
         chain_url=args.chain,
         registry=args.registry,
         ticket_key=args.ticket_key,

@@ -56,6 +56,10 @@ class MatcherConfig:
     accepted_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
     instance: str = field(default_factory=lambda: f"matcher@{socket.gethostname()}")
     vault: str | None = None  # the operator's Vault address; vouchers must name it
+    # the network vouchers and receipts must name (config param 19); None: the devnet's
+    # with devnet, else the chain's (read at start from chain_url); with neither the
+    # matcher refuses to start
+    global_id: int | None = None
     chain_url: str | None = None  # toncenter v2 API: check each escrow's spend key on-chain
     # with chain_url: admit only nodes a staked Provider backs, running an image and
     # offering models the Registry's allowlists hold (each answer kept allowlist_ttl_s)

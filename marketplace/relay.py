@@ -120,8 +120,11 @@ class Relay:
         metrics: Metrics,
         tickets: TicketSigner,
         escrows: EscrowBook | None = None,
+        *,
+        global_id: int,
     ) -> None:
         self.escrows = escrows  # with a chain: refuse jobs an escrow cannot pay for
+        self.global_id = global_id  # the network every receipt must name
         self.tickets = tickets
         self.config = config
         self.session = session
@@ -497,6 +500,7 @@ class Relay:
             cell_hash,
             signature,
             ReceiptExpectations(
+                global_id=self.global_id,
                 node_key=node.public,
                 job_id=int.from_bytes(job_bytes, "big"),
                 escrow=Address(escrow),

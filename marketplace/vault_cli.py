@@ -70,6 +70,9 @@ def _vault_json(args: argparse.Namespace, v: getters.VaultData) -> dict[str, Any
         "payable": format_ton(v.payable, unit=False),
         "last_epoch": v.last_epoch,
         "last_root": v.last_root.hex(),
+        "committed_charged": format_ton(v.committed_charged, unit=False),
+        "committed_paid": format_ton(v.committed_paid, unit=False),
+        "committed_fees": format_ton(v.committed_fees, unit=False),
         "protocol_fee_bps": v.protocol_fee_bps,
         "escrow_close_delay": v.escrow_close_delay,
         "unbonding_delay": v.unbonding_delay,
@@ -86,7 +89,8 @@ def _vault_human(args: argparse.Namespace, vault: Address, v: getters.VaultData)
             f"stake {format_ton(v.stake)}, balance {format_ton(v.balance)}",
             f"charged in {format_ton(v.charged_in)}, paid out {format_ton(v.paid_out)}, "
             f"fees {format_ton(v.fees_accrued)} (withdrawn {format_ton(v.fees_withdrawn)})",
-            f"last epoch {v.last_epoch}",
+            f"last epoch {v.last_epoch}: committed charged {format_ton(v.committed_charged)}, "
+            f"paid {format_ton(v.committed_paid)}, fees {format_ton(v.committed_fees)}",
             *(
                 [f"unstaking {format_ton(v.unstaking)}, withdrawable from {v.unlock_time}"]
                 if v.unstaking

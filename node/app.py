@@ -48,6 +48,7 @@ from protocol.api import (
 )
 from protocol.errors import ApiError, error_middleware
 from protocol.home import node_keystore
+from protocol.signed import network_global_id
 
 __all__ = ["NodeConfig", "create_app", "NodeState", "STATE"]
 
@@ -58,6 +59,9 @@ log = logging.getLogger("imago.node")
 class NodeConfig:
     state_dir: Path
     devnet: bool = False
+    # the network its receipts name (config param 19); None: the devnet's with devnet,
+    # and create_app refuses to start without one off the devnet
+    global_id: int | None = None
     attestation: str | None = None  # None: "dev" on the devnet, "tdx" elsewhere
     pccs_url: str = DEFAULT_PCCS_URL  # where a TDX node fetches its DCAP collateral
     passphrase: str | None = field(default=None, repr=False)
@@ -106,6 +110,7 @@ class NodeState:
     matcher_keys: MatcherKeys
     engine_ready: asyncio.Event
     hardware: str
+    global_id: int  # the network its receipts name
     backend: EngineBackend | None = None
     jobs: JobService | None = None
     supervisor: Supervisor | None = None
@@ -143,6 +148,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
     if keys is None:
         keys = load_or_create_keys(node_keystore(config.state_dir), config.passphrase)
     provider = make_provider(config.attestation_kind, keys, devnet=config.devnet)
+    global_id = network_global_id(config.global_id, devnet=config.devnet)  # ValueError
     state = NodeState(
         config=config,
         keys=keys,
@@ -159,6 +165,7 @@ def create_app(config: NodeConfig, *, keys: NodeKeys | None = None) -> web.Appli
         engine_ready=asyncio.Event(),
         hardware=describe_hardware(),
         receipts=ReceiptLog(config.state_dir / RECEIPT_LOG),
+        global_id=global_id,
     )
     app = web.Application(middlewares=[error_middleware(log)], client_max_size=16 * 1024 * 1024)
     app[STATE] = state
@@ -235,6 +242,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             max_concurrent=config.max_concurrent,
             engine_ready=state.engine_ready,
             receipt_log=state.receipts,
+            global_id=state.global_id,
         )
         tasks.append(asyncio.create_task(_watch_engine(state), name="engine-watch"))
         yield

@@ -78,7 +78,7 @@ log = logging.getLogger("imago.node.claims")
 # transactions (0.005681 TON, docs/contracts.md) plus the wallet's own transaction and
 # the forward fees: 0.0109432 TON measured on the devnet (mainnet gas config), checked
 # by tests/contracts/test_node_claims.py.
-CLAIM_FEE = 11_000_000
+CLAIM_FEE = 11_200_000
 DEFAULT_CLAIM_EVERY = 300.0
 DEFAULT_MULTIPLE = 1000.0
 DEVNET_MULTIPLE = 0.0
@@ -417,11 +417,12 @@ class Claimer:
             log.debug("%s", result.message)
             return result
         v = await getters.get_vault_data(self.client, vault)
-        if v.payable < result.amount:
+        if v.payable < result.amount or kept.cumulative > v.committed_paid:
             result.status = "insolvent"
             result.message = (
-                f"the Vault can pay {v.payable} nanoTON, less than the {result.amount} owed; "
-                "not claiming (it would be refused)"
+                f"the Vault can pay {v.payable} nanoTON (its last commit up to "
+                f"{v.committed_paid} in all), less than the {result.amount} owed; not "
+                "claiming (it would be refused)"
             )
             log.warning("%s", result.message)
             return result

@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--devnet", action="store_true", help="devnet mode: allows the dev (software) attestation"
     )
     p.add_argument(
+        "--global-id",
+        type=int,
+        metavar="ID",
+        help="the network receipts name (config param 19: mainnet -239, testnet -3; "
+        "required unless --devnet, which uses the devnet's)",
+    )
+    p.add_argument(
         "--attestation",
         choices=["dev", "tdx"],
         default=None,
@@ -206,6 +213,7 @@ def serve(args: argparse.Namespace) -> int:
     config = NodeConfig(
         state_dir=state_dir,
         devnet=args.devnet,
+        global_id=args.global_id,
         attestation=args.attestation,
         **({"pccs_url": args.pccs_url} if args.pccs_url else {}),
         passphrase=passphrase,

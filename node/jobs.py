@@ -48,9 +48,11 @@ class JobService:
         max_concurrent: int,
         engine_ready: asyncio.Event,
         receipt_log: ReceiptLog | None = None,
+        global_id: int,
     ) -> None:
         self._receipt_log = receipt_log
         self._keys = keys
+        self.global_id = global_id  # the network its receipts name
         self._node_public = keys.ed25519_public
         self._backend = backend
         self._offers = offers
@@ -163,7 +165,7 @@ class JobService:
         sealer = ResponseSealer(response_key, job_id)
         run = JobRun(
             self._keys, self._backend, job, job_id, escrow, model, sealer, request_hash, id_on_disk,
-            self._receipt_log,
+            self._receipt_log, global_id=self.global_id,
         )  # fmt: skip
         # Accepted: the 200 and its headers leave now, before the engine answers, so
         # the matcher knows at once that this node took the job (a long non-streaming

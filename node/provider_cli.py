@@ -163,6 +163,8 @@ async def _provider_op(args: argparse.Namespace, op: str) -> int:
                 _record_for_node(args, provider, new_key, registry_of(args))
         elif op == "unstake":
             trace = await run_operation("unstaking", operations.provider_unstake, owner, provider)
+        elif op == "sweep":
+            trace = await run_operation("sweeping", operations.provider_sweep, owner, provider)
         else:
             trace = await run_operation(
                 "withdrawing the stake", operations.provider_withdraw, owner, provider
@@ -461,6 +463,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("rotate-key", "replace the node key"),
         ("unstake", "start the unbonding delay"),
         ("withdraw", "take the stake back after the unbonding delay"),
+        ("sweep", "withdrawn or slashed: take what is left above the storage reserve"),
         ("status", "state, stake, key, capabilities"),
     ):
         p = ps.add_parser(name, help=helptext)

@@ -49,7 +49,10 @@ class JobRun:
         request_hash: bytes,
         id_on_disk: asyncio.Future[None],
         receipt_log: ReceiptLog | None = None,
+        *,
+        global_id: int,
     ) -> None:
+        self.global_id = global_id  # the network its receipts name
         self.keys = keys
         self.id_on_disk = id_on_disk
         self.receipt_log = receipt_log
@@ -97,6 +100,7 @@ class JobRun:
             return envelope.encode_frame(FrameType.END, _dumps(end).encode())
         offer = self.model.offer
         receipt = Receipt(
+            global_id=self.global_id,
             escrow=self.escrow,
             job_id=int.from_bytes(self.job_id, "big"),
             time=int(time.time()),

@@ -27,7 +27,9 @@ __all__ = [
     "cell_hash",
     "coins",
     "encode",
+    "int32",
     "parse_boc",
+    "read_int32",
     "read_std_address",
     "read_tail_coins",
     "serialize_boc",
@@ -59,6 +61,18 @@ def uint(value: int, bits: int) -> int:
     if type(value) is not int or value < 0 or value >> bits:
         raise Unsupported("not a uint of that width")
     return value
+
+
+def int32(value: int) -> int:
+    """An int32 (two's complement) as its 32 bits."""
+    if type(value) is not int or not -(1 << 31) <= value < 1 << 31:
+        raise Unsupported("not an int32")
+    return value & 0xFFFFFFFF
+
+
+def read_int32(bits: int) -> int:
+    """The int32 whose 32 bits these are."""
+    return bits - (1 << 32) if bits >> 31 else bits
 
 
 def bits256(value: bytes) -> int:
@@ -118,6 +132,11 @@ class BitWriter:
         self.n += bits
         return self
 
+    def int32(self, value: int) -> BitWriter:
+        self.v = (self.v << 32) | int32(value)
+        self.n += 32
+        return self
+
     def bytes32(self, value: bytes) -> BitWriter:
         self.v = (self.v << 256) | bits256(value)
         self.n += 256
@@ -156,6 +175,9 @@ class BitReader:
             raise Unsupported("cell too short")
         self.n = n
         return (self.v >> n) & ((1 << bits) - 1)
+
+    def int32(self) -> int:
+        return read_int32(self.uint(32))
 
     def bytes32(self) -> bytes:
         return self.uint(256).to_bytes(32, "big")

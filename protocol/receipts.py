@@ -18,6 +18,7 @@ __all__ = ["ReceiptExpectations", "receipt_problems"]
 
 @dataclass(frozen=True, slots=True)
 class ReceiptExpectations:
+    global_id: int  # the network the receipt must name (config param 19)
     node_key: bytes  # the attested ed25519 key of the node that served
     job_id: int
     escrow: Address
@@ -36,6 +37,8 @@ def receipt_problems(
     problems: list[str] = []
     if not signature_valid(signature, cell_hash, x.node_key):
         problems.append(f"signature is not by the attested key {x.node_key.hex()[:16]}")
+    if receipt.global_id != x.global_id:
+        problems.append(f"signed for network {receipt.global_id}, not {x.global_id}")
     if receipt.job_id != x.job_id:
         problems.append("job id is not this job's")
     if receipt.escrow != x.escrow:

@@ -1,23 +1,32 @@
 """Signed off-chain objects: receipts, spend vouchers, payout vouchers, epoch commits.
 
-Each object is one cell that starts with a 32-bit domain tag and names the contract it
-is for, so a signature made for one purpose or contract is useless for another. The
-signature is ed25519 over the cell's representation hash: exactly what the Tolk
-contracts check with ``isSignatureValid(cell.hash(), signature, key)``.
+Each object is one cell that starts with a 32-bit domain tag and names the network (its
+global id, config param 19) and the contract it is for, so a signature made for one
+purpose, network or contract is useless for another: the same StateInit has the same
+address on every network, and a contract refuses an object whose global id is not its
+chain's. The signature is ed25519 over the cell's representation hash: exactly what the
+Tolk contracts check with ``isSignatureValid(cell.hash(), signature, key)``.
+
+Every signer passes the global id explicitly (there is no default): ``MAINNET_GLOBAL_ID``,
+``TESTNET_GLOBAL_ID``, ``DEVNET_GLOBAL_ID`` (the Imago devnet's own), or what
+``ToncenterClient.get_global_id()`` reads from the chain. Every verifier compares it with
+the network it expects (``check_network``).
 
 TL-B (the contracts parse the same layouts, see ``contracts/common/signed.tolk``)::
 
-    receipt#52435054 escrow:MsgAddressInt job_id:uint256 time:uint32
+    receipt#52435054 global_id:int32 escrow:MsgAddressInt job_id:uint256 time:uint32
         body:^[model:uint256 prompt_tokens:uint32 completion_tokens:uint32
                price_prompt:Coins price_completion:Coins amount:Coins]
         digests:^[request_hash:uint256 response_hash:uint256] = Receipt;
-    spend#5350454e escrow:MsgAddressInt vault:MsgAddressInt cumulative:Coins = SpendVoucher;
-    payout#5041594f vault:MsgAddressInt provider:MsgAddressInt epoch:uint64
+    spend#5350454e global_id:int32 escrow:MsgAddressInt vault:MsgAddressInt
+        cumulative:Coins = SpendVoucher;
+    payout#5041594f global_id:int32 vault:MsgAddressInt provider:MsgAddressInt epoch:uint64
         cumulative:Coins = PayoutVoucher;
-    epoch#45504f43 vault:MsgAddressInt epoch:uint64 root:uint256 charged:Coins
-        paid:Coins fees:Coins leaves:uint32 = EpochCommit;
+    epoch#45504f43 global_id:int32 vault:MsgAddressInt epoch:uint64 root:uint256
+        charged:Coins paid:Coins fees:Coins leaves:uint32 = EpochCommit;
 
-Prices are nanoTON per million tokens.
+Prices are nanoTON per million tokens. An epoch commit's charged, paid and fees are
+cumulative totals (docs/contracts.md).
 
 ``hash``, ``to_boc``, ``encode``, ``from_boc`` and ``parse_boc`` take a fast path
 (``contracts/protocol/cells.py``) that writes and reads these layouts directly, bit for
@@ -41,13 +50,18 @@ from protocol import cells
 from protocol.cells import BitReader, BitWriter, CellBits, Unsupported
 
 __all__ = [
+    "DEVNET_GLOBAL_ID",
+    "MAINNET_GLOBAL_ID",
+    "TESTNET_GLOBAL_ID",
     "EpochCommit",
     "PayoutVoucher",
     "Receipt",
     "SignedObjectError",
     "SpendVoucher",
+    "check_network",
     "cost_nanoton",
     "model_hash",
+    "network_global_id",
     "signature_valid",
 ]
 
@@ -58,9 +72,40 @@ TAG_EPOCH = 0x45504F43  # "EPOC"
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 
+# Network global ids (config param 19). Every signed object names its network; a contract
+# refuses one whose global id is not its chain's.
+MAINNET_GLOBAL_ID = -239
+TESTNET_GLOBAL_ID = -3
+DEVNET_GLOBAL_ID = -1000  # the Imago devnet's (contracts/devnet/server.mjs)
+
+
+def network_global_id(global_id: int | None, *, devnet: bool) -> int:
+    """The global id a party signs and checks with: ``global_id`` if given, else on the
+    devnet the devnet's. Off the devnet there is no default: a party signing for mainnet
+    must say so (or read it from its chain: ``ToncenterClient.get_global_id``)."""
+    if global_id is not None:
+        if not -(1 << 31) <= global_id < 1 << 31:
+            raise ValueError(f"a global id is an int32, not {global_id}")
+        return global_id
+    if devnet:
+        return DEVNET_GLOBAL_ID
+    raise ValueError(
+        "the network's global id is needed off the devnet: "
+        f"mainnet {MAINNET_GLOBAL_ID}, testnet {TESTNET_GLOBAL_ID} (config param 19)"
+    )
+
 
 class SignedObjectError(ValueError):
-    """A cell that does not parse as the expected signed object."""
+    """A cell that does not parse as the expected signed object, or one for another
+    network."""
+
+
+def check_network(obj: _Signed, global_id: int) -> None:
+    """Raise SignedObjectError unless ``obj`` names the network ``global_id``."""
+    if obj.global_id != global_id:
+        raise SignedObjectError(
+            f"{type(obj).__name__} signed for network {obj.global_id}, not {global_id}"
+        )
 
 
 def signature_valid(signature: bytes, cell_hash: bytes, public_key: bytes) -> bool:
@@ -91,15 +136,17 @@ def cost_nanoton(
 
 class _Signed:
     TAG: ClassVar[int]
+    global_id: int
 
     def to_cell(self) -> Cell:
-        return self._store(begin_cell().store_uint(self.TAG, 32)).end_cell()
+        b = begin_cell().store_uint(self.TAG, 32).store_int(self.global_id, 32)
+        return self._store(b).end_cell()
 
     def _store(self, b: Builder) -> Builder:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
-    def _load(cls, s: Slice) -> Self:  # pragma: no cover - abstract
+    def _load(cls, global_id: int, s: Slice) -> Self:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
@@ -109,7 +156,7 @@ class _Signed:
             tag = s.load_uint(32)
             if tag != cls.TAG:
                 raise SignedObjectError(f"{cls.__name__}: wrong domain tag {tag:#010x}")
-            obj = cls._load(s)
+            obj = cls._load(s.load_int(32), s)
         except SignedObjectError:
             raise
         except Exception as e:  # pytoniq raises bare errors on short slices
@@ -183,8 +230,9 @@ class _Signed:
     def sign(self, key: Ed25519PrivateKey) -> bytes:
         return key.sign(self.hash)
 
-    def verify(self, signature: bytes, public_key: bytes) -> bool:
-        return signature_valid(signature, self.hash, public_key)
+    def verify(self, signature: bytes, public_key: bytes, *, global_id: int) -> bool:
+        """Signed by ``public_key`` and for the network ``global_id``."""
+        return self.global_id == global_id and signature_valid(signature, self.hash, public_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +241,7 @@ class Receipt(_Signed):
 
     TAG: ClassVar[int] = TAG_RECEIPT
 
+    global_id: int
     escrow: Address
     job_id: int
     time: int
@@ -231,13 +280,14 @@ class Receipt(_Signed):
         )
 
     @classmethod
-    def _load(cls, s: Slice) -> Receipt:
+    def _load(cls, global_id: int, s: Slice) -> Receipt:
         escrow = s.load_address()
         job_id = s.load_uint(256)
         time = s.load_uint(32)
         body = s.load_ref().begin_parse()
         digests = s.load_ref().begin_parse()
         return cls(
+            global_id=global_id,
             escrow=escrow,
             job_id=job_id,
             time=time,
@@ -252,7 +302,7 @@ class Receipt(_Signed):
         )
 
     # The hot one, written as expressions over ints rather than with BitWriter/BitReader.
-    # root: tag:32 escrow:267 job_id:256 time:32 = 587 bits; digests: 512 bits.
+    # root: tag:32 global_id:32 escrow:267 job_id:256 time:32 = 619 bits; digests: 512 bits.
 
     def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
         pp, pp_bits = cells.coins(self.price_prompt)
@@ -262,10 +312,11 @@ class Receipt(_Signed):
         body = (body | cells.uint(self.completion_tokens, 32)) << pp_bits | pp
         body = ((body << pc_bits | pc) << am_bits) | am
         digests = (cells.bits256(self.request_hash) << 256) | cells.bits256(self.response_hash)
+        head = (TAG_RECEIPT << 32) | cells.int32(self.global_id)
         escrow = _address_bits(self.escrow)
-        root = (((TAG_RECEIPT << 267) | escrow) << 288) | (cells.uint(self.job_id, 256) << 32)
+        root = (((head << 267) | escrow) << 288) | (cells.uint(self.job_id, 256) << 32)
         root |= cells.uint(self.time, 32)
-        return (root, 587), ((body, 320 + pp_bits + pc_bits + am_bits), (digests, 512))
+        return (root, 619), ((body, 320 + pp_bits + pc_bits + am_bits), (digests, 512))
 
     @classmethod
     def _fast_load(cls, root: cells.ParsedCell) -> Receipt:
@@ -275,10 +326,11 @@ class Receipt(_Signed):
         body_cell, digests_cell = refs
         r, n = root.bits
         d, dn = digests_cell.bits
-        if n != 587 or dn != 512 or body_cell.refs or digests_cell.refs or r >> 555 != TAG_RECEIPT:
+        if n != 619 or dn != 512 or body_cell.refs or digests_cell.refs or r >> 587 != TAG_RECEIPT:
             raise Unsupported("not a receipt's cells")
         body = BitReader(body_cell.bits)
         obj = cls(
+            cells.read_int32((r >> 555) & 0xFFFFFFFF),
             Address(cells.read_std_address((r >> 288) & _ADDRESS_MASK)),
             (r >> 32) & _U256,
             r & 0xFFFFFFFF,
@@ -308,6 +360,7 @@ class SpendVoucher(_Signed):
 
     TAG: ClassVar[int] = TAG_SPEND
 
+    global_id: int
     escrow: Address
     vault: Address
     cumulative: int
@@ -316,25 +369,32 @@ class SpendVoucher(_Signed):
         return b.store_address(self.escrow).store_address(self.vault).store_coins(self.cumulative)
 
     @classmethod
-    def _load(cls, s: Slice) -> SpendVoucher:
-        return cls(escrow=s.load_address(), vault=s.load_address(), cumulative=s.load_coins())
+    def _load(cls, global_id: int, s: Slice) -> SpendVoucher:
+        return cls(
+            global_id=global_id,
+            escrow=s.load_address(),
+            vault=s.load_address(),
+            cumulative=s.load_coins(),
+        )
 
-    # tag:32 escrow:267 vault:267 cumulative:Coins
+    # tag:32 global_id:32 escrow:267 vault:267 cumulative:Coins
 
     def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
         c, c_bits = cells.coins(self.cumulative)
-        bits = (TAG_SPEND << 534) | (_address_bits(self.escrow) << 267)
+        head = (TAG_SPEND << 32) | cells.int32(self.global_id)
+        bits = (head << 534) | (_address_bits(self.escrow) << 267)
         bits = ((bits | _address_bits(self.vault)) << c_bits) | c
-        return (bits, 566 + c_bits), ()
+        return (bits, 598 + c_bits), ()
 
     @classmethod
     def _fast_load(cls, root: cells.ParsedCell) -> SpendVoucher:
         v, n = root.bits
-        c_bits = n - 566
+        c_bits = n - 598
         top = v >> c_bits if c_bits >= 0 else 0
-        if root.refs or top >> 534 != TAG_SPEND:
+        if root.refs or top >> 566 != TAG_SPEND:
             raise Unsupported("not a spend voucher's cell")
         return cls(
+            cells.read_int32((top >> 534) & 0xFFFFFFFF),
             Address(cells.read_std_address((top >> 267) & _ADDRESS_MASK)),
             Address(cells.read_std_address(top & _ADDRESS_MASK)),
             cells.read_tail_coins(v, c_bits),
@@ -351,6 +411,7 @@ class PayoutVoucher(_Signed):
 
     TAG: ClassVar[int] = TAG_PAYOUT
 
+    global_id: int
     vault: Address
     provider: Address
     epoch: int
@@ -365,30 +426,33 @@ class PayoutVoucher(_Signed):
         )
 
     @classmethod
-    def _load(cls, s: Slice) -> PayoutVoucher:
+    def _load(cls, global_id: int, s: Slice) -> PayoutVoucher:
         return cls(
+            global_id=global_id,
             vault=s.load_address(),
             provider=s.load_address(),
             epoch=s.load_uint(64),
             cumulative=s.load_coins(),
         )
 
-    # tag:32 vault:267 provider:267 epoch:64 cumulative:Coins
+    # tag:32 global_id:32 vault:267 provider:267 epoch:64 cumulative:Coins
 
     def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
         c, c_bits = cells.coins(self.cumulative)
-        bits = (TAG_PAYOUT << 598) | (_address_bits(self.vault) << 331)
+        head = (TAG_PAYOUT << 32) | cells.int32(self.global_id)
+        bits = (head << 598) | (_address_bits(self.vault) << 331)
         bits |= (_address_bits(self.provider) << 64) | cells.uint(self.epoch, 64)
-        return ((bits << c_bits) | c, 630 + c_bits), ()
+        return ((bits << c_bits) | c, 662 + c_bits), ()
 
     @classmethod
     def _fast_load(cls, root: cells.ParsedCell) -> PayoutVoucher:
         v, n = root.bits
-        c_bits = n - 630
+        c_bits = n - 662
         top = v >> c_bits if c_bits >= 0 else 0
-        if root.refs or top >> 598 != TAG_PAYOUT:
+        if root.refs or top >> 630 != TAG_PAYOUT:
             raise Unsupported("not a payout voucher's cell")
         return cls(
+            cells.read_int32((top >> 598) & 0xFFFFFFFF),
             Address(cells.read_std_address((top >> 331) & _ADDRESS_MASK)),
             Address(cells.read_std_address((top >> 64) & _ADDRESS_MASK)),
             top & 0xFFFFFFFFFFFFFFFF,
@@ -398,10 +462,15 @@ class PayoutVoucher(_Signed):
 
 @dataclass(frozen=True, slots=True)
 class EpochCommit(_Signed):
-    """Matcher → Vault: the Merkle root and totals of one settlement epoch."""
+    """Matcher → Vault: the Merkle root and the cumulative totals of the vault's ledger at
+    the end of one settlement epoch: ``charged`` (received from escrows), ``paid`` (owed
+    to providers: the sum of their latest payout vouchers), ``fees`` (protocol fees).
+    The Vault refuses totals that go backwards or beyond its charges, and payouts above
+    ``paid``."""
 
     TAG: ClassVar[int] = TAG_EPOCH
 
+    global_id: int
     vault: Address
     epoch: int
     root: bytes
@@ -422,8 +491,9 @@ class EpochCommit(_Signed):
         )
 
     @classmethod
-    def _load(cls, s: Slice) -> EpochCommit:
+    def _load(cls, global_id: int, s: Slice) -> EpochCommit:
         return cls(
+            global_id=global_id,
             vault=s.load_address(),
             epoch=s.load_uint(64),
             root=s.load_bytes(32),
@@ -434,7 +504,7 @@ class EpochCommit(_Signed):
         )
 
     def _fast_cells(self) -> tuple[CellBits, tuple[CellBits, ...]]:
-        w = _write_address(BitWriter().uint(TAG_EPOCH, 32), self.vault)
+        w = _write_address(BitWriter().uint(TAG_EPOCH, 32).int32(self.global_id), self.vault)
         w = w.uint(self.epoch, 64).bytes32(self.root)
         w = w.coins(self.charged).coins(self.paid).coins(self.fees)
         return w.uint(self.leaves, 32).end(), ()
@@ -443,7 +513,14 @@ class EpochCommit(_Signed):
     def _fast_load(cls, root: cells.ParsedCell) -> EpochCommit:
         s = _open(root, TAG_EPOCH, 0)
         obj = cls(
-            _read_address(s), s.uint(64), s.bytes32(), s.coins(), s.coins(), s.coins(), s.uint(32)
+            s.int32(),
+            _read_address(s),
+            s.uint(64),
+            s.bytes32(),
+            s.coins(),
+            s.coins(),
+            s.coins(),
+            s.uint(32),
         )
         s.end()
         return obj

@@ -152,6 +152,7 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
         await w.deploy()
         return w
 
+    gid = await chain.get_global_id()  # every signed object names the network
     gov, operator, node, client, reporter = [await wallet() for _ in range(5)]
     operator_key, node_key, spend_key = _Key(), _Key(), _Key()
     caps = Capabilities("H100", 80, 8, "eu-west", (ModelPrice(model_hash("m"), 100, 200),))
@@ -193,14 +194,14 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     _, tr = await operations.escrow_open(client, vault, spend_key.public, 5 * TON, DELAY)
     rec.add("escrow_open", tr)
     rec.add("escrow_deposit", await operations.escrow_deposit(client, escrow, TON))
-    sv = SpendVoucher(escrow, vault, 2 * TON)
+    sv = SpendVoucher(gid, escrow, vault, 2 * TON)
     rec.add(
         "escrow_charge", await operations.escrow_charge(operator, escrow, sv, spend_key.sign(sv))
     )
-    commit = EpochCommit(vault, 1, b"\x01" * 32, 2 * TON, 0, 4 * TON // 100, 10)
+    commit = EpochCommit(gid, vault, 1, b"\x01" * 32, 2 * TON, TON, 4 * TON // 100, 10)
     tr = await operations.vault_commit_epoch(operator, vault, commit, operator_key.sign(commit))
     rec.add("vault_epoch_commit", tr)
-    pv = PayoutVoucher(vault, provider, 1, TON)
+    pv = PayoutVoucher(gid, vault, provider, 1, TON)
     rec.add(
         "provider_claim", await operations.provider_claim(node, provider, pv, operator_key.sign(pv))
     )
@@ -225,8 +226,12 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
         node2, chain, registry, key2.public, 5 * TON, caps
     )
     rec.label(provider2, "provider")
-    r1 = Receipt(escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 5, b"\0" * 32, b"\1" * 32)
-    r2 = Receipt(escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 6, b"\0" * 32, b"\1" * 32)
+    r1 = Receipt(
+        gid, escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 5, b"\0" * 32, b"\1" * 32
+    )
+    r2 = Receipt(
+        gid, escrow, 42, start, model_hash("m"), 10, 20, 100, 200, 6, b"\0" * 32, b"\1" * 32
+    )
     tr = await operations.provider_slash(
         reporter, provider2, (r1, key2.sign(r1)), (r2, key2.sign(r2))
     )

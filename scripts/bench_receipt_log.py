@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from pytoniq_core import Address  # noqa: E402
 
 from node.receipt_log import ReceiptLog, read_receipt_log  # noqa: E402
-from protocol.signed import Receipt, cost_nanoton  # noqa: E402
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt, cost_nanoton  # noqa: E402
 
 ESCROW = Address("0:" + "ab" * 32)
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -45,6 +45,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 def end_frame(key: Ed25519PrivateKey, i: int) -> tuple[bytes, int, dict]:
     """What jobs.py's _end does for one receipt (minus the frame encoding)."""
     receipt = Receipt(
+        global_id=DEVNET_GLOBAL_ID,
         escrow=ESCROW,
         job_id=(int(time.time()) << 224) | i,
         time=int(time.time()),

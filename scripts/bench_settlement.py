@@ -66,7 +66,7 @@ from protocol.ledger import (  # noqa: E402
     ProviderLeaf,
     merkle_root,
 )
-from protocol.signed import Receipt, SpendVoucher, model_hash  # noqa: E402
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt, SpendVoucher, model_hash  # noqa: E402
 
 TON = 1_000_000_000
 MODEL = "bench-model"
@@ -138,7 +138,7 @@ class Market:
         )
         return SettlementService(
             config, self.ledger, self.chain, self.operator, self.operator_key, raw(self.vault),
-            "bench",
+            "bench", DEVNET_GLOBAL_ID,
         )  # fmt: skip
 
 
@@ -196,7 +196,8 @@ async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
             node = m.nodes[(ci + j) % len(m.nodes)]
             job_id = os.urandom(32)
             receipt = Receipt(
-                escrow=c.escrow, job_id=int.from_bytes(job_id, "big"), time=Clock.now,
+                global_id=DEVNET_GLOBAL_ID, escrow=c.escrow,
+                job_id=int.from_bytes(job_id, "big"), time=Clock.now,
                 model=model_hash(MODEL), prompt_tokens=0, completion_tokens=tokens,
                 price_prompt=PRICE[0], price_completion=PRICE[1], amount=0,
                 request_hash=bytes(32), response_hash=bytes(32),
@@ -235,7 +236,7 @@ async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
             )
         c.cumulative += sum(a for _, a in paid)
         m.value += sum(a for _, a in paid)
-        voucher = SpendVoucher(c.escrow, m.vault, c.cumulative)
+        voucher = SpendVoucher(DEVNET_GLOBAL_ID, c.escrow, m.vault, c.cumulative)
         boc, digest = voucher.encode()
         await m.ledger.submit_voucher(
             VoucherUpdate(
@@ -294,7 +295,7 @@ async def one_epoch_txs(m: Market, jobs: int) -> tuple[int, float]:
     started = time.perf_counter()
     built = await m.ledger.call(
         lambda c: build_epoch(c, vault=raw(m.vault), fee_bps=service.fee_bps,
-                              operator_key=m.operator_key)
+                              operator_key=m.operator_key, global_id=DEVNET_GLOBAL_ID)
     )  # fmt: skip
     build_s = time.perf_counter() - started
     assert built is not None and built.jobs == len(m.clients) * max(1, jobs // len(m.clients))

@@ -34,6 +34,7 @@ from client.sdk.vouchers import Vouchers
 from contracts.chain.allowlists import Allowlists
 from protocol.attestation import AttestationPolicy
 from protocol.envelope import new_job_id
+from protocol.signed import network_global_id
 
 __all__ = ["Completion", "CompletionStream", "Endpoint", "ImagoClient"]
 
@@ -57,6 +58,8 @@ class ImagoClient:
     ``fanout``: how many top candidates get a sealed copy (the matcher fails over).
     ``voucher_interval``: at most one voucher post per interval (seconds); the jobs in
     between share one cumulative voucher, so the matcher is not hit twice per request.
+    ``global_id``: the network the escrow is on (config param 19; mainnet -239, testnet
+    -3): every voucher names it and every receipt must. Required off the devnet.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class ImagoClient:
         read_timeout: float = 600.0,
         voucher_interval: float = 1.0,
         allowlists: Allowlists | None = None,
+        global_id: int | None = None,
     ) -> None:
         if policy.allow_dev and not devnet:
             raise ValueError("dev attestations are accepted only in devnet mode")
@@ -91,6 +95,9 @@ class ImagoClient:
         self.allowlists = allowlists
         self.caps = caps
         self.devnet = devnet
+        # the network its vouchers name and its receipts must name; none by default
+        # off the devnet (ValueError)
+        self.global_id = network_global_id(global_id, devnet=devnet)
         self.fanout = fanout
         self._spend_key = spend_key
         self.spend_public = spend_key.public_key().public_bytes_raw()
@@ -99,6 +106,7 @@ class ImagoClient:
         self._read_timeout = read_timeout
         self._router = Router(self.matcher_url, policy, allowlists)
         self._vouchers = Vouchers(
+            global_id=self.global_id,
             matcher_url=self.matcher_url,
             escrow=self.escrow,
             vault=self.vault,
@@ -284,6 +292,7 @@ class ImagoClient:
                 model=model,
                 caps=caps,
                 escrow=self.escrow,
+                global_id=self.global_id,
                 usage_mode=usage_mode,
                 result=result,
                 pay=self._vouchers.spend,

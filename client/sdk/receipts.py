@@ -54,6 +54,7 @@ class VerifiedReceipt:
 class Expected:
     """What the client knows independently of the receipt."""
 
+    global_id: int  # the network its escrow is on (the receipt must name it)
     node_id: str
     node_ed25519: bytes  # the attested key of the node whose copy was served
     job_id: bytes
@@ -95,6 +96,7 @@ def receipt_problems(
         cell_hash,
         signature,
         ReceiptExpectations(
+            global_id=x.global_id,
             node_key=x.node_ed25519,
             job_id=int.from_bytes(x.job_id, "big"),
             escrow=x.escrow,

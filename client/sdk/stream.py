@@ -111,10 +111,12 @@ class ResponseReader:
         model: str,
         caps: PriceCaps,
         escrow: Address,
+        global_id: int,
         usage_mode: UsageMode,
         result: CompletionStream,
         pay: Callable[[int, str], None],
     ) -> None:
+        self.global_id = global_id
         self.job = job
         self.model = model
         self.caps = caps
@@ -255,6 +257,7 @@ class ResponseReader:
         node = job.serving
         assert node is not None  # a receipt follows a DATA frame (protocol.frames), opened
         expected = Expected(
+            global_id=self.global_id,
             node_id=node.node_id,
             node_ed25519=node.ed25519_public,
             job_id=job.job_id,

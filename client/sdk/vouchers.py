@@ -37,6 +37,7 @@ class Vouchers:
     def __init__(
         self,
         *,
+        global_id: int,
         matcher_url: str,
         escrow: Address,
         vault: Address,
@@ -45,6 +46,7 @@ class Vouchers:
         session: Callable[[], aiohttp.ClientSession],
         interval: float,
     ) -> None:
+        self.global_id = global_id
         self.matcher_url = matcher_url
         self.escrow = escrow
         self.vault = vault
@@ -129,7 +131,9 @@ class Vouchers:
 
     async def post(self, cumulative: int, jobs: list[list]) -> bool:
         """Sign and post the voucher for ``cumulative``; whether the matcher holds it."""
-        voucher = SpendVoucher(escrow=self.escrow, vault=self.vault, cumulative=cumulative)
+        voucher = SpendVoucher(
+            global_id=self.global_id, escrow=self.escrow, vault=self.vault, cumulative=cumulative
+        )
         submission = {
             "voucher": base64.b64encode(voucher.to_boc()).decode(),
             "signature": voucher.sign(self._spend_key).hex(),

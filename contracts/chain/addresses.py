@@ -18,10 +18,13 @@ from .messages.registry import RegistryParams
 __all__ = [
     "DEFAULT_PARAMS",
     "PRODUCTION_PARAMS",
+    "STORAGE_RESERVES",
     "ChildCodes",
     "Deployment",
     "Sender",
+    "MAX_SLASH_BOUNTY_BPS",
     "address_of",
+    "check_params",
     "escrow_address",
     "escrow_data",
     "escrow_state_init",
@@ -57,6 +60,31 @@ PRODUCTION_PARAMS = RegistryParams(
     slash_bounty_bps=1000,
     min_vault_stake=1000 * TON,
 )
+
+
+# What each contract keeps on its balance for storage fees (the `*_STORAGE_RESERVE` constants
+# of contracts/<name>/fees.tolk; tests/contracts/test_reserves.py checks both agree and that
+# each covers ten years of storage at the chain's prices).
+STORAGE_RESERVES = {
+    "registry": TON,
+    "vault": TON // 2,
+    "provider": TON // 4,
+    "escrow": TON // 10,
+}
+
+
+# The most of a slashed stake a reporter may get (contracts/common/common.tolk).
+MAX_SLASH_BOUNTY_BPS = 5000
+
+
+def check_params(params: RegistryParams) -> None:
+    """Raise ValueError on params the Registry's UpdateParams refuses (103)."""
+    if params.protocol_fee_bps > 10_000:
+        raise ValueError(f"protocol_fee_bps {params.protocol_fee_bps} is above 10000 (100 %)")
+    if params.slash_bounty_bps > MAX_SLASH_BOUNTY_BPS:
+        raise ValueError(
+            f"slash_bounty_bps {params.slash_bounty_bps} is above {MAX_SLASH_BOUNTY_BPS} (50 %)"
+        )
 
 
 class Sender(Protocol):
@@ -186,6 +214,8 @@ def vault_data(registry: Address, operator: Address, operator_key: int) -> Cell:
     for _ in range(5):  # stake chargedIn paidOut feesAccrued feesWithdrawn
         b.store_coins(0)
     b.store_uint(0, 64).store_uint(0, 256)  # lastEpoch lastRoot
+    for _ in range(3):  # committedCharged committedPaid committedFees
+        b.store_coins(0)
     b.store_coins(0).store_uint(0, 32).store_bit(0)  # unstaking unlockTime ready
     return b.store_ref(consts).end_cell()
 

@@ -147,6 +147,12 @@ class DevnetClient(ToncenterClient):
     async def health(self) -> dict[str, Any]:
         return await self.call("devnet/health")
 
+    async def storage_stat(self, address: Address | str) -> tuple[int, int]:
+        """(cells, bits) the account's storage fees are charged on (the emulator's stat)."""
+        addr = address if isinstance(address, Address) else Address(address)
+        r = await self.call("devnet/storage", {"address": addr.to_str(is_user_friendly=False)})
+        return int(r["cells"]), int(r["bits"])
+
     async def flush(self) -> None:
         """Write the state file now instead of after the debounce delay."""
         await self.call("devnet/flush", {}, post=True)

@@ -187,6 +187,9 @@ class VaultData:
     fees_withdrawn: int
     last_epoch: int
     last_root: bytes
+    committed_charged: int  # the last epoch commit's cumulative totals
+    committed_paid: int  # ... payouts never take paid_out above it
+    committed_fees: int
     unstaking: int  # stake requested by UnstakeVault (0: none)
     unlock_time: int  # ... withdrawable from this time
     ready: bool  # VaultInit received from the registry
@@ -196,6 +199,17 @@ class VaultData:
     def payable(self) -> int:
         """What the vault may still pay providers (invariant 3)."""
         return self.charged_in - self.fees_accrued + self.stake - self.paid_out
+
+    @property
+    def committed_unpaid(self) -> int:
+        """What the last epoch commit still lets the vault pay (payouts stop there)."""
+        return self.committed_paid - self.paid_out
+
+    @property
+    def committable(self) -> int:
+        """The highest paid total the next epoch commit may carry if it commits every
+        charge: charged - fees + stake (and never below the last commit's)."""
+        return max(self.committed_paid, self.charged_in - self.fees_accrued + self.stake)
 
 
 def parse_vault_data(stack: list[Any]) -> VaultData:
@@ -214,6 +228,9 @@ def parse_vault_data(stack: list[Any]) -> VaultData:
         fees_withdrawn=s.int(),
         last_epoch=s.int(),
         last_root=s.int().to_bytes(32, "big"),
+        committed_charged=s.int(),
+        committed_paid=s.int(),
+        committed_fees=s.int(),
         unstaking=s.int(),
         unlock_time=s.int(),
         ready=s.int() != 0,

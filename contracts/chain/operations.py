@@ -28,6 +28,7 @@ from .messages.provider import (
     SignedPayout,
     SignedReceipt,
     Slash,
+    SweepProvider,
     Unstake,
     UpdateCapabilities,
     WithdrawStake,
@@ -39,6 +40,7 @@ from .messages.registry import (
     RegistryParams,
     SetImage,
     SetModel,
+    SweepRegistry,
     UpdateParams,
 )
 from .messages.vault import CommitEpoch, TopUpStake, UnstakeVault, WithdrawFees, WithdrawVaultStake
@@ -67,11 +69,13 @@ __all__ = [
     "provider_claim",
     "provider_rotate_key",
     "provider_slash",
+    "provider_sweep",
     "provider_top_up",
     "provider_unstake",
     "provider_update_capabilities",
     "provider_withdraw",
     "register_provider",
+    "registry_sweep",
     "update_params",
     "vault_commit_epoch",
     "vault_top_up_stake",
@@ -97,7 +101,8 @@ ERROR_NAMES = {
     100: "registry: not owner",
     101: "registry: not enough value",
     102: "registry: stake too low",
-    103: "registry: bad params",
+    103: "registry: bad params (fee above 100% or slashing bounty above 50%)",
+    104: "registry: not from one of its providers",
     200: "provider: not owner",
     201: "provider: not enough value",
     202: "provider: not from registry",
@@ -110,6 +115,8 @@ ERROR_NAMES = {
     211: "provider: proof does not verify",
     213: "provider: key rotated too recently",
     214: "provider: malformed capabilities",
+    215: "provider: neither withdrawn nor slashed",
+    216: "provider: a receipt of the proof is for another network",
     300: "vault: not operator",
     301: "vault: not enough value",
     302: "vault: sender is not an escrow of this vault",
@@ -126,6 +133,11 @@ ERROR_NAMES = {
     313: "vault: not unstaking (or more than the stake)",
     314: "vault: still locked (unbonding)",
     315: "vault: no stake free (it covers what is owed)",
+    316: "vault: balance less the storage reserve does not cover it",
+    317: "vault: epoch commit totals go backwards",
+    318: "vault: epoch commit totals beyond what the vault was charged",
+    319: "vault: payout above the last epoch commit's paid total",
+    320: "vault: voucher or commit for another network",
     400: "escrow: not owner",
     401: "escrow: not enough value",
     402: "escrow: bad signature",
@@ -137,6 +149,7 @@ ERROR_NAMES = {
     408: "escrow: not closing",
     409: "escrow: still locked (close delay)",
     410: "escrow: not open",
+    411: "escrow: voucher for another network",
     0xFFFF: "unknown opcode",
     9: "malformed body (cell underflow)",
 }
@@ -213,9 +226,18 @@ def _check(trace: Trace, what: str) -> Trace:
 
 
 async def deploy_registry(
-    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int = TON // 10
+    owner: Sender, params: RegistryParams = DEFAULT_PARAMS, *, value: int | None = None
 ) -> tuple[Address, Trace]:
-    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit)."""
+    """Deploy the Registry owned by ``owner`` (an empty-body top-up with the StateInit).
+
+    Its initial params are checked here as ``UpdateParams`` checks them on-chain (no message
+    checks the StateInit): a fee of at most 100 %, a slashing bounty of at most 50 %."""
+    addresses.check_params(params)
+    reserve = addresses.STORAGE_RESERVES["registry"]
+    if value is None:
+        value = reserve + TON // 10
+    if value < reserve:
+        raise ValueError(f"a Registry keeps a {reserve} nanoTON reserve")
     si = addresses.registry_state_init(owner.address, params)
     addr = addresses.address_of(si)
     trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)
@@ -289,6 +311,16 @@ async def allow_model(
     m = model_hash(model) if isinstance(model, str) else model
     body = SetModel(new_query_id(), m, allowed).to_cell()
     return await _send("allow model", owner, registry, OP_VALUE["admin"], body, check=check, **kw)
+
+
+async def registry_sweep(
+    owner: Sender, registry: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    """Send everything on the Registry above its storage reserve to its owner (governance)."""
+    body = SweepRegistry(new_query_id()).to_cell()
+    return await _send(
+        "registry sweep", owner, registry, OP_VALUE["admin"], body, check=check, **kw
+    )
 
 
 async def change_owner(
@@ -368,6 +400,14 @@ async def provider_withdraw(
     )
 
 
+async def provider_sweep(
+    owner: Sender, provider: Address, *, check: bool = True, **kw: Any
+) -> Trace:
+    """Withdrawn or slashed: send everything above the storage reserve to the owner."""
+    body = SweepProvider(new_query_id()).to_cell()
+    return await _send("sweep", owner, provider, OP_VALUE["simple"], body, check=check, **kw)
+
+
 async def provider_claim(
     owner: Sender,
     provider: Address,
@@ -427,7 +467,7 @@ async def deploy_vault(
     if client is not None:
         fee = (await getters.get_registry_data(client, registry)).deploy_vault_fee
     else:
-        fee = TON // 5
+        fee = TON  # above deployVaultFee(): gas, forward fee, storage reserve
     body = DeployVault(new_query_id(), _key_int(operator_key)).to_cell()
     await _send("deploy vault", operator, registry, stake + fee, body, check=check, **kw)
     return addresses.vault_address(registry, operator.address, _key_int(operator_key))

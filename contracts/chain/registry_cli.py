@@ -140,9 +140,9 @@ async def _deploy_registry_traced(
 ) -> Address:
     si = addresses.registry_state_init(gov.address, params)
     addr = addresses.address_of(si)
-    trace = await gov.transfer(
-        addr, parse_ton("0.1"), None, state_init=si, bounce=False, on_poll=on_poll
-    )
+    addresses.check_params(params)
+    value = addresses.STORAGE_RESERVES["registry"] + parse_ton("0.1")  # its reserve stays
+    trace = await gov.transfer(addr, value, None, state_init=si, bounce=False, on_poll=on_poll)
     if operations.failed_exit_codes(trace):
         raise operations.OperationFailed("registry deploy", trace)
     return addr
@@ -247,6 +247,20 @@ async def _registry_allow(args: argparse.Namespace, kind: str) -> int:
     return 0
 
 
+async def _registry_sweep(args: argparse.Namespace) -> int:
+    registry = registry_of(args)
+    async with open_chain(args) as client:
+        gov = open_wallet(args, client)
+        trace = await run_operation(
+            "sweeping the registry", operations.registry_sweep, gov, registry
+        )
+        balance = await client.get_balance(registry)
+    data = {"registry": friendly(args, registry), "balance": format_ton(balance, unit=False)}
+    data |= trace_summary(trace)
+    emit(args, data, lambda: f"registry swept; it keeps {format_ton(balance)}")
+    return 0
+
+
 async def _registry_status(args: argparse.Namespace) -> int:
     from . import artifacts
 
@@ -324,6 +338,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--revoke", action="store_true")
     p.add_argument("--registry")
     p.set_defaults(func=lambda a: run_async(_registry_allow(a, "model")))
+    p = rs.add_parser("sweep", help="send what the Registry holds above its reserve to its owner")
+    add_common_args(p)
+    p.add_argument("--registry")
+    p.set_defaults(func=lambda a: run_async(_registry_sweep(a)))
     p = rs.add_parser("status", help="registry state, params and code hashes")
     add_common_args(p, wallet=False)
     p.add_argument("--registry")

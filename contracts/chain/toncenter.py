@@ -40,6 +40,7 @@ from .results import (
     WalletInfo,
     _addr,
     _b64,
+    _decode_cell_value,
     decode_stack,
     encode_stack,
 )
@@ -323,6 +324,19 @@ class ToncenterClient(TransactionWaiting):
             root_hash=last.get("root_hash", ""),
             file_hash=last.get("file_hash", ""),
         )
+
+    # -- config
+
+    async def get_config_param(self, param: int) -> Cell:
+        """The cell of one blockchain config param (``getConfigParam``)."""
+        r = await self.call("getConfigParam", {"config_id": param})
+        return _decode_cell_value(r["config"])
+
+    async def get_global_id(self) -> int:
+        """The network's global id (config param 19): mainnet -239, testnet -3, the Imago
+        devnet its own (``protocol.signed.DEVNET_GLOBAL_ID``). Every signed object names
+        it, and the contracts refuse one signed for another network."""
+        return (await self.get_config_param(19)).begin_parse().load_int(32)
 
 
 def _query_value(v: Any) -> str:

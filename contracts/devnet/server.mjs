@@ -8,7 +8,7 @@ import http from 'node:http';
 import { parseArgs } from 'node:util';
 
 import { Blockchain, GetMethodError, TimeError, EmulationError } from '@ton/sandbox';
-import { Address, beginCell, Cell, loadMessage, loadTransaction, toNano } from '@ton/core';
+import { Address, beginCell, Cell, Dictionary, loadMessage, loadTransaction, toNano } from '@ton/core';
 
 import { ApiError, parseAddress, parseBoc, parseStack, stackToToncenter } from './codec.mjs';
 import { txToToncenter, normalizedExtInHash, ZERO_HASH_B64, hashToB64 } from './codec.mjs';
@@ -19,6 +19,11 @@ const HISTORY_LIMIT = 1000;
 const FAUCET_SEED = 'imago-devnet-faucet';
 const FAUCET_BALANCE = toNano('1000000000');
 const SHARD_ALL = '-9223372036854775808';
+// The devnet's network global id (config param 19). Not mainnet's -239 nor testnet's -3:
+// every signed object names its network, and a voucher signed on the devnet must not be
+// valid on mainnet, where the same StateInit has the same address. Python:
+// contracts.protocol.signed.DEVNET_GLOBAL_ID.
+const DEVNET_GLOBAL_ID = -1000;
 
 const { values: opts } = parseArgs({
     options: {
@@ -137,6 +142,17 @@ class Devnet {
     }
 }
 
+function configParams(config) {
+    return Dictionary.loadDirect(Dictionary.Keys.Int(32), Dictionary.Values.Cell(), config);
+}
+
+/** The sandbox's config with the devnet's own global id (param 19). */
+function devnetConfig(config) {
+    const params = configParams(config);
+    params.set(19, beginCell().storeInt(DEVNET_GLOBAL_ID, 32).endCell());
+    return beginCell().storeDictDirect(params).endCell();
+}
+
 function bigintTo32(v) {
     return Buffer.from(v.toString(16).padStart(64, '0'), 'hex');
 }
@@ -183,6 +199,18 @@ const api = {
             frozen_hash: frozenHash,
             sync_utime: dn.now(),
             state: accountStateName(sc),
+        };
+    },
+
+    // toncenter's getConfigParam: {config_id, seqno (ignored)} -> the param's cell.
+    async getConfigParam(dn, p) {
+        const id = Number(p.config_id);
+        if (!Number.isInteger(id) || id < -2147483648 || id > 2147483647) throw new ApiError(400, 'config_id must be an int32');
+        const param = configParams(dn.bc.config).get(id);
+        if (param === undefined) throw new ApiError(404, `config param ${id} not found`);
+        return {
+            '@type': 'configInfo',
+            config: { '@type': 'tvm.cell', bytes: param.toBoc().toString('base64') },
         };
     },
 
@@ -512,6 +540,18 @@ const devApi = {
         return { now: dn.now(), pinned: dn.pinnedNow !== null, requested: dn.pinnedNow };
     },
 
+    // What the account's storage fees are charged on: the emulator's storage stat.
+    async storage(dn, p) {
+        const sc = await dn.contract(parseAddress(p.address));
+        const info = sc.account.account?.storageStats; // undefined: no account
+        return {
+            cells: Number(info?.used.cells ?? 0),
+            bits: Number(info?.used.bits ?? 0),
+            last_paid: info?.lastPaid ?? 0,
+            due_payment: (info?.duePayment ?? 0n).toString(),
+        };
+    },
+
     async flush(dn) {
         await dn.store.flush();
         return { saved: true };
@@ -589,6 +629,7 @@ async function handle(dn, req, res) {
 
 async function main() {
     const blockchain = await Blockchain.create({ config: opts.config === 'default' ? 'default' : 'slim' });
+    blockchain.setConfig(devnetConfig(blockchain.config));
     blockchain.verbosity = { print: false, blockchainLogs: false, vmLogs: 'none', debugLogs: false };
     const historyLimit = Math.max(1, Number(opts['history-limit']) || HISTORY_LIMIT);
     const store = new StateStore(opts.state || null);

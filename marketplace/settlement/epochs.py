@@ -120,7 +120,12 @@ def _save_account(conn: Connection, kind: str, address: str, cumulative: int, ep
 
 
 def build_epoch(
-    conn: Connection, *, vault: str, fee_bps: int, operator_key: Ed25519PrivateKey
+    conn: Connection,
+    *,
+    vault: str,
+    fee_bps: int,
+    operator_key: Ed25519PrivateKey,
+    global_id: int,
 ) -> BuiltEpoch | None:
     """Build the next epoch from every covered job no epoch holds; None if there is
     none (an epoch with nothing in it is never committed)."""
@@ -199,6 +204,7 @@ def build_epoch(
     charged_total = (int(last.charged) if last is not None else 0) + epoch_charged
     paid_total = (int(last.paid) if last is not None else 0) + epoch_earned
     commit = EpochCommit(
+        global_id=global_id,
         vault=Address(vault),
         epoch=epoch,
         root=root,
@@ -229,7 +235,9 @@ def build_epoch(
         known = escrow_prev if leaf.KIND == "escrow" else provider_prev
         _save_account(conn, leaf.KIND, leaf.address, leaf.cumulative, epoch, known)
         if leaf.KIND == "provider":
-            payout = PayoutVoucher(Address(vault), Address(leaf.address), epoch, leaf.cumulative)
+            payout = PayoutVoucher(
+                global_id, Address(vault), Address(leaf.address), epoch, leaf.cumulative
+            )
             payout_boc, payout_hash = payout.encode()
             conn.execute(
                 PAYOUTS.insert().values(

@@ -88,8 +88,10 @@ class SettlementService:
         operator_key: Ed25519PrivateKey,
         vault: str,
         instance: str,
+        global_id: int,
     ) -> None:
         self.config = config
+        self.global_id = global_id  # the network its commits and payout vouchers name
         self.ledger = ledger
         self.chain = chain
         self.wallet = wallet
@@ -142,8 +144,12 @@ class SettlementService:
         if force_epoch or closing_behind or await self._epoch_due():
             built = await self.ledger.call(
                 lambda c: build_epoch(
-                    c, vault=self.vault, fee_bps=self.fee_bps, operator_key=self.operator_key
-                )
+                    c,
+                    vault=self.vault,
+                    fee_bps=self.fee_bps,
+                    operator_key=self.operator_key,
+                    global_id=self.global_id,
+                )  # fmt: skip
             )
             if built is not None:
                 log.info(

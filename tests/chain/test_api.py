@@ -51,6 +51,21 @@ async def test_masterchain_info_shape_and_seqno_advances(devnet: DevnetFixture) 
     assert (await devnet.chain.get_masterchain_info()).seqno > before
 
 
+async def test_config_params_and_the_devnets_own_global_id(devnet: DevnetFixture) -> None:
+    """The devnet serves getConfigParam; its global id is its own, not mainnet's."""
+    from protocol.signed import DEVNET_GLOBAL_ID, MAINNET_GLOBAL_ID
+
+    status, body = await raw(devnet, "getConfigParam", {"config_id": 19})
+    assert status == 200 and body["result"]["@type"] == "configInfo"
+    assert await devnet.chain.get_global_id() == DEVNET_GLOBAL_ID != MAINNET_GLOBAL_ID
+    prices = (await devnet.chain.get_config_param(18)).begin_parse()
+    assert prices.remaining_bits > 0 or prices.remaining_refs > 0  # storage prices: mainnet's
+    status, body = await raw(devnet, "getConfigParam", {"config_id": 12345})
+    assert status == 404 and body["ok"] is False
+    cells, bits = await devnet.chain.storage_stat(fresh_address())
+    assert (cells, bits) == (0, 0)  # no account
+
+
 async def test_address_information_unknown_and_funded(devnet: DevnetFixture) -> None:
     a = fresh_address()
     status, body = await raw(devnet, "getAddressInformation", {"address": raw_addr(a)})

@@ -31,6 +31,7 @@ from protocol.ledger import (
     records_auth_message,
 )
 from protocol.signed import (
+    DEVNET_GLOBAL_ID,
     EpochCommit,
     PayoutVoucher,
     Receipt,
@@ -59,6 +60,7 @@ def public(key: Ed25519PrivateKey) -> bytes:
 
 def make_receipt(escrow: str, job_id: bytes, prompt: int, completion: int) -> Receipt:
     return Receipt(
+        global_id=DEVNET_GLOBAL_ID,
         escrow=Address(escrow),
         job_id=int.from_bytes(job_id, "big"),
         time=int(time.time()),
@@ -77,6 +79,7 @@ def make_commit(
     vault: str, epoch: int, root: bytes, charged: int, paid: int, fees: int, leaves: int
 ) -> EpochCommit:
     return EpochCommit(
+        global_id=DEVNET_GLOBAL_ID,
         vault=Address(vault),
         epoch=epoch,
         root=root,
@@ -88,12 +91,19 @@ def make_commit(
 
 
 def make_spend(escrow: str, vault: str, cumulative: int) -> SpendVoucher:
-    return SpendVoucher(escrow=Address(escrow), vault=Address(vault), cumulative=cumulative)
+    return SpendVoucher(
+        global_id=DEVNET_GLOBAL_ID, escrow=Address(escrow), vault=Address(vault),
+        cumulative=cumulative,
+    )  # fmt: skip
 
 
 def make_payout(vault: str, provider: str, epoch: int, cumulative: int) -> PayoutVoucher:
     return PayoutVoucher(
-        vault=Address(vault), provider=Address(provider), epoch=epoch, cumulative=cumulative
+        global_id=DEVNET_GLOBAL_ID,
+        vault=Address(vault),
+        provider=Address(provider),
+        epoch=epoch,
+        cumulative=cumulative,
     )
 
 
@@ -492,6 +502,9 @@ def stub_chain(builder: LedgerBuilder, registry: str, **vault_fields: Any) -> St
         unlock_time=0,
         ready=True,
         balance=10**10,
+        committed_charged=builder.totals[0],
+        committed_paid=builder.totals[1],
+        committed_fees=builder.totals[2],
     )
     fields.update(vault_fields)
     chain = StubChain(VaultData(**fields))

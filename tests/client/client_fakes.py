@@ -37,7 +37,14 @@ from protocol.envelope import (
     open_request,
     request_hash,
 )
-from protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
+from protocol.signed import (
+    DEVNET_GLOBAL_ID,
+    MAINNET_GLOBAL_ID,
+    Receipt,
+    SpendVoucher,
+    cost_nanoton,
+    model_hash,
+)
 
 FAKE_MODEL = "fake-model"
 
@@ -46,7 +53,8 @@ class FakeNode:
     """A node that answers "Fake answer: <words>" one word per chunk.
 
     ``fault`` makes it misbehave: forge_signature, unattested_key, wrong_job_id,
-    wrong_amount, wrong_request_hash, wrong_response_hash, truncate (the last DATA
+    wrong_amount, wrong_network (a receipt for mainnet), wrong_request_hash,
+    wrong_response_hash, truncate (the last DATA
     frame sealed into the receipt's transcript but never sent), price_above_offer,
     engine_error (a 400 from the engine, nothing served), no_usage_chunk.
     """
@@ -235,6 +243,7 @@ class FakeNode:
         price_completion = self.offer.price_completion
         amount = cost_nanoton(prompt_tokens, completion_tokens, price_prompt, price_completion)
         receipt = Receipt(
+            global_id=MAINNET_GLOBAL_ID if fault == "wrong_network" else DEVNET_GLOBAL_ID,
             escrow=Address(request.escrow),
             job_id=int.from_bytes(job_id, "big") ^ (1 if fault == "wrong_job_id" else 0),
             time=int(time.time()),

@@ -32,6 +32,7 @@ def make_client(
     devnet: bool = True,
     caps: PriceCaps = CAPS,
     allowlists: Allowlists | None = None,
+    global_id: int | None = None,
 ) -> ImagoClient:
     return ImagoClient(
         matcher_url=matcher_url,
@@ -43,6 +44,7 @@ def make_client(
         state_path=state_path,
         devnet=devnet,
         allowlists=allowlists,
+        global_id=global_id,
     )
 
 

@@ -213,10 +213,12 @@ def test_the_vaults_committed_totals_are_compared_once_its_getter_has_them(ledge
     pubs = [ledger.pub(n) for n in (1, 2, 3)]
     for totals, ok in (((charged, paid, fees), True), ((charged, paid + 1, fees), False)):
         later = SimpleNamespace(
-            **vd.__dict__,
-            committed_charged=totals[0],
-            committed_paid=totals[1],
-            committed_fees=totals[2],
+            **{
+                **vd.__dict__,
+                "committed_charged": totals[0],
+                "committed_paid": totals[1],
+                "committed_fees": totals[2],
+            }
         )
         found = check_chain_head(pubs, 1, later)
         assert (not found) == ok, found

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from protocol.signed import Receipt, cost_nanoton
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt, cost_nanoton
 from tests.client.conftest import ESCROW, Stack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -34,7 +34,8 @@ async def test_chat_non_streaming(stack: Stack) -> None:
     receipt_info = extra["imago_receipt"]
     assert receipt_info["node"] == stack.nodes[0].node_id  # the cheaper node
     receipt = Receipt.from_boc(base64.b64decode(receipt_info["boc"]))
-    assert receipt.verify(bytes.fromhex(receipt_info["signature"]), stack.nodes[0].ed25519_public)
+    signature = bytes.fromhex(receipt_info["signature"])
+    assert receipt.verify(signature, stack.nodes[0].ed25519_public, global_id=DEVNET_GLOBAL_ID)
     await stack.client.flush_vouchers()
     assert stack.matcher.latest[ESCROW] == extra["cost_nanoton"]
 

@@ -22,7 +22,7 @@ from marketplace.app import create_app as create_matcher
 from marketplace.config import MatcherConfig
 from node.app import NodeConfig
 from node.app import create_app as create_node
-from protocol.signed import Receipt, cost_nanoton
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt, cost_nanoton
 from tests.client.conftest import VAULT, make_client
 from tests.node.fixture_upstream import (
     ANSWER,
@@ -176,7 +176,9 @@ async def test_real_path_non_streaming(real_stack: RealStack) -> None:
     receipt = Receipt.from_boc(base64.b64decode(extra["imago_receipt"]["boc"]))
     assert extra["imago_receipt"]["node"] == real_stack.node_id
     assert receipt.verify(
-        bytes.fromhex(extra["imago_receipt"]["signature"]), bytes.fromhex(real_stack.node_id)
+        bytes.fromhex(extra["imago_receipt"]["signature"]),
+        bytes.fromhex(real_stack.node_id),
+        global_id=DEVNET_GLOBAL_ID,
     )
     await real_stack.client.flush_vouchers()  # the real matcher accepted the voucher
     assert real_stack.client.acknowledged_spend == real_stack.client.cumulative_spend

@@ -34,7 +34,7 @@ from contracts.chain.toncenter import ToncenterClient
 from protocol.api import AttestationDoc
 from protocol.attestation import DEV_MEASUREMENT, AttestationPolicy, image_hash
 from protocol.keystore import KeystoreError, WrongPassphrase
-from protocol.signed import SpendVoucher, cost_nanoton
+from protocol.signed import TESTNET_GLOBAL_ID, SpendVoucher, cost_nanoton
 from tests.client.client_fakes import FakeMatcher
 from tests.client.conftest import ESCROW, VAULT, make_client
 
@@ -74,6 +74,7 @@ async def test_complete_returns_verified_receipt(imago: ImagoClient, fake_matche
         ("unattested_key", "signature is not by the attested key"),
         ("wrong_job_id", "job id"),
         ("wrong_amount", "amount"),
+        ("wrong_network", "signed for network"),
         ("wrong_request_hash", "request_hash"),
         ("wrong_response_hash", "response_hash"),
         ("truncate", "response_hash"),
@@ -165,8 +166,18 @@ async def test_dev_attestation_refused_outside_devnet(fake_matcher, tmp_path: Pa
     with pytest.raises(ValueError, match="devnet"):
         make_client(url, tmp_path / "s.json", Ed25519PrivateKey.generate(), devnet=False)
     policy = AttestationPolicy(allow_dev=False)
+    # off the devnet, the network is no default either: vouchers name it
+    with pytest.raises(ValueError, match="global id"):
+        make_client(
+            url, tmp_path / "s.json", Ed25519PrivateKey.generate(), policy=policy, devnet=False
+        )
     client = make_client(
-        url, tmp_path / "s.json", Ed25519PrivateKey.generate(), policy=policy, devnet=False
+        url,
+        tmp_path / "s.json",
+        Ed25519PrivateKey.generate(),
+        policy=policy,
+        devnet=False,
+        global_id=TESTNET_GLOBAL_ID,
     )
     async with client:
         with pytest.raises(AttestationRejected, match="devnet"):

@@ -16,9 +16,14 @@ from contracts.chain import operations
 from contracts.chain.devnet import DevnetClient
 from contracts.chain.messages.registry import RegistryParams
 from contracts.chain.wallet import Wallet, WalletKeys
+from protocol.signed import DEVNET_GLOBAL_ID
 from tests.chain import fixtures as _chain_fixtures
 
 TON = 1_000_000_000
+
+# The devnet's network global id: every signed object names it (the contracts refuse one
+# for another network; test_signed_objects_for_the_devnet checks the chain agrees).
+G = DEVNET_GLOBAL_ID
 
 # Short delays so that tests can move the clock past them (wallets sign messages valid for
 # 120 s of wall time, so the devnet clock may run at most that far ahead).
@@ -118,4 +123,4 @@ async def clock(chain: DevnetClient):
     await chain.set_clock(None)
 
 
-__all__ = ["TEST_PARAMS", "TON", "ContractSet", "Key", "os", "operations"]
+__all__ = ["G", "TEST_PARAMS", "TON", "ContractSet", "Key", "os", "operations"]

@@ -39,7 +39,7 @@ from protocol.ledger import (
     merkle_root,
     records_auth_message,
 )
-from protocol.signed import EpochCommit, PayoutVoucher, Receipt, model_hash
+from protocol.signed import DEVNET_GLOBAL_ID, EpochCommit, PayoutVoucher, Receipt, model_hash
 
 from .conftest import TON, Key
 
@@ -111,6 +111,7 @@ def make_receipt(job: int, prompt: int, completion: int, prices=(20_000_000, 60_
     from protocol.signed import cost_nanoton
 
     return Receipt(
+        global_id=DEVNET_GLOBAL_ID,
         escrow=Address(ESCROW),
         job_id=(int(time.time()) << 224) | job,
         time=int(time.time()),
@@ -147,7 +148,12 @@ class Env:
 
     def sign_payout(self, epoch: int, cumulative: int, *, key: Key | None = None, **over) -> dict:
         """The matcher's answer: a payout voucher signed by the operator (or ``key``)."""
-        fields = {"vault": self.vault, "provider": self.provider, "epoch": epoch}
+        fields = {
+            "global_id": DEVNET_GLOBAL_ID,
+            "vault": self.vault,
+            "provider": self.provider,
+            "epoch": epoch,
+        }
         fields.update(over)
         voucher = PayoutVoucher(cumulative=cumulative, **fields)
         boc, _ = voucher.encode()
@@ -168,6 +174,7 @@ class Env:
         self.paid = paid
         self.charged = paid if charged is None else charged
         commit = EpochCommit(
+            DEVNET_GLOBAL_ID,
             self.vault,
             self.epoch,
             root if root is not None else os.urandom(32),

@@ -65,19 +65,21 @@ def test_readme_flow(cli_env, capsys):
     assert p["capabilities"]["models"][0]["price_prompt"] == 100
 
     e = imago(capsys, "escrow", "open", "--amount", "5", *chain)
-    assert e["state"] == "open" and float(e["deposited"]) > 4.99
+    assert (
+        e["state"] == "open" and float(e["deposited"]) > 4.89
+    )  # 5 TON but the 0.1 TON storage reserve and gas
     # paid from the gateway's spend key, and recorded where the gateway looks
     spend = load_spend_key(home.spend_key_file()).public_key().public_bytes_raw()
     assert e["spend_key"] == spend.hex()
     record = json.loads(home.escrow_record().read_text())
     assert Address(record["escrow"]) == Address(e["escrow"]) and record["spend_key"] == spend.hex()
     e = imago(capsys, "escrow", "deposit", "1", *chain)
-    assert float(e["available"]) > 5.98
+    assert float(e["available"]) > 5.88
     e = imago(capsys, "escrow", "close", *chain)
     assert e["state"] == "closing"
     time.sleep(4)
     e = imago(capsys, "escrow", "withdraw", *chain)
-    assert e["state"] == "closed" and float(e["returned"]) > 5.9
+    assert e["state"] == "closed" and float(e["returned"]) > 5.85
 
     v = imago(capsys, "vault", "status", *chain)
     assert float(v["stake"]) > 19.9

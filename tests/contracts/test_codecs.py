@@ -15,12 +15,12 @@ from contracts.chain.messages.capabilities import Capabilities, ModelPrice
 from contracts.chain.messages.registry import RegistryParams
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
 
-from .conftest import Key
+from .conftest import G, Key
 
 A = Address("0:" + "ab" * 32)
 B = Address("0:" + "cd" * 32)
 SIG = bytes(range(64))
-R = Receipt(A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
+R = Receipt(G, A, 1, 2, 3, 4, 5, 6, 7, 8, b"\1" * 32, b"\2" * 32)
 
 SAMPLES = [
     body.ReturnExcess(1),
@@ -38,19 +38,19 @@ SAMPLES = [
     provider.UpdateCapabilities(13, begin_cell().store_uint(1, 8).end_cell()),
     provider.Unstake(14),
     provider.WithdrawStake(15),
-    provider.Claim(16, provider.SignedPayout(SIG, PayoutVoucher(A, B, 1, 10))),
+    provider.Claim(16, provider.SignedPayout(SIG, PayoutVoucher(G, A, B, 1, 10))),
     provider.Slash(17, provider.SignedReceipt(SIG, R), provider.SignedReceipt(SIG, R)),
     provider.ProviderPayout(18, 5),
     provider.StakeReturned(19, 6),
     provider.SlashBounty(20, 7),
-    vault.PayoutRequest(21, 1, 2, A, 3, provider.SignedPayout(SIG, PayoutVoucher(A, B, 1, 2))),
+    vault.PayoutRequest(21, 1, 2, A, 3, provider.SignedPayout(SIG, PayoutVoucher(G, A, B, 1, 2))),
     vault.PayoutPaid(22, 1, 2),
-    vault.CommitEpoch(23, SIG, EpochCommit(A, 1, b"\3" * 32, 1, 2, 3, 4)),
+    vault.CommitEpoch(23, SIG, EpochCommit(G, A, 1, b"\3" * 32, 1, 2, 3, 4)),
     vault.WithdrawFees(24, 5),
     vault.TopUpStake(25),
     vault.FeesPaid(26, 1),
     escrow.Deposit(27),
-    escrow.Charge(28, SIG, SpendVoucher(A, B, 5)),
+    escrow.Charge(28, SIG, SpendVoucher(G, A, B, 5)),
     escrow.Close(29),
     escrow.EscrowWithdraw(30),
     escrow.EscrowCharged(31, 5, A, 7, B),
@@ -59,6 +59,9 @@ SAMPLES = [
     vault.UnstakeVault(34, 5),
     vault.WithdrawVaultStake(35),
     vault.VaultStakeReturned(36, 5),
+    body.Swept(37),
+    registry.SweepRegistry(38),
+    provider.SweepProvider(39),
 ]
 
 

@@ -42,7 +42,7 @@ from protocol.ledger import (
 from protocol.ledger import (
     JobRecord as LedgerJob,
 )
-from protocol.signed import PayoutVoucher, Receipt, SpendVoucher, model_hash
+from protocol.signed import DEVNET_GLOBAL_ID, PayoutVoucher, Receipt, SpendVoucher, model_hash
 from tests.contracts.conftest import TON, Key
 
 MODEL = "settle-model"
@@ -93,14 +93,15 @@ class World:
         )  # fmt: skip
         return SettlementService(
             config, self.ledger, self.chain, self.cs.operator, self.operator_key.private,
-            raw(self.vault), "settle-test",
+            raw(self.vault), "settle-test", DEVNET_GLOBAL_ID,
         )  # fmt: skip
 
     async def job(self, completion_tokens: int = 100) -> tuple[str, int]:
         """A completed job with its node-signed receipt, as the relay records it."""
         job_id = os.urandom(32)
         receipt = Receipt(
-            escrow=self.escrow, job_id=int.from_bytes(job_id, "big"), time=int(time.time()),
+            global_id=DEVNET_GLOBAL_ID, escrow=self.escrow,
+            job_id=int.from_bytes(job_id, "big"), time=int(time.time()),
             model=model_hash(MODEL), prompt_tokens=10, completion_tokens=completion_tokens,
             price_prompt=PRICES[0], price_completion=PRICES[1], amount=0,
             request_hash=bytes(32), response_hash=bytes(32),
@@ -122,7 +123,7 @@ class World:
     async def pay(self, jobs: list[tuple[str, int]]) -> SpendVoucher:
         """The client's voucher for these jobs, through the matcher's voucher path."""
         self.cumulative += sum(a for _, a in jobs)
-        voucher = SpendVoucher(self.escrow, self.vault, self.cumulative)
+        voucher = SpendVoucher(DEVNET_GLOBAL_ID, self.escrow, self.vault, self.cumulative)
         await self.ledger.submit_voucher(
             VoucherUpdate(
                 escrow=raw(self.escrow), vault=raw(self.vault),
@@ -202,7 +203,8 @@ async def test_a_restart_between_build_and_commit_commits_once(world: World, cha
     # The matcher built the epoch, then died before sending the commit (kill -9).
     built = await world.ledger.call(
         lambda c: build_epoch(c, vault=raw(world.vault), fee_bps=service.fee_bps,
-                              operator_key=world.operator_key.private)
+                              operator_key=world.operator_key.private,
+                              global_id=DEVNET_GLOBAL_ID)
     )  # fmt: skip
     assert built is not None
     before = await getters.get_vault_data(chain, world.vault)

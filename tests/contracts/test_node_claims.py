@@ -163,8 +163,10 @@ async def test_refuses_a_lowered_or_replayed_voucher_and_keeps_the_best(env):
 
 
 async def test_does_not_claim_what_the_vault_cannot_pay(env):
-    epoch = await env.commit_epoch(6 * TON)
-    env.serve(env.sign_payout(epoch, 6 * TON))  # the fresh Vault holds its 5 TON stake
+    # the fresh Vault holds its 5 TON stake: it commits 4 TON of payouts at most, and a
+    # voucher above its last commit would be refused
+    epoch = await env.commit_epoch(4 * TON)
+    env.serve(env.sign_payout(epoch, 6 * TON))
     run = await env.claimer(multiple=0).run_once()
     assert [v.status for v in run.vaults] == ["insolvent"]
     assert await env.claimed() == 0

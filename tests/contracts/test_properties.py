@@ -1,8 +1,12 @@
 """Property tests: random operation sequences against the real contracts on the devnet.
 
 After every step: no escrow pays more than was deposited; counters never fall; the vault
-pays out at most what it was charged minus fees plus its stake; TON is conserved (the
-balances of every account involved plus the fees of every transaction stay constant).
+pays out at most what it was charged minus fees plus its stake; the Provider's claimed
+counter equals what the vault paid it; TON is conserved (the balances of every account
+involved plus the fees of every transaction stay constant).
+
+``test_overlapping_claims_and_bounces`` sends several claims in one wallet message, so that
+they are all in flight at once, some of them refused by the vault (bounced).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from pytoniq_core import Address
 from contracts.chain import getters, operations
 from contracts.chain.devnet import DevnetClient
 from contracts.chain.messages.capabilities import Capabilities
+from contracts.chain.messages.provider import Claim, SignedPayout
 from contracts.chain.messages.registry import RegistryParams
 from contracts.chain.transactions import Trace
-from contracts.chain.wallet import WalletKeys
+from contracts.chain.wallet import OutMessage, WalletKeys
 from protocol.signed import EpochCommit, PayoutVoucher, SpendVoucher
 
-from .conftest import TON, Key, LongValidityWallet
+from .conftest import TON, G, Key, LongValidityWallet
 
 CENT = TON // 100
 PARAMS = RegistryParams(2 * TON, 40, 20, 300, 1000, 2 * TON)
@@ -34,7 +39,11 @@ steps = st.one_of(
     st.tuples(st.just("charge"), st.sampled_from(["ok", "ok", "replay", "wrong_key"]), amounts),
     st.tuples(st.just("close")),
     st.tuples(st.just("withdraw"), st.booleans()),
-    st.tuples(st.just("commit")),
+    st.tuples(
+        st.just("commit"),
+        st.sampled_from(["ok", "ok", "backwards", "beyond"]),
+        st.integers(min_value=0, max_value=100),
+    ),
     st.tuples(st.just("claim"), amounts),
     st.tuples(st.just("withdraw_fees"), st.integers(min_value=1, max_value=100)),
 )
@@ -75,8 +84,9 @@ class World:
         self.provider, _ = await operations.register_provider(
             self.node, c, self.registry, self.node_key.public, 2 * TON, Capabilities("a", 1, 1, "b")
         )
-        self.claimed = 0
+        self.claimed, self.seq = 0, 0
         self.last_vault = await getters.get_vault_data(c, self.vault)
+        self.paid_base = self.last_vault.paid_out
 
     async def new_escrow(self) -> None:
         self.spend = Key()
@@ -110,7 +120,7 @@ class World:
         elif kind == "charge":
             _, how, delta = op
             cumulative = self.charged if how == "replay" else self.charged + delta
-            v = SpendVoucher(self.escrow, self.vault, cumulative)
+            v = SpendVoucher(G, self.escrow, self.vault, cumulative)
             key = Key() if how == "wrong_key" else self.spend
             trace = await operations.escrow_charge(
                 self.operator, self.escrow, v, key.sign(v), check=False
@@ -124,14 +134,10 @@ class World:
             trace = await operations.escrow_withdraw(self.client, self.escrow, check=False)
             await c.set_clock(None)
         elif kind == "commit":
-            v = await getters.get_vault_data(c, self.vault)
-            commit = EpochCommit(self.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
-            trace = await operations.vault_commit_epoch(
-                self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
-            )
+            trace = await self.commit(op[1], op[2])
         elif kind == "claim":
             v = await getters.get_vault_data(c, self.vault)
-            pv = PayoutVoucher(self.vault, self.provider, v.last_epoch, self.claimed + op[1])
+            pv = PayoutVoucher(G, self.vault, self.provider, v.last_epoch, self.claimed + op[1])
             trace = await operations.provider_claim(
                 self.node, self.provider, pv, self.operator_key.sign(pv), check=False
             )
@@ -143,6 +149,63 @@ class World:
                 self.operator, self.vault, amount, check=False
             )
         await self.check(trace)
+
+    async def new_provider(self, payable: int) -> None:
+        """A fresh Provider (claimed 0) and a vault able to pay it ``payable`` more."""
+        c = self.chain
+        self.seq += 1
+        self.provider, _ = await operations.register_provider(
+            self.node,
+            c,
+            self.registry,
+            self.node_key.public,
+            2 * TON,
+            Capabilities("a", 1, 1, "b"),
+            seq=self.seq,
+        )
+        v = await getters.get_vault_data(c, self.vault)
+        if v.payable < payable:
+            await operations.vault_top_up_stake(
+                self.operator, self.vault, payable - v.payable + TON
+            )
+        await self.commit("ok", 100)  # every payable nanoTON committed
+        self.paid_base = (await getters.get_vault_data(c, self.vault)).paid_out
+        self.claimed = 0
+
+    async def commit(self, how: str, percent: int) -> Trace:
+        """Commit the next epoch: every charge received, and a paid total ``percent`` of
+        the way from the last one to the most the vault could owe (charged - fees + stake);
+        or a commit going backwards or beyond what the vault could pay, which it refuses."""
+        v = await getters.get_vault_data(self.chain, self.vault)
+        charged, fees = v.charged_in, v.fees_accrued
+        paid = v.committed_paid + (v.committable - v.committed_paid) * percent // 100
+        if how == "backwards" and v.committed_paid > 0:
+            paid = v.committed_paid - 1
+        elif how != "ok":
+            paid = v.charged_in - v.fees_accrued + v.stake + 1
+        commit = EpochCommit(G, self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
+        return await operations.vault_commit_epoch(
+            self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
+        )
+
+    async def claim_batch(self, batch: list[tuple[int, str]]) -> int:
+        """Send the batch's claims in one wallet message; return the highest good cumulative."""
+        c = self.chain
+        v = await getters.get_vault_data(c, self.vault)
+        messages, cumulative, best = [], self.claimed, 0
+        for delta, how in batch:
+            cumulative += delta
+            pv = PayoutVoucher(G, self.vault, self.provider, v.last_epoch, cumulative)
+            key = Key() if how == "refused" else self.operator_key
+            body = Claim(operations.new_query_id(), SignedPayout(key.sign(pv), pv)).to_cell()
+            messages.append(
+                OutMessage(self.provider, operations.OP_VALUE["claim"], body, None, True)
+            )
+            if how == "ok":
+                best = cumulative
+        await self.check(await self.node.send(messages))
+        self.claimed = await getters.get_provider_claimed(c, self.provider, self.vault)
+        return best
 
     async def check(self, trace: Trace) -> None:
         c = self.chain
@@ -156,6 +219,16 @@ class World:
         # counters never fall
         for f in ("charged_in", "paid_out", "fees_accrued", "fees_withdrawn", "last_epoch"):
             assert getattr(v, f) >= getattr(self.last_vault, f), f
+        # the Provider's counter is exactly what the vault paid it (the only provider
+        # claiming): a bounced claim gives back its own amount, whatever else is in flight
+        claimed = await getters.get_provider_claimed(c, self.provider, self.vault)
+        assert claimed == v.paid_out - self.paid_base, (claimed, v.paid_out - self.paid_base)
+        # epoch totals: cumulative; fees within the charged total, payouts within the last
+        # commit and never beyond what the vault could pay when it was committed
+        for f in ("committed_charged", "committed_paid", "committed_fees"):
+            assert getattr(v, f) >= getattr(self.last_vault, f), f
+        assert v.committed_fees <= v.committed_charged
+        assert v.paid_out <= v.committed_paid <= v.charged_in - v.fees_accrued + v.stake
         # invariant 3: paid out <= charged - fees + stake; fee withdrawals within the fees
         assert v.paid_out <= v.charged_in - v.fees_accrued + v.stake
         assert v.fees_withdrawn <= v.fees_accrued
@@ -177,6 +250,32 @@ def test_random_operation_sequences(world, ops):
     world.run(world.new_escrow())
     for op in ops:
         world.run(world.step(op))
+
+
+# One batch: claims sent in one wallet message, in flight together. Each raises the
+# cumulative by `delta`; a refused one is signed by a wrong key (the Provider accepts it and
+# moves its counter, the vault bounces it).
+claim_batches = st.lists(
+    st.tuples(amounts, st.sampled_from(["ok", "ok", "refused"])), min_size=1, max_size=4
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("IMAGO_PROP_EXAMPLES", "200")) // 4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batches=st.lists(claim_batches, min_size=1, max_size=3))
+def test_overlapping_claims_and_bounces(world, batches):
+    world.run(world.new_provider(sum(d for batch in batches for d, _ in batch)))
+    world.run(world.new_escrow())
+    best = 0
+    for batch in batches:
+        best = max(best, world.run(world.claim_batch(batch)))
+    # whatever bounced around it, the best good voucher still pays up to its cumulative
+    if best > world.claimed:
+        world.run(world.claim_batch([(best - world.claimed, "ok")]))
+    assert world.claimed == best
 
 
 @pytest.fixture(scope="module")

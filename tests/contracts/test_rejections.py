@@ -3,6 +3,8 @@ moves no counter."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pytoniq_core import begin_cell
 
@@ -10,11 +12,17 @@ from contracts.chain import addresses, getters, operations
 from contracts.chain.messages.capabilities import Capabilities
 from contracts.chain.messages.escrow import Charge, EscrowCharged
 from contracts.chain.messages.provider import ProviderInit, SignedPayout
-from contracts.chain.messages.registry import SetImage
+from contracts.chain.messages.registry import SetImage, SlashedStake
 from contracts.chain.messages.vault import PayoutRequest
-from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher
+from protocol.signed import (
+    MAINNET_GLOBAL_ID,
+    EpochCommit,
+    PayoutVoucher,
+    Receipt,
+    SpendVoucher,
+)
 
-from .conftest import TON, Key
+from .conftest import TON, G, Key
 
 CAPS = Capabilities("L4", 24, 1, "us-east")
 
@@ -50,7 +58,10 @@ async def world(chain, contracts_set, make_wallet):
 
 async def _committed_epoch(chain, cs) -> int:
     v = await getters.get_vault_data(chain, cs.vault)
-    c = EpochCommit(cs.vault, v.last_epoch + 1, b"\x07" * 32, 0, 0, 0, 0)
+    # every charge committed, and all the vault could pay (charged - fees + stake)
+    c = EpochCommit(
+        G, cs.vault, v.last_epoch + 1, b"\x07" * 32, v.charged_in, v.committable, v.fees_accrued, 0
+    )
     await operations.vault_commit_epoch(cs.operator, cs.vault, c, cs.operator_key.sign(c))
     return v.last_epoch + 1
 
@@ -60,7 +71,7 @@ async def _committed_epoch(chain, cs) -> int:
 
 async def test_replayed_spend_voucher(chain, world):
     w = world
-    v = SpendVoucher(w.escrow, w.cs.vault, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, TON)
     await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [405]
@@ -70,10 +81,10 @@ async def test_replayed_spend_voucher(chain, world):
 async def test_voucher_for_another_escrow_or_vault(chain, world, contracts_set):
     w = world
     other = addresses.escrow_address(w.cs.vault, w.cs.gov.address, 1, 20)
-    v = SpendVoucher(other, w.cs.vault, TON)
+    v = SpendVoucher(G, other, w.cs.vault, TON)
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [403]
-    v = SpendVoucher(w.escrow, w.cs.registry, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.registry, TON)
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [404]
     assert (await getters.get_escrow_data(chain, w.escrow)).charged == 0
@@ -81,7 +92,7 @@ async def test_voucher_for_another_escrow_or_vault(chain, world, contracts_set):
 
 async def test_spend_voucher_wrong_key(chain, world):
     w = world
-    v = SpendVoucher(w.escrow, w.cs.vault, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, TON)
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, Key().sign(v), check=False)
     assert codes(tr) == [402]
 
@@ -89,10 +100,10 @@ async def test_spend_voucher_wrong_key(chain, world):
 async def test_charge_beyond_deposit(chain, world):
     w = world
     e = await getters.get_escrow_data(chain, w.escrow)
-    v = SpendVoucher(w.escrow, w.cs.vault, e.deposited + 1)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, e.deposited + 1)
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
     assert codes(tr) == [406]
-    v = SpendVoucher(w.escrow, w.cs.vault, e.deposited)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, e.deposited)
     await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
 
 
@@ -101,7 +112,7 @@ async def test_charge_during_close_delay_then_not_after(chain, world, clock):
     await operations.escrow_close(w.client, w.escrow)
     tr = await operations.escrow_deposit(w.client, w.escrow, TON, check=False)
     assert codes(tr) == [410]  # no deposit once closing
-    v = SpendVoucher(w.escrow, w.cs.vault, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, TON)
     await operations.escrow_charge(
         w.cs.operator, w.escrow, v, w.spend.sign(v)
     )  # allowed in the delay
@@ -112,7 +123,7 @@ async def test_charge_during_close_delay_then_not_after(chain, world, clock):
     e = await getters.get_escrow_data(chain, w.escrow)
     await operations.escrow_withdraw(w.client, w.escrow)
     assert await w.client.balance() - before >= e.deposited - e.charged - TON // 50
-    v2 = SpendVoucher(w.escrow, w.cs.vault, 2 * TON)
+    v2 = SpendVoucher(G, w.escrow, w.cs.vault, 2 * TON)
     tr = await operations.escrow_charge(w.cs.operator, w.escrow, v2, w.spend.sign(v2), check=False)
     assert codes(tr) == [407]
 
@@ -126,7 +137,7 @@ async def test_escrow_admin_from_non_owner(chain, world):
 
 async def test_charge_with_too_little_value(chain, world):
     w = world
-    v = SpendVoucher(w.escrow, w.cs.vault, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, TON)
     tr = await operations.escrow_charge(
         w.cs.operator, w.escrow, v, w.spend.sign(v), value=TON // 1000, check=False
     )
@@ -137,7 +148,7 @@ async def test_charge_with_too_little_value(chain, world):
 
 async def test_malformed_and_unknown_bodies(chain, world):
     w = world
-    v = SpendVoucher(w.escrow, w.cs.vault, TON)
+    v = SpendVoucher(G, w.escrow, w.cs.vault, TON)
     full = Charge(1, w.spend.sign(v), v).to_cell()
     truncated = begin_cell().store_uint(Charge.OP, 32).store_uint(1, 64).end_cell()
     tr = await w.cs.operator.transfer(w.escrow, TON // 10, truncated)
@@ -161,7 +172,7 @@ async def test_vault_refuses_a_charge_and_the_escrow_restores(chain, contracts_s
     client, spend = await make_wallet(), Key()
     escrow, _ = await operations.escrow_open(client, cs.vault, spend.public, 2 * TON, 12345)
     v0 = await getters.get_vault_data(chain, cs.vault)
-    v = SpendVoucher(escrow, cs.vault, TON)
+    v = SpendVoucher(G, escrow, cs.vault, TON)
     tr = await operations.escrow_charge(cs.operator, escrow, v, spend.sign(v), check=False)
     assert codes(tr) == [302]
     assert (await getters.get_escrow_data(chain, escrow)).charged == 0
@@ -177,27 +188,31 @@ async def test_forged_children(chain, world, make_wallet):
     body = EscrowCharged(1, TON, forger.address, 1, forger.address).to_cell()
     tr = await forger.transfer(w.cs.vault, 2 * TON, body)
     assert codes(tr) == [302]
-    pv = PayoutVoucher(w.cs.vault, forger.address, 1, TON)
+    pv = PayoutVoucher(G, w.cs.vault, forger.address, 1, TON)
     body = PayoutRequest(1, 0, TON, forger.address, 0, SignedPayout(w.cs.operator_key.sign(pv), pv))
     tr = await forger.transfer(w.cs.vault, TON, body.to_cell())
     assert codes(tr) == [303]
     body = ProviderInit(1, 100 * TON, 1, 1, 0, begin_cell().end_cell(), forger.address).to_cell()
     tr = await forger.transfer(w.provider, TON, body)
     assert codes(tr) == [202]
+    # a "slashed stake" that no Provider of the registry sent
+    body = SlashedStake(1, forger.address, 0).to_cell()
+    tr = await forger.transfer(w.cs.registry, TON, body)
+    assert codes(tr) == [104]
 
 
 async def test_epoch_commit_rejections(chain, contracts_set):
     cs = contracts_set
     v = await getters.get_vault_data(chain, cs.vault)
-    c = EpochCommit(cs.vault, v.last_epoch + 2, b"\0" * 32, 0, 0, 0, 0)
+    c = EpochCommit(G, cs.vault, v.last_epoch + 2, b"\0" * 32, 0, 0, 0, 0)
     tr = await operations.vault_commit_epoch(
         cs.operator, cs.vault, c, cs.operator_key.sign(c), check=False
     )
     assert codes(tr) == [310]
-    c = EpochCommit(cs.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
+    c = EpochCommit(G, cs.vault, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
     tr = await operations.vault_commit_epoch(cs.operator, cs.vault, c, Key().sign(c), check=False)
     assert codes(tr) == [304]
-    c = EpochCommit(cs.registry, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
+    c = EpochCommit(G, cs.registry, v.last_epoch + 1, b"\0" * 32, 0, 0, 0, 0)
     tr = await operations.vault_commit_epoch(
         cs.operator, cs.vault, c, cs.operator_key.sign(c), check=False
     )
@@ -219,7 +234,7 @@ async def test_withdraw_fees_rules(chain, contracts_set, make_wallet):
 
 async def _claim(chain, w, cumulative, *, epoch=None, key=None, check=False):
     epoch = epoch if epoch is not None else await _committed_epoch(chain, w.cs)
-    pv = PayoutVoucher(w.cs.vault, w.provider, epoch, cumulative)
+    pv = PayoutVoucher(G, w.cs.vault, w.provider, epoch, cumulative)
     k = key or w.cs.operator_key
     return await operations.provider_claim(w.node_owner, w.provider, pv, k.sign(pv), check=check)
 
@@ -260,7 +275,7 @@ async def test_bounced_payout_restores_counters(chain, world):
 async def test_payout_voucher_for_another_provider(chain, world):
     w = world
     epoch = await _committed_epoch(chain, w.cs)
-    pv = PayoutVoucher(w.cs.vault, w.cs.registry, epoch, TON)
+    pv = PayoutVoucher(G, w.cs.vault, w.cs.registry, epoch, TON)
     tr = await operations.provider_claim(
         w.node_owner, w.provider, pv, w.cs.operator_key.sign(pv), check=False
     )
@@ -283,7 +298,7 @@ async def test_provider_admin_from_non_owner(chain, world):
     tr = await operations.provider_rotate_key(w.cs.operator, w.provider, 5, check=False)
     assert codes(tr) == [200]
     tr = await _claim(chain, w, TON)  # from the owner: fine; from someone else: no
-    pv = PayoutVoucher(w.cs.vault, w.provider, 1, 2 * TON)
+    pv = PayoutVoucher(G, w.cs.vault, w.provider, 1, 2 * TON)
     tr = await operations.provider_claim(
         w.cs.operator, w.provider, pv, w.cs.operator_key.sign(pv), check=False
     )
@@ -337,8 +352,8 @@ async def test_unbonding(chain, world, clock):
 
 
 def _receipts(escrow, job=9):
-    r1 = Receipt(escrow, job, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
-    r2 = Receipt(escrow, job, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
+    r1 = Receipt(G, escrow, job, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
+    r2 = Receipt(G, escrow, job, 1, 2, 3, 4, 5, 6, 8, b"\0" * 32, b"\1" * 32)
     return r1, r2
 
 
@@ -353,7 +368,7 @@ async def test_slash_rejections_then_slash(chain, world, make_wallet):
     )
     assert codes(tr) == [211]
     # different jobs
-    r3 = Receipt(w.escrow, 10, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
+    r3 = Receipt(G, w.escrow, 10, 1, 2, 3, 4, 5, 6, 7, b"\0" * 32, b"\1" * 32)
     tr = await operations.provider_slash(
         reporter, w.provider, (r1, k.sign(r1)), (r3, k.sign(r3)), check=False
     )
@@ -389,3 +404,56 @@ async def test_rotated_key_stays_slashable(chain, world, make_wallet):
     reporter = await make_wallet()
     await operations.provider_slash(reporter, w.provider, (r1, old.sign(r1)), (r2, old.sign(r2)))
     assert (await getters.get_provider_data(chain, w.provider)).state_name == "slashed"
+
+
+# --- network ------------------------------------------------------------------------------
+
+
+async def test_signed_objects_for_another_network_are_refused(chain, world, make_wallet):
+    """Every signed object names its network: one signed (by the right key) for mainnet is
+    refused on the devnet, whose global id is its own; nothing moves."""
+    w = world
+    assert await chain.get_global_id() == G != MAINNET_GLOBAL_ID
+    # a spend voucher
+    v = SpendVoucher(MAINNET_GLOBAL_ID, w.escrow, w.cs.vault, TON)
+    tr = await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v), check=False)
+    assert codes(tr) == [411]
+    assert (await getters.get_escrow_data(chain, w.escrow)).charged == 0
+    # an epoch commit
+    vd = await getters.get_vault_data(chain, w.cs.vault)
+    c = EpochCommit(
+        MAINNET_GLOBAL_ID,
+        w.cs.vault,
+        vd.last_epoch + 1,
+        b"\x09" * 32,
+        vd.charged_in,
+        vd.committable,
+        vd.fees_accrued,
+        0,
+    )
+    tr = await operations.vault_commit_epoch(
+        w.cs.operator, w.cs.vault, c, w.cs.operator_key.sign(c), check=False
+    )
+    assert codes(tr) == [320]
+    # a payout voucher (of a committed epoch): the vault refuses, the Provider restores
+    epoch = await _committed_epoch(chain, w.cs)
+    pv = PayoutVoucher(MAINNET_GLOBAL_ID, w.cs.vault, w.provider, epoch, TON)
+    tr = await operations.provider_claim(
+        w.node_owner, w.provider, pv, w.cs.operator_key.sign(pv), check=False
+    )
+    assert codes(tr) == [320]
+    assert await getters.get_provider_claimed(chain, w.provider, w.cs.vault) == 0
+    # an equivocation proof made of receipts for another network
+    r1, r2 = (replace(r, global_id=MAINNET_GLOBAL_ID) for r in _receipts(w.escrow, job=12))
+    k = w.node_key
+    reporter = await make_wallet()
+    tr = await operations.provider_slash(
+        reporter, w.provider, (r1, k.sign(r1)), (r2, k.sign(r2)), check=False
+    )
+    assert codes(tr) == [216]
+    assert (await getters.get_provider_data(chain, w.provider)).state_name == "active"
+    # the same objects for this network go through
+    v = replace(v, global_id=G)
+    await operations.escrow_charge(w.cs.operator, w.escrow, v, w.spend.sign(v))
+    pv = replace(pv, global_id=G)
+    await operations.provider_claim(w.node_owner, w.provider, pv, w.cs.operator_key.sign(pv))

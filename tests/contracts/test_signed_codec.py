@@ -14,12 +14,16 @@ from pytoniq_core import Address, Cell, begin_cell
 
 from protocol import cells
 from protocol.signed import (
+    DEVNET_GLOBAL_ID,
+    MAINNET_GLOBAL_ID,
     TAG_RECEIPT,
+    TESTNET_GLOBAL_ID,
     EpochCommit,
     PayoutVoucher,
     Receipt,
     SignedObjectError,
     SpendVoucher,
+    check_network,
 )
 
 MAX_COINS = 2**120 - 1
@@ -35,6 +39,12 @@ coins = st.one_of(
     st.integers(0, MAX_COINS),
     st.integers(0, 2**40),
 )
+# an epoch commit's three Coins share the cell: at most 13 bytes each to stay in 1023 bits
+epoch_coins = st.one_of(st.sampled_from([0, 1, 2**104 - 1]), st.integers(0, 2**104 - 1))
+global_ids = st.one_of(
+    st.sampled_from([MAINNET_GLOBAL_ID, TESTNET_GLOBAL_ID, DEVNET_GLOBAL_ID, 0, -(2**31)]),
+    st.integers(-(2**31), 2**31 - 1),
+)
 digest = st.binary(min_size=32, max_size=32)
 address = st.builds(
     lambda wc, h: Address((wc, h)),
@@ -44,6 +54,7 @@ address = st.builds(
 
 receipts = st.builds(
     Receipt,
+    global_ids,
     address,
     _uint(256),
     _uint(32),
@@ -56,15 +67,27 @@ receipts = st.builds(
     digest,
     digest,
 )
-spends = st.builds(SpendVoucher, address, address, coins)
-payouts = st.builds(PayoutVoucher, address, address, _uint(64), coins)
-epochs = st.builds(EpochCommit, address, _uint(64), digest, coins, coins, coins, _uint(32))
+spends = st.builds(SpendVoucher, global_ids, address, address, coins)
+payouts = st.builds(PayoutVoucher, global_ids, address, address, _uint(64), coins)
+epochs = st.builds(
+    EpochCommit,
+    global_ids,
+    address,
+    _uint(64),
+    digest,
+    epoch_coins,
+    epoch_coins,
+    epoch_coins,
+    _uint(32),
+)
 any_object = st.one_of(receipts, spends, payouts, epochs)
 
 A = Address("0:" + "ab" * 32)
 B = Address("-1:" + "cd" * 32)
+G = DEVNET_GLOBAL_ID
 SAMPLES = [
     Receipt(
+        2**31 - 1,
         A,
         2**256 - 1,
         2**32 - 1,
@@ -75,13 +98,15 @@ SAMPLES = [
         b"\xff" * 32,
         b"\xff" * 32,
     ),
-    Receipt(B, 0, 0, 0, 0, 0, 0, 0, 0, b"\0" * 32, b"\0" * 32),
-    Receipt(A, 7, 1_700_000_000, 99, 1234, 5678, 10**9, 3 * 10**9, 12_345, b"\1" * 32, b"\2" * 32),
-    SpendVoucher(A, B, 10**12),
-    SpendVoucher(A, A, 0),
-    PayoutVoucher(B, A, 2**64 - 1, MAX_COINS),
-    EpochCommit(B, 3, b"\3" * 32, MAX_COINS, MAX_COINS, MAX_COINS, 2**32 - 1),  # 1023 bits
-    EpochCommit(A, 0, b"\0" * 32, 0, 0, 0, 0),
+    Receipt(-(2**31), B, 0, 0, 0, 0, 0, 0, 0, 0, b"\0" * 32, b"\0" * 32),
+    Receipt(
+        G, A, 7, 1_700_000_000, 99, 1234, 5678, 10**9, 3 * 10**9, 12_345, b"\1" * 32, b"\2" * 32
+    ),
+    SpendVoucher(MAINNET_GLOBAL_ID, A, B, 10**12),
+    SpendVoucher(0, A, A, 0),
+    PayoutVoucher(TESTNET_GLOBAL_ID, B, A, 2**64 - 1, MAX_COINS),
+    EpochCommit(-1, B, 3, b"\3" * 32, MAX_COINS, MAX_COINS, 2**88 - 1, 2**32 - 1),  # 1023 bits
+    EpochCommit(G, A, 0, b"\0" * 32, 0, 0, 0, 0),
 ]
 TYPES = (Receipt, SpendVoucher, PayoutVoucher, EpochCommit)
 
@@ -162,7 +187,26 @@ def test_sign_and_verify_use_the_cell_hash() -> None:
     for obj in SAMPLES:
         sig = obj.sign(key)
         key.public_key().verify(sig, obj.to_cell().hash)
-        assert obj.verify(sig, pub)
+        assert obj.verify(sig, pub, global_id=obj.global_id)
+
+
+def test_an_object_for_another_network_is_refused() -> None:
+    """A voucher or receipt signed for another network's global id verifies for no other
+    network, and check_network names the mismatch."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    for obj in SAMPLES:
+        other = dataclasses.replace(obj, global_id=MAINNET_GLOBAL_ID ^ obj.global_id ^ G)
+        assert other.global_id != obj.global_id and other.hash != obj.hash
+        sig = obj.sign(key)
+        assert not obj.verify(sig, pub, global_id=other.global_id)
+        assert not other.verify(sig, pub, global_id=other.global_id)  # not its signature
+        check_network(obj, obj.global_id)
+        with pytest.raises(SignedObjectError, match="network"):
+            check_network(obj, other.global_id)
 
 
 # --- malformed and unusual BOCs: the same outcome as the pytoniq path, errors typed ---
@@ -242,7 +286,7 @@ def test_garbage(data: bytes, cls: type) -> None:
 def _receipt_cell(root_bits, body=None, digests=None, refs=None) -> Cell:
     r = SAMPLES[2]
     canonical = r.to_cell()
-    b = root_bits(begin_cell().store_uint(TAG_RECEIPT, 32))
+    b = root_bits(begin_cell().store_uint(TAG_RECEIPT, 32).store_int(r.global_id, 32))
     if refs is None:
         refs = [body or canonical.refs[0], digests or canonical.refs[1]]
     for ref in refs:
@@ -255,7 +299,8 @@ def test_wrong_ref_count_and_wrong_tag() -> None:
     canonical = r.to_cell()
 
     def fields(b):
-        return b.store_address(r.escrow).store_uint(r.job_id, 256).store_uint(r.time, 32)
+        b = b.store_int(r.global_id, 32).store_address(r.escrow)
+        return b.store_uint(r.job_id, 256).store_uint(r.time, 32)
 
     wrong_refs = (
         [],
@@ -263,8 +308,12 @@ def test_wrong_ref_count_and_wrong_tag() -> None:
         [*canonical.refs, canonical.refs[1]],
         canonical.refs[::-1],
     )
+
+    def fields_after_id(b):
+        return b.store_address(r.escrow).store_uint(r.job_id, 256).store_uint(r.time, 32)
+
     for refs in wrong_refs:
-        boc = _receipt_cell(fields, refs=refs).to_boc()
+        boc = _receipt_cell(fields_after_id, refs=refs).to_boc()
         with pytest.raises(SignedObjectError):
             Receipt.parse_boc(boc)
     wrong_tag = begin_cell().store_uint(TAG_RECEIPT ^ 1, 32)
@@ -334,13 +383,15 @@ def test_unencodable_values_fail_as_before() -> None:
     """Values the fast writer refuses go to pytoniq, which fails (or not) as it did."""
     r = SAMPLES[2]
     bad = [
-        Receipt(r.escrow, 2**256, *_fields(r)[2:]),
-        Receipt(r.escrow, -1, *_fields(r)[2:]),
-        Receipt(*_fields(r)[:9], b"short", r.response_hash),
-        SpendVoucher(A, B, 2**120),
-        SpendVoucher(A, B, -5),
-        PayoutVoucher(A, B, 2**64, 1),
-        EpochCommit(A, 1, b"\0" * 31, 1, 2, 3, 4),
+        Receipt(r.global_id, r.escrow, 2**256, *_fields(r)[3:]),
+        Receipt(r.global_id, r.escrow, -1, *_fields(r)[3:]),
+        Receipt(*_fields(r)[:10], b"short", r.response_hash),
+        Receipt(2**31, *_fields(r)[1:]),
+        SpendVoucher(G, A, B, 2**120),
+        SpendVoucher(G, A, B, -5),
+        SpendVoucher(-(2**31) - 1, A, B, 5),
+        PayoutVoucher(G, A, B, 2**64, 1),
+        EpochCommit(G, A, 1, b"\0" * 31, 1, 2, 3, 4),
     ]
     for obj in bad:
         with pytest.raises(Exception) as slow:
@@ -352,10 +403,10 @@ def test_unencodable_values_fail_as_before() -> None:
         with pytest.raises(slow.type):
             obj.encode()
     # An address pytoniq accepts but the fast writer does not (a str) still encodes.
-    s = SpendVoucher("0:" + "ab" * 32, B, 1)  # type: ignore[arg-type]
-    assert s.hash == SpendVoucher(A, B, 1).hash
-    assert s.to_boc() == SpendVoucher(A, B, 1).to_boc()
-    assert s.encode() == SpendVoucher(A, B, 1).encode()
+    s = SpendVoucher(G, "0:" + "ab" * 32, B, 1)  # type: ignore[arg-type]
+    assert s.hash == SpendVoucher(G, A, B, 1).hash
+    assert s.to_boc() == SpendVoucher(G, A, B, 1).to_boc()
+    assert s.encode() == SpendVoucher(G, A, B, 1).encode()
 
 
 def _fields(obj: object) -> tuple:

@@ -284,7 +284,10 @@ def test_the_money_settles_by_itself(stack: dict) -> None:
     new = [c for c in claims if int(c["cumulative"]) > claimed_before]
     assert new and int(claims[-1]["cumulative"]) == released, "the node did not claim"
     owner_after = _nano(_json(stack, "wallet", "balance", "--name", "provider")["balance"])
-    assert owner_after - owner_before == sum(int(c["amount"]) - int(c["fees"]) for c in new)
+    paid, fees = sum(int(c["amount"]) for c in new), sum(int(c["fees"]) for c in new)
+    # the payout less the claims' fees (0.011 TON each; the owner wallet's own storage and
+    # bounce of a refused claim are not in a claim's trace, so allow a little more)
+    assert paid - fees - len(new) * 5_000_000 <= owner_after - owner_before <= paid - fees
     vault = _json(stack, "vault", "status", "--vault", stack["vault"])
     assert _nano(vault["paid_out"]) == released
 

@@ -34,7 +34,14 @@ from protocol.api import (
 )
 from protocol.attestation import make_dev_evidence, report_data
 from protocol.envelope import FrameDecoder, FrameType, ResponseOpener, ResponseSealer
-from protocol.signed import Receipt, SpendVoucher, cost_nanoton, model_hash
+from protocol.signed import (
+    DEVNET_GLOBAL_ID,
+    MAINNET_GLOBAL_ID,
+    Receipt,
+    SpendVoucher,
+    cost_nanoton,
+    model_hash,
+)
 from protocol.tickets import TICKET_HEADER
 
 MODEL = "fake-echo-1"
@@ -56,7 +63,8 @@ async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
 class FakeNode:
     """A fake node. ``mode``: ok, error500, busy, die, slow, slow_after_headers, midstream,
     forge, hang,
-    refuse, bad_hash. ``attest_mode``: good, wrong_nonce, wrong_key."""
+    refuse, bad_hash, wrong_network (a receipt for mainnet). ``attest_mode``: good,
+    wrong_nonce, wrong_key."""
 
     models: dict[str, tuple[int, int]] = field(default_factory=lambda: {MODEL: (100, 200)})
     mode: str = "ok"
@@ -212,6 +220,7 @@ class FakeNode:
         price_prompt, price_completion = self.models[model]
         completion_tokens = len(pieces)
         receipt = Receipt(
+            global_id=MAINNET_GLOBAL_ID if self.mode == "wrong_network" else DEVNET_GLOBAL_ID,
             escrow=Address(req.escrow),
             job_id=int(job_id, 16),
             time=int(time.time()),
@@ -325,9 +334,19 @@ class FakeClient:
                     relay_error = json.loads(payload)
         return RelayResult(status, raw, frames, texts, end, relay_error, job_id.hex())
 
-    def voucher(self, amount: int, *, cumulative: int | None = None, key=None, escrow=ESCROW):
+    def voucher(
+        self,
+        amount: int,
+        *,
+        cumulative: int | None = None,
+        key=None,
+        escrow=ESCROW,
+        global_id: int = DEVNET_GLOBAL_ID,
+    ):
         cumulative = self.cumulative + amount if cumulative is None else cumulative
-        voucher = SpendVoucher(escrow=escrow, vault=VAULT, cumulative=cumulative)
+        voucher = SpendVoucher(
+            global_id=global_id, escrow=escrow, vault=VAULT, cumulative=cumulative
+        )
         signature = voucher.sign(key or self.spend_key)
         return voucher, signature, cumulative
 

@@ -73,3 +73,15 @@ async def test_the_cli_says_why_and_exits_2(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert "only the Imago devnet" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+async def test_off_the_devnet_the_network_is_no_default(tmp_path: Path) -> None:
+    """Vouchers and receipts name their network: a matcher that is neither on the devnet
+    nor told (or able to read from its chain) which network it serves does not start."""
+    config = MatcherConfig(state_dir=tmp_path / "matcher", devnet=False)
+    matcher = web.AppRunner(create_app(config))
+    try:
+        with pytest.raises(StartupRefused, match="global id"):
+            await matcher.setup()
+    finally:
+        await matcher.cleanup()

@@ -11,6 +11,7 @@ from marketplace.config import MatcherConfig
 from protocol.api import RouteResponse
 from protocol.attestation import verify_attestation
 from protocol.keystore import KeystoreError
+from protocol.signed import TESTNET_GLOBAL_ID
 from tests.marketplace.conftest import admit, signed_registration
 from tests.marketplace.fakes import MODEL
 
@@ -36,7 +37,7 @@ async def test_dev_attestation_admitted_in_devnet_mode(session, start_matcher, s
 
 
 async def test_dev_attestation_refused_without_devnet(session, start_matcher, start_node):
-    matcher = await start_matcher(devnet=False)
+    matcher = await start_matcher(devnet=False, global_id=TESTNET_GLOBAL_ID)
     node = await start_node()
     async with session.post(f"{matcher.url}/v1/nodes", json=signed_registration(node)) as resp:
         assert resp.status == 403
@@ -213,10 +214,13 @@ async def test_tdx_admission_goes_through_the_quote_verifier(session, start_matc
             assert resp.status == 403
             return (await resp.json())["error"]
 
-    live = await start_matcher(devnet=False, allowed_mr_td=frozenset({mr_td}))
+    live = await start_matcher(
+        devnet=False, global_id=TESTNET_GLOBAL_ID, allowed_mr_td=frozenset({mr_td})
+    )
     assert "collateral is not valid" in (await register(live))["message"]
     pinned = await start_matcher(
         devnet=False,
+        global_id=TESTNET_GLOBAL_ID,
         allowed_mr_td=frozenset({mr_td}),
         attestation_now=_pinned_now(collateral),
         state_dir=live.config.state_dir.parent / "pinned",

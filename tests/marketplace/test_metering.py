@@ -156,11 +156,11 @@ async def test_midstream_failure_appends_relay_error(
 async def test_forged_receipt_marks_job_errored(
     session, start_matcher, start_node, client_for, database_url
 ):
-    matcher, (forger, liar) = await setup(
-        start_matcher, start_node, session, database_url, "forge", "bad_hash"
+    matcher, (forger, liar, foreign) = await setup(
+        start_matcher, start_node, session, database_url, "forge", "bad_hash", "wrong_network"
     )
     client = client_for(matcher)
-    for node in (forger, liar):
+    for node in (forger, liar, foreign):
         result = await client.relay([node])
         types = [t for t, _ in result.frames]
         assert types == [FrameType.DATA] * 3 + [FrameType.RELAY_ERROR]
@@ -208,6 +208,7 @@ async def test_a_voucher_encoded_unlike_what_was_signed_is_refused(
     padded = (
         begin_cell()
         .store_uint(TAG_SPEND, 32)
+        .store_int(voucher.global_id, 32)
         .store_address(voucher.escrow)
         .store_address(voucher.vault)
         .store_uint(15, 4)  # 15 bytes for a value that needs fewer
@@ -259,6 +260,24 @@ async def test_vouchers(session, start_matcher, start_node, client_for, database
         json={"voucher": "AAAA", "signature": "00", "spend_public": "11", "jobs": []},
     ) as resp:
         assert resp.status == 400 and "error" in await resp.json()
+
+
+async def test_a_voucher_for_another_network_is_refused(
+    session, start_matcher, start_node, client_for, database_url
+):
+    """Signed by the right key for the right escrow and vault, but for mainnet: a devnet
+    matcher does not hold it (the Escrow would refuse it too)."""
+    from protocol.signed import MAINNET_GLOBAL_ID
+
+    matcher, (node,) = await setup(
+        start_matcher, start_node, session, database_url, "ok", price=10**6
+    )
+    client = client_for(matcher)
+    a = await client.relay([node])
+    amount = Receipt.from_boc(base64.b64decode(a.end.receipt)).amount
+    resp = await client.post_voucher(amount, [a.job_id], global_id=MAINNET_GLOBAL_ID)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "wrong_network"
+    assert (await client.post_voucher(amount, [a.job_id])).status == 200
 
 
 async def test_bad_voucher_signature_refused(

@@ -208,7 +208,7 @@ def test_taken_port_gives_a_clear_message(tmp_path):
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "marketplace", "serve", "--port", str(port),
-             "--state-dir", str(tmp_path / "m")],
+             "--global-id", "-3", "--state-dir", str(tmp_path / "m")],
             cwd=REPO, capture_output=True, text=True, timeout=60,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip

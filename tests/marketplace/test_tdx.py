@@ -19,6 +19,7 @@ from protocol.attestation import (
     verify_attestation,
     verify_tdx_quote,
 )
+from protocol.signed import TESTNET_GLOBAL_ID
 from tests.shared_data import TDX_DIR, needs_tdx_sample
 
 pytestmark = needs_tdx_sample
@@ -243,7 +244,7 @@ async def test_with_a_registry_the_matcher_checks_the_mr_td_on_chain(
     # The sample quote binds someone else's keys: let its report data stand for this node's.
     monkeypatch.setattr(attestation, "report_data", lambda *_: quote[REPORT_DATA_OFFSET:BODY_END])
     matcher = await start_matcher(
-        devnet=False, chain_url=DEAD_CHAIN, registry=REGISTRY,
+        devnet=False, chain_url=DEAD_CHAIN, registry=REGISTRY, global_id=TESTNET_GLOBAL_ID,
         attestation_now=now, allowlist_ttl_s=0,
     )  # fmt: skip
     assert matcher.registry.policy.allowed_measurements is None

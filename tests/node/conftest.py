@@ -25,7 +25,7 @@ from node.keys import NodeKeys
 from protocol import envelope
 from protocol.api import SealedRequest
 from protocol.envelope import FrameDecoder, FrameType, ResponseOpener
-from protocol.signed import Receipt, model_hash
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt, model_hash
 from protocol.tickets import TICKET_HEADER, ticket_message
 from tests.node.fixture_upstream import FixtureOptions, create_fixture_upstream
 
@@ -149,7 +149,8 @@ def check_receipt(result: JobResult, node_ed25519: bytes, model: str, prices: tu
     """Everything a client checks on a receipt."""
     receipt, end = result.receipt, result.end
     assert receipt is not None and end is not None
-    assert receipt.verify(bytes.fromhex(end["signature"]), node_ed25519)
+    # a devnet node: its receipts name the devnet's network
+    assert receipt.verify(bytes.fromhex(end["signature"]), node_ed25519, global_id=DEVNET_GLOBAL_ID)
     assert receipt.job_id == int.from_bytes(result.job_id, "big")
     assert receipt.escrow == Address(ESCROW)
     assert receipt.model == model_hash(model)

@@ -9,7 +9,7 @@ import stat
 
 from node.app import STATE
 from node.receipt_log import FILE_NAME, ReceiptLog, read_receipt_log
-from protocol.signed import Receipt
+from protocol.signed import DEVNET_GLOBAL_ID, Receipt
 from tests.node.conftest import ESCROW
 
 MODEL = "fixture-model"
@@ -33,7 +33,9 @@ async def test_every_signed_receipt_is_logged_before_it_leaves(node):
         assert doc["receipt"] == r.end["receipt"] and doc["signature"] == r.end["signature"]
         assert entry.job_id == r.job_id and entry.receipt == r.receipt
         assert entry.time == r.receipt.time
-        assert entry.receipt.verify(entry.signature, node.keys.ed25519_public)
+        assert entry.receipt.verify(
+            entry.signature, node.keys.ed25519_public, global_id=DEVNET_GLOBAL_ID
+        )
         assert entry.receipt_hash == r.receipt.hash
 
 
@@ -47,7 +49,18 @@ def _receipt(job: int) -> Receipt:
     from pytoniq_core import Address
 
     return Receipt(
-        Address(ESCROW), job, 1_700_000_000, 1, 10, 20, 100, 200, 5, b"\1" * 32, b"\2" * 32
+        DEVNET_GLOBAL_ID,
+        Address(ESCROW),
+        job,
+        1_700_000_000,
+        1,
+        10,
+        20,
+        100,
+        200,
+        5,
+        b"\1" * 32,
+        b"\2" * 32,
     )
 
 

@@ -10,9 +10,9 @@ from pytoniq_core import Builder, Cell, Slice, begin_cell
 
 from protocol.signed import SignedObjectError
 
-from .opcodes import OP_RETURN_EXCESS
+from .opcodes import OP_RETURN_EXCESS, OP_SWEPT
 
-__all__ = ["MessageError", "ReturnExcess"]
+__all__ = ["MessageError", "ReturnExcess", "Swept"]
 
 
 class MessageError(ValueError):
@@ -120,4 +120,12 @@ class ReturnExcess(_Body):
     """return_excess#d53276db query_id:uint64 = ReturnExcess;"""
 
     OP: ClassVar[int] = OP_RETURN_EXCESS
+    query_id: int = _f(U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Swept(_Body):
+    """swept#53574550 query_id:uint64 = Swept;  (to the owner, with what was swept)"""
+
+    OP: ClassVar[int] = OP_SWEPT
     query_id: int = _f(U64)

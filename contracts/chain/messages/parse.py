@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pytoniq_core import Cell
 
-from .body import MessageError, ReturnExcess, _Body
+from .body import MessageError, ReturnExcess, Swept, _Body
 from .escrow import Charge, Close, Deposit, EscrowCharged, EscrowRefund, EscrowWithdraw
 from .provider import (
     Claim,
@@ -15,6 +15,7 @@ from .provider import (
     Slash,
     SlashBounty,
     StakeReturned,
+    SweepProvider,
     Unstake,
     UpdateCapabilities,
     WithdrawStake,
@@ -27,6 +28,7 @@ from .registry import (
     SetImage,
     SetModel,
     SlashedStake,
+    SweepRegistry,
     UpdateParams,
 )
 from .vault import (
@@ -54,6 +56,7 @@ MESSAGES: dict[int, type[_Body]] = {
         StakeReturned, SlashBounty, PayoutRequest, PayoutPaid, CommitEpoch, WithdrawFees,
         TopUpStake, FeesPaid, Deposit, Charge, Close, EscrowWithdraw, EscrowCharged,
         EscrowRefund, VaultInit, UnstakeVault, WithdrawVaultStake, VaultStakeReturned,
+        Swept, SweepRegistry, SweepProvider,
     )
 }  # fmt: skip
 

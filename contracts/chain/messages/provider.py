@@ -19,12 +19,14 @@ from .opcodes import (
     OP_SLASH,
     OP_SLASH_BOUNTY,
     OP_STAKE_RETURNED,
+    OP_SWEEP_PROVIDER,
     OP_UNSTAKE,
     OP_UPDATE_CAPABILITIES,
     OP_WITHDRAW_STAKE,
 )
 
 __all__ = [
+    "SweepProvider",
     "Claim",
     "ProviderInit",
     "ProviderPayout",
@@ -160,3 +162,11 @@ class SlashBounty(_Body):
     OP: ClassVar[int] = OP_SLASH_BOUNTY
     query_id: int = _f(U64)
     amount: int = _f("coins")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepProvider(_Body):
+    """sweep_provider#50520017 query_id:uint64 = SweepProvider;  (owner; withdrawn or slashed)"""
+
+    OP: ClassVar[int] = OP_SWEEP_PROVIDER
+    query_id: int = _f(U64)

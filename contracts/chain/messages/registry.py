@@ -16,10 +16,12 @@ from .opcodes import (
     OP_SET_IMAGE,
     OP_SET_MODEL,
     OP_SLASHED_STAKE,
+    OP_SWEEP_REGISTRY,
     OP_UPDATE_PARAMS,
 )
 
 __all__ = [
+    "SweepRegistry",
     "ChangeOwner",
     "DeployVault",
     "ForwardedFunds",
@@ -119,4 +121,12 @@ class ForwardedFunds(_Body):
     """forwarded_funds#52470021 query_id:uint64 = ForwardedFunds;"""
 
     OP: ClassVar[int] = OP_FORWARDED_FUNDS
+    query_id: int = _f(U64)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRegistry(_Body):
+    """sweep_registry#52470005 query_id:uint64 = SweepRegistry;  (owner)"""
+
+    OP: ClassVar[int] = OP_SWEEP_REGISTRY
     query_id: int = _f(U64)
