@@ -29,7 +29,6 @@ import asyncio
 import base64
 import binascii
 import json
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from protocol.ledger import (
     ProviderLeaf,
     fee_of,
     merkle_root,
-    records_auth_message,
+    records_headers,
     verify_proof,
 )
 from protocol.signed import (
@@ -1299,14 +1298,7 @@ class LiveSource:
         return await self._get(f"/v1/ledger/payouts/{_raw(provider)}")
 
     async def records(self, epoch: int, kind: Kind, address: str, key: Ed25519PrivateKey) -> Any:
-        now = int(time.time())
-        headers = {
-            "Imago-Party-Key": key.public_key().public_bytes_raw().hex(),
-            "Imago-Party-Time": str(now),
-            "Imago-Party-Signature": key.sign(
-                records_auth_message(kind, address, epoch, now)
-            ).hex(),
-        }
+        headers = records_headers(key, kind, address, epoch)
         path = f"/v1/ledger/epochs/{epoch}/records"
         data = await self._get(path, {"kind": kind, "address": _raw(address)}, headers)
         if data is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,12 @@ from protocol.ledger import (
     ProviderLeaf,
     fee_of,
     merkle_root,
-    records_auth_message,
+    records_headers,
     verify_proof,
 )
 from protocol.signed import EpochCommit, SignedObjectError, signature_valid
 
-__all__ = ["EarningsError", "EpochEarnings", "Earnings", "compute_earnings", "records_headers"]
+__all__ = ["EarningsError", "EpochEarnings", "Earnings", "compute_earnings"]
 
 CACHE_FILE = "earnings.json"
 PAGE = 200
@@ -63,19 +62,6 @@ class EarningsError(RuntimeError):
 
 def _raw(a: Address | str) -> str:
     return (Address(a) if isinstance(a, str) else a).to_str(is_user_friendly=False)
-
-
-def records_headers(
-    key: Ed25519PrivateKey, provider: str, epoch: int, now: int | None = None
-) -> dict[str, str]:
-    """The three headers that authenticate a provider's records request."""
-    now = int(time.time()) if now is None else now
-    message = records_auth_message("provider", provider, epoch, now)
-    return {
-        "Imago-Party-Key": key.public_key().public_bytes_raw().hex(),
-        "Imago-Party-Time": str(now),
-        "Imago-Party-Signature": key.sign(message).hex(),
-    }
 
 
 @dataclass
@@ -231,7 +217,7 @@ class _Ledger:
         return out
 
     async def records(self, epoch: int) -> dict[str, Any] | None:
-        headers = records_headers(self.node_key, self.provider, epoch)
+        headers = records_headers(self.node_key, "provider", self.provider, epoch)
         path = f"/v1/ledger/epochs/{epoch}/records?kind=provider&address={self.provider}"
         return await self._get(path, headers)
 

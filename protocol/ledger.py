@@ -30,9 +30,11 @@ this epoch pay it after the protocol fee; ``cumulative`` is its payout voucher's
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "merkle_root",
     "node_hash",
     "records_auth_message",
+    "records_headers",
     "leaf_hash",
     "verify_proof",
 ]
@@ -307,3 +310,15 @@ def records_auth_message(kind: str, address: str, epoch: int, unix_time: int) ->
         (b"imago-records", kind.encode(), _raw(address).encode(), str(epoch).encode(),
          str(unix_time).encode())
     )  # fmt: skip
+
+
+def records_headers(
+    key: Ed25519PrivateKey, kind: str, address: str, epoch: int, now: int | None = None
+) -> dict[str, str]:
+    """The three headers that authenticate a party's request for its own records."""
+    now = int(time.time()) if now is None else now
+    return {
+        "Imago-Party-Key": key.public_key().public_bytes_raw().hex(),
+        "Imago-Party-Time": str(now),
+        "Imago-Party-Signature": key.sign(records_auth_message(kind, address, epoch, now)).hex(),
+    }
