@@ -48,6 +48,7 @@ from aiohttp import web  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from pytoniq_core import Address  # noqa: E402
 
+from client.audit import LoggedReceipt  # noqa: E402
 from contracts.chain import getters, operations  # noqa: E402
 from contracts.chain.addresses import DEFAULT_PARAMS  # noqa: E402
 from contracts.chain.devnet import DevnetClient, DevnetProcess  # noqa: E402
@@ -61,11 +62,6 @@ from marketplace.settlement.publication import READ_ENGINE, add_routes  # noqa: 
 from marketplace.settlement.service import SettlementService  # noqa: E402
 from node.claims import Claimer  # noqa: E402
 from protocol.errors import error_middleware  # noqa: E402
-from protocol.ledger import (  # noqa: E402
-    EscrowLeaf,
-    ProviderLeaf,
-    merkle_root,
-)
 from protocol.signed import DEVNET_GLOBAL_ID, Receipt, SpendVoucher, model_hash  # noqa: E402
 
 TON = 1_000_000_000
@@ -131,6 +127,8 @@ class Market:
     claim_fees: int = 0
     claim_txs: int = 0
     jobs: list[tuple[str, int, int]] = field(default_factory=list)  # (id, client, amount)
+    url: str = ""  # the matcher's public ledger API
+    receipts: dict = field(default_factory=dict)  # client 0's, as its receipt log keeps them
 
     def service(self, **settings) -> SettlementService:
         config = SettlementConfig(
@@ -204,7 +202,10 @@ async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
             )  # fmt: skip
             receipt = replace(receipt, amount=receipt.priced_amount)
             boc, digest = receipt.encode()
-            rows.append((job_id.hex(), node, receipt, boc, node.key.sign(digest)))
+            signature = node.key.sign(digest)
+            rows.append((job_id.hex(), node, receipt, boc, signature))
+            if ci == 0:
+                m.receipts[job_id] = LoggedReceipt(j, receipt, digest, signature, public(node.key))
             paid.append((job_id.hex(), receipt.amount))
         for start in range(0, len(rows), 512):
             chunk = rows[start : start + 512]
@@ -272,7 +273,7 @@ async def serve_ledger(m: Market, tmp: Path) -> web.AppRunner:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    url = m.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     for i, n in enumerate(m.nodes):
         n.claimer = Claimer(
             client=m.chain, wallet=n.owner, provider=n.provider, matcher=url,
@@ -305,53 +306,28 @@ async def one_epoch_txs(m: Market, jobs: int) -> tuple[int, float]:
     return txs, build_s
 
 
-async def audit(m: Market, epoch: int, client: int) -> dict[str, float]:
-    """Recompute the epoch from its public leaves, then one client's own records."""
-    from sqlalchemy import select
+async def audit(m: Market, epoch: int) -> dict[str, float]:
+    """``imago audit``'s own code against the matcher's public API and the chain: the
+    public audit of ``epoch`` (its leaves, root, totals, every escrow's and provider's
+    on-chain counters), then one client's audit of its own records in it (each proved
+    up to the root and checked against the receipts it kept)."""
+    from client.audit import LiveSource, Party, run_audit
 
-    from marketplace.db import EpochRecord, JobRecord, LeafRecord
-    from marketplace.settlement.epochs import job_record
-
-    def fetch(conn):
-        head = conn.execute(
-            select(EpochRecord.__table__).where(EpochRecord.__table__.c.epoch == epoch)
-        ).one()
-        leaves = conn.execute(
-            select(LeafRecord.__table__).where(LeafRecord.__table__.c.epoch == epoch)
-        ).all()
-        return head, leaves
-
-    head, leaves = await m.ledger.call(fetch)
-    started = time.perf_counter()
-    public_leaves = [
-        (EscrowLeaf if r.kind == "escrow" else ProviderLeaf)(
-            r.address, r.epoch, int(r.amount), int(r.cumulative), bytes.fromhex(r.sub_root)
-        )
-        for r in sorted(leaves, key=lambda r: r.idx)
-    ]
-    assert merkle_root([x.hash() for x in public_leaves]).hex() == head.root
-    charged = sum(x.amount for x in public_leaves if isinstance(x, EscrowLeaf))
-    earned = sum(x.amount for x in public_leaves if isinstance(x, ProviderLeaf))
-    assert charged == int(head.epoch_charged) and earned == int(head.epoch_earned)
-    public_s = time.perf_counter() - started
-
-    escrow = raw(m.clients[client].escrow)
-    jobs_table = JobRecord.__table__
-    rows = await m.ledger.call(
-        lambda c: c.execute(
-            select(jobs_table).where(jobs_table.c.epoch == epoch, jobs_table.c.escrow == escrow)
-        ).all()
-    )
-    started = time.perf_counter()
-    records = sorted(
-        (job_record(r, r.provider, bytes.fromhex(r.salt)) for r in rows), key=lambda r: r.job_id
-    )
-    for record, row in zip(records, sorted(rows, key=lambda r: r.job_id), strict=True):
-        receipt, digest = Receipt.parse_boc(base64.b64decode(row.receipt_boc))
-        assert record.receipt_hash == digest and record.amount == receipt.amount
-    leaf = next(x for x in public_leaves if x.address == escrow and isinstance(x, EscrowLeaf))
-    assert merkle_root([r.hash() for r in records]) == leaf.sub_root
-    return {"public": round(public_s, 3), "party": round(time.perf_counter() - started, 3)}
+    source = LiveSource(m.url, m.chain, raw(m.vault))
+    try:
+        started = time.perf_counter()
+        report = await run_audit(source, raw(m.vault), from_epoch=epoch, history=False)
+        public_s = time.perf_counter() - started
+        assert report.ok, report.to_json()
+        client = m.clients[0]
+        party = Party("escrow", raw(client.escrow), client.spend, m.receipts)
+        started = time.perf_counter()
+        report = await run_audit(source, raw(m.vault), from_epoch=epoch, party=party, history=False)
+        party_s = time.perf_counter() - started
+        assert report.ok, report.to_json()
+    finally:
+        await source.close()
+    return {"public": round(public_s, 3), "party": round(party_s, 3)}
 
 
 async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
@@ -458,6 +434,7 @@ async def run(args: argparse.Namespace) -> dict:
         m = await market(chain, Path(tmp) / "epochs.db", args.clients, args.nodes, 40 * TON)
         m_api = await serve_ledger(m, Path(tmp) / "m")
         small, _ = await one_epoch_txs(m, args.small)
+        m.receipts.clear()  # the audited client's receipt log: the big epoch's receipts
         big, build_s = await one_epoch_txs(m, args.big)
         last = await m.ledger.call(
             lambda c: c.exec_driver_sql("select max(epoch) from epochs").scalar_one()
@@ -468,7 +445,7 @@ async def run(args: argparse.Namespace) -> dict:
             "tx_growth": round(big / small, 3),
             "epoch_build_s": round(build_s, 2),
             "epoch_jobs": args.big,
-            "audit_s": await audit(m, last, 0),
+            "audit_s": await audit(m, last),
         }
         gap_epochs = await final_gap(m)
         await m_api.cleanup()
