@@ -21,11 +21,9 @@ seals the secret's JSON, with everything else in the file as associated data, so
 the public part cannot be altered unnoticed either. Neither the passphrase nor a private
 key is ever logged; :class:`Keys` prints only public keys.
 
-Errors are one family: :class:`WrongPassphrase` (a wrong passphrase, or none for an
-encrypted file) and :class:`UnreadableKeystore` (missing, unreadable, corrupt or not a
-keystore) are the two a caller usually tells apart; :class:`InsecureKeystore` (others
-may read it) and :class:`KeystoreExists` (refusing to overwrite) complete it; all are
-:class:`KeystoreError`.
+Errors, all :class:`KeystoreError`: :class:`WrongPassphrase` (wrong or missing),
+:class:`UnreadableKeystore` (missing, corrupt, not a keystore), :class:`InsecureKeystore`
+(others may read it) and :class:`KeystoreExists` (refusing to overwrite).
 
 Files of the three earlier formats are still read (never rewritten): the wallet
 keystore (``imago-keystore-1``, also used for role keys and the ticket key), the node
