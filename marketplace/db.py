@@ -25,6 +25,7 @@ __all__ = [
     "NodeRecord",
     "SpendVoucherRecord",
     "make_engine",
+    "read_connection",
     "now_ms",
 ]
 
@@ -246,6 +247,11 @@ def _add_missing_columns(engine: Engine) -> None:
             conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_epoch ON jobs (epoch)"))
 
 
+def read_connection(engine: Engine):
+    """A connection for reads only, beside the ledger's writer (a snapshot, no lock)."""
+    return engine.connect().execution_options(read_only=True)
+
+
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
     """One engine per app. SQLite: WAL, busy timeout, explicit BEGIN IMMEDIATE."""
     if url.startswith("sqlite"):
@@ -265,7 +271,10 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn) -> None:  # pragma: no cover - trivial
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A reader (``read_only``) takes a snapshot and no lock: it never makes the
+            # ledger's writer wait; a writer takes the write lock at once.
+            read_only = conn.get_execution_options().get("read_only")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     else:
         engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)

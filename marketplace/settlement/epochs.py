@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from marketplace.db import (
     AccountRecord,
@@ -37,7 +37,15 @@ from protocol.ledger import EscrowLeaf, ProviderLeaf, fee_of, merkle_root
 from protocol.ledger import JobRecord as LedgerJob
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SignedObjectError, model_hash
 
-__all__ = ["BuiltEpoch", "build_epoch", "job_record", "unsettled_jobs"]
+__all__ = [
+    "BuiltEpoch",
+    "EpochConflict",
+    "EpochPlan",
+    "build_epoch",
+    "job_record",
+    "plan_epoch",
+    "write_epoch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +67,6 @@ class BuiltEpoch:
     jobs: int
     epoch_charged: int
     epoch_earned: int
-
-
-def unsettled_jobs(conn: Connection) -> int:
-    """Jobs a voucher covers that no epoch holds yet."""
-    return conn.execute(
-        select(func.count())
-        .select_from(JOBS)
-        .where(JOBS.c.epoch.is_(None), JOBS.c.voucher_cumulative.is_not(None))
-    ).scalar_one()
 
 
 def job_record(job, provider: str, salt: bytes) -> LedgerJob:
@@ -104,8 +103,10 @@ def _accounts(conn: Connection, kind: str, addresses: list[str]) -> dict[str, in
     return {address: int(cumulative) for address, cumulative in rows}
 
 
-def _save_account(conn: Connection, kind: str, address: str, cumulative: int, epoch: int, known):
-    if address in known:
+def _save_account(
+    conn: Connection, kind: str, address: str, cumulative: int, epoch: int, known: bool
+) -> None:
+    if known:
         conn.execute(
             update(ACCOUNTS)
             .where(ACCOUNTS.c.kind == kind, ACCOUNTS.c.address == address)
@@ -119,25 +120,49 @@ def _save_account(conn: Connection, kind: str, address: str, cumulative: int, ep
         )
 
 
-def build_epoch(
+@dataclass
+class EpochPlan:
+    """An epoch computed from one consistent read, not written yet."""
+
+    epoch: int
+    vault: str
+    root: bytes
+    totals: tuple[int, int, int]  # cumulative charged, paid, fees
+    epoch_charged: int
+    epoch_earned: int
+    commit: tuple[str, str]  # base64 BOC, signature
+    leaves: list[tuple[EscrowLeaf | ProviderLeaf, tuple[str, str] | None]]
+    known: dict[tuple[str, str], bool]  # (kind, address) -> has an account row
+    payouts: list[tuple[str, int, str, str]]  # provider, cumulative, BOC, signature
+    taken: list[tuple[str, str, str | None]]  # job id, salt hex, provider
+
+    def built(self) -> BuiltEpoch:
+        return BuiltEpoch(self.epoch, self.root, len(self.leaves), len(self.taken),
+                          self.epoch_charged, self.epoch_earned)  # fmt: skip
+
+
+class EpochConflict(RuntimeError):
+    """The database moved between the plan and its write (another builder): plan again."""
+
+
+def plan_epoch(
     conn: Connection,
     *,
     vault: str,
     fee_bps: int,
     operator_key: Ed25519PrivateKey,
     global_id: int,
-) -> BuiltEpoch | None:
-    """Build the next epoch from every covered job no epoch holds; None if there is
-    none (an epoch with nothing in it is never committed)."""
+) -> EpochPlan | None:
+    """Compute the next epoch from every covered job no epoch holds, reading only (so it
+    runs on a connection of its own, beside the ledger's writer); None if there is none
+    (an epoch with nothing in it is never committed)."""
     last = conn.execute(select(EPOCHS).order_by(EPOCHS.c.epoch.desc()).limit(1)).first()
     epoch = (last.epoch if last is not None else 0) + 1
     rows = conn.execute(
         select(
             JOBS.c.job_id, JOBS.c.escrow, JOBS.c.node_id, JOBS.c.model, JOBS.c.amount,
             JOBS.c.prompt_tokens, JOBS.c.completion_tokens, JOBS.c.receipt_boc,
-        )
-        .where(JOBS.c.epoch.is_(None), JOBS.c.voucher_cumulative.is_not(None))
-        .with_for_update()
+        ).where(JOBS.c.epoch.is_(None), JOBS.c.voucher_cumulative.is_not(None))
     ).all()  # fmt: skip
     if not rows:
         return None
@@ -150,7 +175,7 @@ def build_epoch(
     }
     by_escrow: dict[str, list[LedgerJob]] = defaultdict(list)
     by_provider: dict[str, list[LedgerJob]] = defaultdict(list)
-    taken: list[tuple[str, str, str | None]] = []  # (job id, salt hex, provider)
+    taken: list[tuple[str, str, str | None]] = []
     for row in rows:
         amount = int(row.amount)
         if amount == 0:  # nothing to pay: it joins the epoch without a record
@@ -192,6 +217,7 @@ def build_epoch(
         sub_root = merkle_root([r.hash() for r in records])
         leaves.append((EscrowLeaf(escrow, epoch, charged, cumulative, sub_root), signed))
         epoch_charged += charged
+    payouts = []
     for provider in sorted(by_provider):
         records = sorted(by_provider[provider], key=lambda r: r.job_id)
         earned = sum(r.amount - fee_of(r.amount, fee_bps) for r in records)
@@ -199,57 +225,72 @@ def build_epoch(
         sub_root = merkle_root([r.hash() for r in records])
         leaves.append((ProviderLeaf(provider, epoch, earned, cumulative, sub_root), None))
         epoch_earned += earned
+        payout = PayoutVoucher(global_id, Address(vault), Address(provider), epoch, cumulative)
+        boc, digest = payout.encode()
+        payouts.append(
+            (provider, cumulative, base64.b64encode(boc).decode(), operator_key.sign(digest).hex())
+        )
 
     root = merkle_root([leaf.hash() for leaf, _ in leaves])
     charged_total = (int(last.charged) if last is not None else 0) + epoch_charged
     paid_total = (int(last.paid) if last is not None else 0) + epoch_earned
-    commit = EpochCommit(
-        global_id=global_id,
-        vault=Address(vault),
-        epoch=epoch,
-        root=root,
-        charged=charged_total,
-        paid=paid_total,
-        fees=charged_total - paid_total,
-        leaves=len(leaves),
-    )
+    totals = (charged_total, paid_total, charged_total - paid_total)
+    commit = EpochCommit(global_id, Address(vault), epoch, root, *totals, len(leaves))
     commit_boc, commit_hash = commit.encode()
+    known = {("escrow", a): a in escrow_prev for a in by_escrow}
+    known |= {("provider", a): a in provider_prev for a in by_provider}
+    return EpochPlan(
+        epoch, vault, root, totals, epoch_charged, epoch_earned,
+        (base64.b64encode(commit_boc).decode(), operator_key.sign(commit_hash).hex()),
+        leaves, known, payouts, taken,
+    )  # fmt: skip
+
+
+def write_epoch(conn: Connection, plan: EpochPlan) -> BuiltEpoch:
+    """Write a planned epoch in one transaction (the ledger's writer runs it: short).
+    Raises EpochConflict if another epoch was written since the plan or one of its jobs
+    was taken by one."""
+    last = conn.execute(select(func.max(EPOCHS.c.epoch))).scalar_one()
+    if (last or 0) + 1 != plan.epoch:
+        raise EpochConflict(f"epoch {plan.epoch} was planned after {last or 0}'s successor")
+    taken = conn.execute(  # one statement for every job (executemany), not one each
+        update(JOBS)
+        .where(JOBS.c.job_id == bindparam("b_job_id"), JOBS.c.epoch.is_(None))
+        .values(epoch=plan.epoch, salt=bindparam("b_salt"), provider=bindparam("b_provider")),
+        [{"b_job_id": j, "b_salt": s or None, "b_provider": p} for j, s, p in plan.taken],
+    ).rowcount
+    if taken != len(plan.taken):
+        raise EpochConflict(f"{len(plan.taken) - taken} of epoch {plan.epoch}'s jobs moved")
+    charged, paid, fees = plan.totals
     conn.execute(
         EPOCHS.insert().values(
-            epoch=epoch, vault=vault, state="built", root=root.hex(), charged=charged_total,
-            paid=paid_total, fees=charged_total - paid_total, epoch_charged=epoch_charged,
-            epoch_earned=epoch_earned, leaves=len(leaves),
-            commit_boc=base64.b64encode(commit_boc).decode(),
-            commit_signature=operator_key.sign(commit_hash).hex(), built_at=now_ms(),
+            epoch=plan.epoch, vault=plan.vault, state="built", root=plan.root.hex(),
+            charged=charged, paid=paid, fees=fees, epoch_charged=plan.epoch_charged,
+            epoch_earned=plan.epoch_earned, leaves=len(plan.leaves),
+            commit_boc=plan.commit[0], commit_signature=plan.commit[1], built_at=now_ms(),
         )
     )  # fmt: skip
-    for idx, (leaf, signed) in enumerate(leaves):
+    for idx, (leaf, signed) in enumerate(plan.leaves):
         conn.execute(
             LEAVES.insert().values(
-                epoch=epoch, idx=idx, kind=leaf.KIND, address=leaf.address, amount=leaf.amount,
-                cumulative=leaf.cumulative, sub_root=leaf.sub_root.hex(),
+                epoch=plan.epoch, idx=idx, kind=leaf.KIND, address=leaf.address,
+                amount=leaf.amount, cumulative=leaf.cumulative, sub_root=leaf.sub_root.hex(),
                 voucher_boc=signed[0] if signed else None,
                 voucher_signature=signed[1] if signed else None,
             )
         )  # fmt: skip
-        known = escrow_prev if leaf.KIND == "escrow" else provider_prev
-        _save_account(conn, leaf.KIND, leaf.address, leaf.cumulative, epoch, known)
-        if leaf.KIND == "provider":
-            payout = PayoutVoucher(
-                global_id, Address(vault), Address(leaf.address), epoch, leaf.cumulative
-            )
-            payout_boc, payout_hash = payout.encode()
-            conn.execute(
-                PAYOUTS.insert().values(
-                    provider=leaf.address, epoch=epoch, cumulative=leaf.cumulative,
-                    voucher_boc=base64.b64encode(payout_boc).decode(),
-                    signature=operator_key.sign(payout_hash).hex(),
-                )
-            )  # fmt: skip
-    for job_id, salt, provider in taken:
+        known = plan.known[(leaf.KIND, leaf.address)]
+        _save_account(conn, leaf.KIND, leaf.address, leaf.cumulative, plan.epoch, known)
+    for provider, cumulative, boc, signature in plan.payouts:
         conn.execute(
-            update(JOBS)
-            .where(JOBS.c.job_id == job_id)
-            .values(epoch=epoch, salt=salt or None, provider=provider)
-        )
-    return BuiltEpoch(epoch, root, len(leaves), len(taken), epoch_charged, epoch_earned)
+            PAYOUTS.insert().values(provider=provider, epoch=plan.epoch, cumulative=cumulative,
+                                    voucher_boc=boc, signature=signature)
+        )  # fmt: skip
+    return plan.built()
+
+
+def build_epoch(conn: Connection, **settings) -> BuiltEpoch | None:
+    """Plan and write the next epoch on one connection (tests, benchmarks; the service
+    plans beside the writer, then writes)."""
+    plan = plan_epoch(conn, **settings)
+    return write_epoch(conn, plan) if plan is not None else None

@@ -25,6 +25,7 @@ from marketplace.db import (
     NodeRecord,
     PayoutRecord,
     SpendVoucherRecord,
+    read_connection,
 )
 from marketplace.settlement.epochs import job_record
 from protocol.errors import ApiError
@@ -62,7 +63,7 @@ async def _read(request: web.Request, fn: Callable[[Connection], Any]) -> Any:
     engine = request.app[READ_ENGINE]
 
     def run() -> Any:
-        with engine.connect() as conn:
+        with read_connection(engine) as conn:
             return fn(conn)
 
     return await asyncio.to_thread(run)

@@ -44,9 +44,16 @@ from marketplace.db import (
     LeaseRecord,
     SpendVoucherRecord,
     now_ms,
+    read_connection,
 )
 from marketplace.ledger import Ledger
-from marketplace.settlement.epochs import BuiltEpoch, build_epoch
+from marketplace.settlement.epochs import (
+    BuiltEpoch,
+    EpochConflict,
+    EpochPlan,
+    plan_epoch,
+    write_epoch,
+)
 from protocol.signed import EpochCommit, SpendVoucher
 
 __all__ = ["SettlementError", "SettlementService"]
@@ -142,15 +149,7 @@ class SettlementService:
         closing_behind = await self._poll_escrows()
         built = None
         if force_epoch or closing_behind or await self._epoch_due():
-            built = await self.ledger.call(
-                lambda c: build_epoch(
-                    c,
-                    vault=self.vault,
-                    fee_bps=self.fee_bps,
-                    operator_key=self.operator_key,
-                    global_id=self.global_id,
-                )  # fmt: skip
-            )
+            built = await self._build()
             if built is not None:
                 log.info(
                     "epoch %d built: %d jobs, %d leaves, charged %d, earned %d",
@@ -160,6 +159,27 @@ class SettlementService:
             await self._confirm_commits()
         await self._charge()
         return built
+
+    async def _build(self) -> BuiltEpoch | None:
+        """Plan the epoch on a connection of its own, off the event loop (reading and
+        hashing every job takes seconds for 100,000 of them), then write it through the
+        ledger's writer in one short transaction: relayed jobs never wait for it."""
+
+        def plan() -> EpochPlan | None:
+            with read_connection(self.ledger.engine) as conn:
+                return plan_epoch(
+                    conn, vault=self.vault, fee_bps=self.fee_bps,
+                    operator_key=self.operator_key, global_id=self.global_id,
+                )  # fmt: skip
+
+        planned = await asyncio.to_thread(plan)
+        if planned is None:
+            return None
+        try:
+            return await self.ledger.call(lambda c: write_epoch(c, planned))
+        except EpochConflict as e:  # the next tick plans again
+            log.warning("epoch not written: %s", e)
+            return None
 
     async def _epoch_due(self) -> bool:
         last = await self.ledger.call(
