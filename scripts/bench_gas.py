@@ -10,7 +10,9 @@ Prints one JSON object::
 Each operation is one internal message sent by a wallet; its figures add up every
 transaction the message causes (contracts, bounces, the wallets receiving excesses or
 payouts) but not the initiating wallet's own transaction, as tolk-bench counts its
-jetton transfer from a treasury.
+jetton transfer from a treasury. One is an external message with no wallet at all
+(``vault_epoch_commit_external``): its figures are the Vault's transaction, import fee
+included.
 
     python scripts/bench_gas.py                          # print the JSON
     python scripts/bench_gas.py --update-snapshot "desc" # and append to contracts/gas-snapshot.json
@@ -88,6 +90,7 @@ GAS_CONSTANTS: dict[str, list[tuple[str, str]]] = {
     "GAS_VAULT_CHARGED": [("escrow_charge", "vault")],
     "GAS_VAULT_PAYOUT": [("provider_claim", "vault")],
     "GAS_VAULT_COMMIT": [("vault_epoch_commit", "vault")],
+    "GAS_VAULT_COMMIT_EXTERNAL": [("vault_epoch_commit_external", "vault")],
     "GAS_VAULT_WITHDRAW_FEES": [("vault_withdraw_fees", "vault")],
     "GAS_VAULT_ADMIN": [("vault_unstake", "vault"), ("vault_withdraw_stake", "vault")],
     "GAS_ESCROW_DEPOSIT": [("escrow_open", "escrow"), ("escrow_deposit", "escrow")],
@@ -124,8 +127,9 @@ class _Recorder:
     def label(self, address: Address, name: str) -> None:
         self.labels[address.to_str(is_user_friendly=False)] = name
 
-    def add(self, name: str, trace: Trace) -> None:
-        txs = trace.transactions[1:]  # not the initiating wallet's transaction
+    def add(self, name: str, trace: Trace, *, external: bool = False) -> None:
+        # not the initiating wallet's transaction; an external message has none
+        txs = trace.transactions if external else trace.transactions[1:]
         if not all(t.success for t in txs):
             codes = operations.failed_exit_codes(trace)
             raise RuntimeError(f"{name}: a transaction failed: {codes}")
@@ -201,6 +205,12 @@ async def run_bench(chain: DevnetClient) -> dict[str, Any]:
     commit = EpochCommit(gid, vault, 1, b"\x01" * 32, 2 * TON, TON, 4 * TON // 100, 10)
     tr = await operations.vault_commit_epoch(operator, vault, commit, operator_key.sign(commit))
     rec.add("vault_epoch_commit", tr)
+    # the next epoch as an external message, paid out of the operator's fees
+    commit2 = EpochCommit(gid, vault, 2, b"\x02" * 32, 2 * TON, TON, 4 * TON // 100, 10)
+    tr = await operations.vault_commit_epoch_external(
+        chain, vault, commit2, operator_key.sign(commit2)
+    )
+    rec.add("vault_epoch_commit_external", tr, external=True)
     pv = PayoutVoucher(gid, vault, provider, 1, TON)
     rec.add(
         "provider_claim", await operations.provider_claim(node, provider, pv, operator_key.sign(pv))

@@ -19,7 +19,9 @@ Keys of the JSON:
   value settled, under the default settings, for 100 clients spending 1 TON a day and 10
   nodes, over ``--days`` simulated days (long enough for every periodic cost to recur:
   an escrow reaches the 10 TON charge threshold every 10 days); ``fee_ratio_day1`` is the
-  first day alone (its charges are still deferred);
+  first day alone (its charges are still deferred); ``commit_paths`` counts the commits
+  sent from the wallet and as external messages (those wait for the first charges: the
+  Vault pays them out of the protocol fees accrued on charges);
 - ``epoch_build_s``: building the 100,000-job epoch; ``audit_s``: recomputing it from the
   public leaves (``public``) and one client checking all its own records (``party``);
 - ``accounting_gap_nanoton``: |signed vouchers - charged on-chain| + |ledger payouts -
@@ -359,6 +361,8 @@ async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
             "claim": round((m.claim_fees - claim_before) / TON, 4),
         },
         "transactions": {**dict(service.transactions), "claim": m.claim_txs},
+        # external: paid out of the operator's fees on the Vault (once charges accrued some)
+        "commit_paths": dict(service.commit_paths),
         "days": days,
     }
 

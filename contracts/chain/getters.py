@@ -34,6 +34,7 @@ __all__ = [
     "get_registry_vault_address",
     "get_vault_data",
     "get_vault_escrow_address",
+    "get_vault_external_commit_fee",
     "get_vault_provider_address",
     "is_image_allowed",
     "is_model_allowed",
@@ -327,6 +328,13 @@ async def get_provider_claimed(
 
 async def get_vault_data(client: ToncenterClient, vault: Address | str) -> VaultData:
     return parse_vault_data((await _run(client, vault, "vault_data")).stack)
+
+
+async def get_vault_external_commit_fee(client: ToncenterClient, vault: Address | str) -> int:
+    """What an external epoch commit costs the operator's unwithdrawn fees on this Vault, at
+    its chain's prices (``operations.EXTERNAL_COMMIT_FEE`` at mainnet's). A Vault whose code
+    predates external commits has no such get-method: GetterError."""
+    return _Stack((await _run(client, vault, "external_commit_fee")).stack).int()
 
 
 async def get_vault_escrow_address(

@@ -5,14 +5,21 @@ Each operation sends one internal message from a wallet (anything with ``address
 transactions it causes and returns the :class:`~contracts.chain.transactions.Trace`. With
 ``check=True`` (the default) a failed transaction anywhere in the trace raises
 :class:`OperationFailed` naming the contract error.
+
+One goes without a wallet: :func:`vault_commit_epoch_external` sends the operator-signed
+commit straight to the Vault as an external message, which the Vault pays for out of the
+operator's fees; a refusal there happens before the Vault accepts the message, so it leaves
+no transaction and raises :class:`OperationFailed` with the exit code the chain reported.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import asdict
 from typing import Any
 
+from pytoniq.contract.contract import Contract
 from pytoniq_core import Address, Cell
 
 from protocol.signed import EpochCommit, PayoutVoucher, Receipt, SpendVoucher, model_hash
@@ -43,14 +50,23 @@ from .messages.registry import (
     SweepRegistry,
     UpdateParams,
 )
-from .messages.vault import CommitEpoch, TopUpStake, UnstakeVault, WithdrawFees, WithdrawVaultStake
-from .toncenter import ToncenterClient
+from .messages.vault import (
+    CommitEpoch,
+    ExternalCommit,
+    TopUpStake,
+    UnstakeVault,
+    WithdrawFees,
+    WithdrawVaultStake,
+)
+from .toncenter import ToncenterClient, ToncenterError
 from .transactions import Trace
 
 __all__ = [
     "ERROR_NAMES",
     "DeployError",
+    "EXTERNAL_COMMIT_FEE",
     "OP_VALUE",
+    "WRONG_EPOCH",
     "OperationFailed",
     "allow_image",
     "allow_model",
@@ -78,6 +94,7 @@ __all__ = [
     "registry_sweep",
     "update_params",
     "vault_commit_epoch",
+    "vault_commit_epoch_external",
     "vault_top_up_stake",
     "vault_unstake",
     "vault_withdraw_stake",
@@ -95,6 +112,15 @@ OP_VALUE = {
     "slash": TON // 10,
     "commit": TON // 20,
 }
+
+# What an external epoch commit costs the Vault, taken from the operator's unwithdrawn fees
+# (added to its feesWithdrawn): the gas of GAS_VAULT_COMMIT_EXTERNAL and the import fee of the
+# message (its commit cell, at most 887 bits), at the mainnet prices the devnet runs with.
+# The Vault's `external_commit_fee` get-method gives it at its own chain's prices
+# (externalCommitFee() in contracts/vault/fees.tolk); a test checks the two agree.
+EXTERNAL_COMMIT_FEE = 2_565_200
+
+WRONG_EPOCH = 310  # vault: an epoch commit that is not lastEpoch + 1 (a replay)
 
 # Contract error codes (contracts/*/errors.tolk) for messages.
 ERROR_NAMES = {
@@ -156,11 +182,12 @@ ERROR_NAMES = {
 
 
 class OperationFailed(RuntimeError):
-    """A transaction of the operation's trace failed."""
+    """A transaction of the operation's trace failed, or (``exit_codes`` given, empty
+    trace) the contract refused an external message before accepting it."""
 
-    def __init__(self, what: str, trace: Trace):
+    def __init__(self, what: str, trace: Trace, *, exit_codes: list[int | None] | None = None):
         self.trace = trace
-        self.exit_codes = failed_exit_codes(trace)
+        self.exit_codes = failed_exit_codes(trace) if exit_codes is None else exit_codes
         names = ", ".join(
             f"{c} ({ERROR_NAMES.get(c, 'tvm error')})" if c is not None else "action failed"
             for c in self.exit_codes
@@ -484,6 +511,59 @@ async def vault_commit_epoch(
 ) -> Trace:
     body = CommitEpoch(new_query_id(), signature, commit).to_cell()
     return await _send("epoch commit", sender, vault, OP_VALUE["commit"], body, check=check, **kw)
+
+
+async def vault_commit_epoch_external(
+    client: ToncenterClient,
+    vault: Address,
+    commit: EpochCommit,
+    signature: bytes,
+    *,
+    timeout: float = 60.0,
+    on_poll: Any = None,
+) -> Trace:
+    """Commit an epoch with an external message to the Vault: no wallet, no value. The Vault
+    pays its gas and import fee (``external_commit_fee``) out of the operator's unwithdrawn
+    fees. Returns the trace (the Vault's transaction alone).
+
+    Raises :class:`OperationFailed` when the Vault refuses it (every check comes before it
+    accepts the message: a replayed epoch 310, another network 320, a bad signature 304,
+    fees short 311, balance short 316...): the chain then ran no transaction and nothing was
+    spent; ``exit_codes`` holds the code the chain reported (None if it gave none)."""
+    body = ExternalCommit(signature, commit).to_cell()
+    boc = Contract.create_external_msg(dest=vault, body=body).serialize().to_boc()
+    info = await client.get_address_information(vault)
+    try:
+        sent = await client.send_boc_return_hash(boc)
+    except ToncenterError as e:
+        if not _not_accepted(e):
+            raise
+        raise OperationFailed(
+            "external epoch commit", Trace([]), exit_codes=[_refusal_exit_code(e)]
+        ) from e
+    root = await client.wait_for_message(
+        sent, vault, after_lt=info.last_transaction_lt, timeout=timeout, on_poll=on_poll
+    )
+    trace = await client.wait_for_trace(root, timeout=timeout, on_poll=on_poll)
+    if failed_exit_codes(trace):
+        raise OperationFailed("external epoch commit", trace)
+    return trace
+
+
+def _not_accepted(e: ToncenterError) -> bool:
+    """An external message the contract did not accept (the liteserver's wording, which
+    toncenter and the devnet pass on)."""
+    return e.exit_code is not None or "not accepted" in e.message
+
+
+_EXIT_CODE = re.compile(r"exit[ _]?code[=:]?\s*(-?\d+)", re.IGNORECASE)
+
+
+def _refusal_exit_code(e: ToncenterError) -> int | None:
+    if e.exit_code is not None:
+        return int(e.exit_code)
+    m = _EXIT_CODE.search(e.message)
+    return int(m[1]) if m else None
 
 
 async def vault_withdraw_fees(

@@ -418,9 +418,12 @@ async function sendExternal(dn, p) {
             await dn.execute(cell);
         } catch (e) {
             if (e instanceof EmulationError) {
+                // as a liteserver words it, with the contract's exit code when it threw
+                const code = e.exitCode !== undefined ? `\nexitcode=${e.exitCode}` : '';
                 throw new ApiError(
                     500,
-                    `LITE_SERVER_UNKNOWN: cannot apply external message to current state : External message was not accepted\n${e.error}`,
+                    `LITE_SERVER_UNKNOWN: cannot apply external message to current state : External message was not accepted\n${e.error}${code}`,
+                    e.exitCode,
                 );
             }
             if (e instanceof TimeError) throw new ApiError(409, e.message);

@@ -7,7 +7,9 @@ Each tick, on the replica that holds the settlement lease:
 2. builds an epoch when one is due, or at once when a closing Escrow has jobs no epoch
    holds (its client must be charged for them before the close delay ends);
 3. sends every built epoch's stored commit until the Vault holds it, then publishes
-   its payout vouchers (invariant 6);
+   its payout vouchers (invariant 6). The commit goes as an external message the Vault
+   pays for out of the operator's accrued protocol fees while those cover it (no wallet
+   transaction, no forward fee, no excess), else from the operator's wallet;
 4. charges each Escrow with the voucher of its latest committed leaf when what is
    uncharged passes the threshold, or at once when the Escrow is closing.
 
@@ -31,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytoniq_core import Address
 from sqlalchemy import Connection, func, select, update
 
-from contracts.chain import getters, operations
+from contracts.chain import addresses, getters, operations
 from contracts.chain.results import ToncenterError
 from contracts.chain.toncenter import ToncenterClient
 from contracts.chain.transactions import Trace
@@ -106,6 +108,9 @@ class SettlementService:
         self.vault = Address(vault).to_str(is_user_friendly=False)
         self.instance = instance
         self.fee_bps = 0
+        # what an external commit costs the operator's fees on this Vault (None: its code
+        # has no external commits, every commit goes from the wallet)
+        self.external_commit_fee: int | None = None
         self.started = time.time()
         self._commit_backoff = _Backoff()
         self._polled_at = 0.0
@@ -114,6 +119,7 @@ class SettlementService:
         self.submitted: deque[str] = deque(maxlen=256)
         self.transactions: Counter[str] = Counter()
         self.fees: Counter[str] = Counter()
+        self.commit_paths: Counter[str] = Counter()  # "external" / "wallet"
 
     async def start(self) -> None:
         """Refuse a Vault whose operator key is not ours: its commits would all fail."""
@@ -125,6 +131,14 @@ class SettlementService:
                 f"not by the operator key given ({public:064x})"
             )
         self.fee_bps = vault.protocol_fee_bps
+        try:
+            self.external_commit_fee = await getters.get_vault_external_commit_fee(
+                self.chain, Address(self.vault)
+            )
+        except getters.GetterError:
+            log.info("the Vault %s takes no external commits: committing from the wallet",
+                     self.vault)  # fmt: skip
+            self.external_commit_fee = None
 
     # --- the tick ----------------------------------------------------------------------
 
@@ -244,11 +258,8 @@ class SettlementService:
                 return
             commit = EpochCommit.from_boc(base64.b64decode(epoch.commit_boc))
             try:
-                trace = await operations.vault_commit_epoch(
-                    self.wallet, Address(self.vault), commit,
-                    bytes.fromhex(epoch.commit_signature),
-                )  # fmt: skip
-            except (operations.OperationFailed, ToncenterError, TimeoutError) as e:
+                trace = await self._commit(vault, commit, bytes.fromhex(epoch.commit_signature))
+            except (operations.OperationFailed, ToncenterError, WalletError, TimeoutError) as e:
                 self._commit_backoff.failed(self.config)
                 log.warning("epoch %d: commit failed (%s); retrying", epoch.epoch, e)
                 return
@@ -256,6 +267,47 @@ class SettlementService:
             self._sent("commit", f"commit:{epoch.epoch}", trace)
             await self._mark_committed(epoch.epoch, _tx_on(trace, self.vault))
             log.info("epoch %d committed on the Vault", epoch.epoch)
+
+    async def _commit(
+        self, vault: getters.VaultData, commit: EpochCommit, signature: bytes
+    ) -> Trace:
+        """Send one commit: as an external message when the operator's fees on the Vault
+        pay for it, else (or when the Vault refuses it for anything but the epoch) from
+        the wallet. A refusal happens before the Vault accepts the message: it costs
+        nothing. A resent commit the Vault already holds is refused either way (310)."""
+        if self._external_pays(vault):
+            try:
+                trace = await operations.vault_commit_epoch_external(
+                    self.chain, Address(self.vault), commit, signature
+                )
+            except operations.OperationFailed as e:
+                if operations.WRONG_EPOCH in e.exit_codes:
+                    raise  # another commit got there first: the next tick reads the Vault
+                log.warning("epoch %d: the Vault refused the external commit (%s); "
+                            "committing from the wallet", commit.epoch, e)  # fmt: skip
+            else:
+                self.commit_paths["external"] += 1
+                return trace
+        trace = await operations.vault_commit_epoch(self.wallet, Address(self.vault), commit,
+                                                    signature)  # fmt: skip
+        self.commit_paths["wallet"] += 1
+        return trace
+
+    def _external_pays(self, vault: getters.VaultData) -> bool:
+        """The Vault's rule for an external commit, on its getter: the operator's
+        unwithdrawn fees cover the fee, and the balance holds it beyond the reserve and
+        everything owed to others. The Vault checks the balance after this message's
+        import and storage fees: when those tip it, it refuses (for nothing) and
+        :meth:`_commit` falls back to the wallet."""
+        fee = self.external_commit_fee
+        if fee is None:
+            return False
+        others = vault.stake + vault.charged_in - vault.fees_accrued - vault.paid_out
+        reserve = addresses.STORAGE_RESERVES["vault"]
+        return (
+            vault.fees_accrued - vault.fees_withdrawn >= fee
+            and vault.balance >= reserve + others + fee
+        )
 
     async def _mark_committed(self, epoch: int, tx_hash: str | None) -> None:
         values = {"state": "committed", "committed_at": now_ms()}

@@ -62,6 +62,7 @@ SAMPLES = [
     body.Swept(37),
     registry.SweepRegistry(38),
     provider.SweepProvider(39),
+    vault.ExternalCommit(SIG, EpochCommit(G, A, 2, b"\4" * 32, 5, 6, 7, 8)),
 ]
 
 

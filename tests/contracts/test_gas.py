@@ -40,5 +40,6 @@ async def test_gas_constants_match_measurement(chain):
         "escrow_close",
         "provider_claim",
         "vault_epoch_commit",
+        "vault_epoch_commit_external",
     ]:
         assert result["operations"][op]["transactions"] >= 1

@@ -229,6 +229,74 @@ async def test_a_restart_between_build_and_commit_commits_once(world: World, cha
     assert escrow.charged == world.cumulative
 
 
+async def test_commits_go_external_once_the_vault_has_fees(world: World, chain) -> None:
+    """The first epoch is committed from the wallet (the Vault has no fees yet); once its
+    charge has accrued the operator's fees, the next epoch goes as an external message
+    that those fees pay for: one transaction, no wallet, the fees counter moves by the
+    constant, and a resend after a restart sends nothing."""
+    service = world.service()
+    await service.start()
+    assert service.external_commit_fee == operations.EXTERNAL_COMMIT_FEE
+    # ~0.24 TON of jobs: 2 % of it (~0.005 TON) pays for one external commit at least
+    await world.pay([await world.job(4_000_000)])
+    await service.run_once(force_epoch=True)
+    assert service.commit_paths == {"wallet": 1}
+    assert service.transactions["commit"] == 3  # wallet, Vault, excess back to the wallet
+    wallet_fees = service.fees["commit"]
+    vault = await getters.get_vault_data(chain, world.vault)
+    assert vault.fees_accrued - vault.fees_withdrawn >= operations.EXTERNAL_COMMIT_FEE
+
+    await world.pay([await world.job(4_000_000)])
+    await service.run_once(force_epoch=True)
+    assert service.commit_paths == {"wallet": 1, "external": 1}
+    assert service.transactions["commit"] == 3 + 1  # the Vault's transaction alone
+    external_fees = service.fees["commit"] - wallet_fees
+    assert 0 < external_fees <= operations.EXTERNAL_COMMIT_FEE < wallet_fees / 2
+    after = await getters.get_vault_data(chain, world.vault)
+    assert after.fees_withdrawn - vault.fees_withdrawn == operations.EXTERNAL_COMMIT_FEE
+    epochs = await world.epochs()
+    assert [e.state for e in epochs] == ["committed", "committed"]
+    assert after.last_epoch == epochs[-1].epoch and after.last_root.hex() == epochs[-1].root
+    assert epochs[-1].tx_hash  # the Vault's transaction
+    # every charge it owes is sent, to exactly the voucher's amount
+    assert (await getters.get_escrow_data(chain, world.escrow)).charged == world.cumulative
+
+    # a restart that lost the record: the Vault's counter says it happened, nothing is sent
+    await world.ledger.call(
+        lambda c: c.exec_driver_sql(
+            "update epochs set state = 'built', tx_hash = null where epoch = ?",
+            (epochs[-1].epoch,),
+        )
+    )
+    again = world.service()
+    await again.start()
+    await again.run_once()
+    assert not [s for s in again.submitted if s.startswith("commit")]
+    assert not again.commit_paths
+    assert (await getters.get_vault_data(chain, world.vault)).balance == after.balance
+
+
+async def test_a_refused_external_commit_falls_back_to_the_wallet(
+    world: World, chain, caplog
+) -> None:
+    """Should the service misjudge the Vault's fees (here it believes the Vault, which has
+    none, can pay), the Vault refuses the external message before accepting it, which
+    costs nothing, and the wallet commits the epoch."""
+    service = world.service()
+    await service.start()
+    service._external_pays = lambda vault: True  # type: ignore[method-assign]
+    before = await getters.get_vault_data(chain, world.vault)
+    await world.pay([await world.job(100)])
+    with caplog.at_level("WARNING"):
+        await service.run_once(force_epoch=True)
+    assert "311" in caplog.text and "committing from the wallet" in caplog.text
+    assert service.commit_paths == {"wallet": 1}
+    after = await getters.get_vault_data(chain, world.vault)
+    assert after.last_epoch == before.last_epoch + 1
+    assert after.fees_withdrawn == before.fees_withdrawn
+    assert [e.state for e in await world.epochs()] == ["committed"]
+
+
 async def test_a_closing_escrow_is_charged_in_full_before_its_delay_ends(
     world: World, chain
 ) -> None:

@@ -43,6 +43,7 @@ steps = st.one_of(
         st.just("commit"),
         st.sampled_from(["ok", "ok", "backwards", "beyond"]),
         st.integers(min_value=0, max_value=100),
+        st.sampled_from(["wallet", "external"]),  # external: paid out of the operator's fees
     ),
     st.tuples(st.just("claim"), amounts),
     st.tuples(st.just("withdraw_fees"), st.integers(min_value=1, max_value=100)),
@@ -133,6 +134,8 @@ class World:
                 await c.set_clock(now + PARAMS.escrow_close_delay + 1)
             trace = await operations.escrow_withdraw(self.client, self.escrow, check=False)
             await c.set_clock(None)
+        elif kind == "commit" and op[3] == "external":
+            trace = await self.commit_external(op[1], op[2])
         elif kind == "commit":
             trace = await self.commit(op[1], op[2])
         elif kind == "claim":
@@ -176,6 +179,34 @@ class World:
         """Commit the next epoch: every charge received, and a paid total ``percent`` of
         the way from the last one to the most the vault could owe (charged - fees + stake);
         or a commit going backwards or beyond what the vault could pay, which it refuses."""
+        commit = await self.next_commit(how, percent)
+        return await operations.vault_commit_epoch(
+            self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
+        )
+
+    async def commit_external(self, how: str, percent: int) -> Trace:
+        """The same commit as an external message: accepted, it takes exactly
+        EXTERNAL_COMMIT_FEE out of the operator's fees; refused (the totals, or fees the
+        Vault cannot spend), it leaves no transaction and the Vault untouched."""
+        commit = await self.next_commit(how, percent)
+        before = await getters.get_vault_data(self.chain, self.vault)
+        try:
+            trace = await operations.vault_commit_epoch_external(
+                self.chain, self.vault, commit, self.operator_key.sign(commit)
+            )
+        except operations.OperationFailed as e:
+            assert e.exit_codes[0] in (311, 316, 317, 318), e.exit_codes
+            assert not e.trace.transactions
+            assert await getters.get_vault_data(self.chain, self.vault) == before
+            return e.trace
+        after = await getters.get_vault_data(self.chain, self.vault)
+        assert how == "ok" and after.last_epoch == commit.epoch
+        assert before.fees_accrued - before.fees_withdrawn >= operations.EXTERNAL_COMMIT_FEE
+        assert after.fees_withdrawn - before.fees_withdrawn == operations.EXTERNAL_COMMIT_FEE
+        assert before.balance - after.balance == trace.total_fees
+        return trace
+
+    async def next_commit(self, how: str, percent: int) -> EpochCommit:
         v = await getters.get_vault_data(self.chain, self.vault)
         charged, fees = v.charged_in, v.fees_accrued
         paid = v.committed_paid + (v.committable - v.committed_paid) * percent // 100
@@ -183,10 +214,7 @@ class World:
             paid = v.committed_paid - 1
         elif how != "ok":
             paid = v.charged_in - v.fees_accrued + v.stake + 1
-        commit = EpochCommit(G, self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
-        return await operations.vault_commit_epoch(
-            self.operator, self.vault, commit, self.operator_key.sign(commit), check=False
-        )
+        return EpochCommit(G, self.vault, v.last_epoch + 1, b"\0" * 32, charged, paid, fees, 0)
 
     async def claim_batch(self, batch: list[tuple[int, str]]) -> int:
         """Send the batch's claims in one wallet message; return the highest good cumulative."""

@@ -33,6 +33,7 @@ from .registry import (
 )
 from .vault import (
     CommitEpoch,
+    ExternalCommit,
     FeesPaid,
     PayoutPaid,
     PayoutRequest,
@@ -56,7 +57,7 @@ MESSAGES: dict[int, type[_Body]] = {
         StakeReturned, SlashBounty, PayoutRequest, PayoutPaid, CommitEpoch, WithdrawFees,
         TopUpStake, FeesPaid, Deposit, Charge, Close, EscrowWithdraw, EscrowCharged,
         EscrowRefund, VaultInit, UnstakeVault, WithdrawVaultStake, VaultStakeReturned,
-        Swept, SweepRegistry, SweepProvider,
+        Swept, SweepRegistry, SweepProvider, ExternalCommit,
     )
 }  # fmt: skip
 

@@ -12,6 +12,7 @@ from protocol.signed import EpochCommit
 from .body import U32, U64, _Body, _f
 from .opcodes import (
     OP_COMMIT_EPOCH,
+    OP_EXTERNAL_COMMIT,
     OP_FEES_PAID,
     OP_PAYOUT_PAID,
     OP_PAYOUT_REQUEST,
@@ -26,6 +27,7 @@ from .provider import SignedPayout
 
 __all__ = [
     "CommitEpoch",
+    "ExternalCommit",
     "FeesPaid",
     "PayoutPaid",
     "PayoutRequest",
@@ -69,6 +71,17 @@ class CommitEpoch(_Body):
 
     OP: ClassVar[int] = OP_COMMIT_EPOCH
     query_id: int = _f(U64)
+    signature: bytes = _f("bits512")
+    commit: EpochCommit = _f(("refobj", EpochCommit))
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalCommit(_Body):
+    """external_commit#5641000a signature:bits512 commit:^EpochCommit = ExternalCommit;
+    (the body of an external-in message to the Vault: no query id, no value; the Vault pays
+    its gas and import fee out of the operator's unwithdrawn fees)"""
+
+    OP: ClassVar[int] = OP_EXTERNAL_COMMIT
     signature: bytes = _f("bits512")
     commit: EpochCommit = _f(("refobj", EpochCommit))
 
