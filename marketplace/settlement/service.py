@@ -62,6 +62,8 @@ __all__ = ["SettlementError", "SettlementService"]
 
 log = logging.getLogger(__name__)
 
+BEYOND_WHAT_IT_CAN_PAY = 318  # the Vault refuses a commit whose payouts it could not pay
+
 EPOCHS = EpochRecord.__table__
 LEAVES = LeafRecord.__table__
 CHARGES = ChargeRecord.__table__
@@ -257,8 +259,20 @@ class SettlementService:
             if not self._commit_backoff.ready():
                 return
             commit = EpochCommit.from_boc(base64.b64decode(epoch.commit_boc))
+            signature = bytes.fromhex(epoch.commit_signature)
             try:
-                trace = await self._commit(vault, commit, bytes.fromhex(epoch.commit_signature))
+                try:
+                    trace = await self._commit(vault, commit, signature)
+                except operations.OperationFailed as e:
+                    if BEYOND_WHAT_IT_CAN_PAY not in e.exit_codes:
+                        raise
+                    # The payouts it commits need more than the Vault holds (its charges
+                    # less fees, plus its stake): charge what is owed now, whatever the
+                    # threshold, then commit.
+                    log.info("epoch %d needs the escrows charged first", epoch.epoch)
+                    await self._charge(threshold=1)
+                    vault = await getters.get_vault_data(self.chain, Address(self.vault))
+                    trace = await self._commit(vault, commit, signature)
             except (operations.OperationFailed, ToncenterError, WalletError, TimeoutError) as e:
                 self._commit_backoff.failed(self.config)
                 log.warning("epoch %d: commit failed (%s); retrying", epoch.epoch, e)
@@ -338,10 +352,12 @@ class SettlementService:
                 behind = behind or int(cumulative) > int(held)
         return behind
 
-    async def _charge(self) -> None:
-        """Every charge due, in as few wallet transfers as possible (one for up to
-        ``MAX_BATCH``): the wallet's own transaction is paid once, not per Escrow."""
-        due = await self.ledger.call(lambda c: _charges_due(c, self.config.charge_threshold))
+    async def _charge(self, threshold: int | None = None) -> None:
+        """Every charge due (owing ``threshold`` or more, the setting by default), in as
+        few wallet transfers as possible (one for up to ``MAX_BATCH``): the wallet's own
+        transaction is paid once, not per Escrow."""
+        limit = self.config.charge_threshold if threshold is None else threshold
+        due = await self.ledger.call(lambda c: _charges_due(c, limit))
         for start in range(0, len(due), operations.MAX_BATCH):
             batch = [
                 (Address(escrow), SpendVoucher.from_boc(base64.b64decode(leaf.voucher_boc)),

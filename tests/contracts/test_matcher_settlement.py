@@ -397,3 +397,24 @@ async def test_publication(world: World) -> None:
                 assert resp.status == 404
     finally:
         await runner.cleanup()
+
+
+async def test_a_commit_beyond_the_stake_charges_the_escrows_first(world: World, chain) -> None:
+    """Charges lag the ledger (past a threshold), and the Vault's stake pays providers
+    meanwhile; when a commit would promise more than the Vault can pay, the service
+    charges what is owed first, then commits."""
+    service = world.service(charge_threshold=1000 * TON)  # no charge by threshold
+    await service.start()
+    vault = await getters.get_vault_data(chain, world.vault)
+    first = [await world.job(int(vault.stake * 0.6 / 60))]  # 60 nanoTON a token
+    await world.pay(first)
+    await service.run_once(force_epoch=True)
+    assert (await getters.get_escrow_data(chain, world.escrow)).charged == 0
+    await world.pay([await world.job(int(vault.stake * 0.6 / 60))])
+    await service.run_once(force_epoch=True)  # 1.2 stakes of payouts: charge, then commit
+    epochs = await world.epochs()
+    assert [e.state for e in epochs] == ["committed", "committed"]
+    escrow = await getters.get_escrow_data(chain, world.escrow)
+    assert escrow.charged == sum(a for _, a in first)  # the committed epoch's voucher
+    after = await getters.get_vault_data(chain, world.vault)
+    assert after.committed_paid <= after.charged_in - after.fees_accrued + after.stake
