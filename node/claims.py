@@ -27,13 +27,14 @@ A kill -9 at any point, or a lost state file, costs at most one refused claim's 
 A lock file (``claims.lock``) keeps the loop and ``imago provider claim`` from claiming
 at the same moment.
 
-**The multiple.** A claim costs the owner ``CLAIM_FEE`` (0.011 TON: 0.0057 TON for the
+**The multiple.** A claim costs the owner ``CLAIM_FEE`` (0.0112 TON: 0.0057 TON for the
 Provider, Vault and payout transactions, the rest the wallet's own transaction and
 forward fees). Claiming only above ``multiple × CLAIM_FEE`` bounds the fees to
-1/multiple of the payouts: the default 1000 (claim from 11 TON) spends at most 0.1 % on
-fees, at the price of leaving up to that much with the Vault between claims (backed by
-the Vault's stake, invariant 3) and of waiting for it: a node earning 1 TON a day claims
-every 11 days. Lower it to be paid sooner, raise it to pay less. On the devnet, where TON
+1/multiple of the payouts: the default 10000 (claim from 112 TON) spends at most 0.01 %
+on fees, which the settlement fee goal needs (all fees at most 0.1 % of what moves,
+docs/benchmarks.md), at the price of leaving up to that much with the Vault between
+claims (backed by the Vault's stake, invariant 3) and of waiting for it: a node earning
+10 TON a day claims every 11 days. Lower it to be paid sooner, raise it to pay less. On the devnet, where TON
 is free and one wants to see the payout arrive, the default is 0: claim whatever is
 unclaimed.
 """
@@ -80,7 +81,7 @@ log = logging.getLogger("imago.node.claims")
 # by tests/contracts/test_node_claims.py.
 CLAIM_FEE = 11_200_000
 DEFAULT_CLAIM_EVERY = 300.0
-DEFAULT_MULTIPLE = 1000.0
+DEFAULT_MULTIPLE = 10000.0
 DEVNET_MULTIPLE = 0.0
 MAX_BACKOFF_S = 3600.0
 LOCK_FILE = "claims.lock"

@@ -161,7 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="claim only when the unclaimed amount exceeds N x the claim fee "
-        "(~0.011 TON): fees stay below 1/N of the payouts (default 1000; 0 on --devnet)",
+        "(~0.011 TON): fees stay below 1/N of the payouts (default 10000; 0 on --devnet)",
     )
     p.set_defaults(func=serve)
 
