@@ -14,7 +14,9 @@ the epochs, the charges and the claims are exactly those of real traffic.
 Keys of the JSON:
 - ``tx_per_epoch_1k`` / ``tx_per_epoch_100k``: on-chain transactions settling one epoch
   of 1,000 and of 100,000 jobs from the same clients and nodes, spending the same;
-  ``tx_growth`` is their ratio (1: settlement cost does not grow with jobs);
+  ``tx_growth`` is their ratio (at most 1: settlement cost does not grow with jobs; below
+  1 when the second epoch's commit goes as an external message, one transaction instead of
+  three, paid out of the fees the first epoch's charges accrued);
 - ``fee_ratio``: network fees (commits, charges, claims, each trace whole) divided by the
   value settled, under the default settings, for 100 clients spending 1 TON a day and 10
   nodes, over ``--days`` simulated days (long enough for every periodic cost to recur:
