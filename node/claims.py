@@ -34,9 +34,9 @@ forward fees). Claiming only above ``multiple × CLAIM_FEE`` bounds the fees to
 on fees, which the settlement fee goal needs (all fees at most 0.1 % of what moves,
 docs/benchmarks.md), at the price of leaving up to that much with the Vault between
 claims (backed by the Vault's stake, invariant 3) and of waiting for it: a node earning
-10 TON a day claims every 11 days. Lower it to be paid sooner, raise it to pay less. On the devnet, where TON
-is free and one wants to see the payout arrive, the default is 0: claim whatever is
-unclaimed.
+10 TON a day claims every 11 days. Lower it to be paid sooner, raise it to pay less. On
+the devnet, where TON is free and one wants to see the payout arrive, the default is 0:
+claim whatever is unclaimed.
 """
 
 from __future__ import annotations
