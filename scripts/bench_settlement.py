@@ -19,11 +19,10 @@ Keys of the JSON:
   paid out of the fees its charges accrued);
 - ``fee_ratio``: network fees (commits, charges, claims, each trace whole) divided by the
   value settled, under the default settings, for 100 clients spending 1 TON a day and 10
-  nodes, over ``--days`` simulated days (long enough for every periodic cost to recur:
-  an escrow reaches the 10 TON charge threshold every 10 days); ``fee_ratio_day1`` is the
-  first day alone (its charges are still deferred); ``commit_paths`` counts the commits
-  sent from the wallet and as external messages (those wait for the first charges: the
-  Vault pays them out of the protocol fees accrued on charges);
+  nodes, over ``--days`` simulated days of a Vault in business (it holds the fees of
+  earlier charges, which pay its epoch commits; each client owes part of a charge and each
+  node part of a claim, spread evenly); ``fee_ratio_new_vault_day1`` is a new Vault's
+  first day (no fees yet: every commit goes from the operator's wallet);
 - ``epoch_build_s``: building the 100,000-job epoch; ``audit_s``: recomputing it from the
   public leaves (``public``) and one client checking all its own records (``party``);
 - ``accounting_gap_nanoton``: |signed vouchers - charged on-chain| + |ledger payouts -
@@ -187,12 +186,14 @@ async def market(chain: DevnetClient, db: Path, clients: int, nodes: int, deposi
     return Market(chain, vault, operator, operator_key, client_list, node_list, ledger, engine)
 
 
-async def traffic(m: Market, jobs: int, spend_per_client: int) -> None:
+async def traffic(m: Market, jobs: int, spend_per_client: int, *, spread: bool = False) -> None:
     """``jobs`` jobs spread over every client and node, each client spending about
-    ``spend_per_client``; one voucher per client covers its jobs, as the SDK sends."""
+    ``spend_per_client`` (with ``spread``, client i of n spends i/n of it); one voucher
+    per client covers its jobs, as the SDK sends."""
     per_client = max(1, jobs // len(m.clients))
-    tokens = max(1, spend_per_client * 1_000_000 // (per_client * PRICE[1]))
     for ci, c in enumerate(m.clients):
+        spend = spend_per_client * (ci + 1) // len(m.clients) if spread else spend_per_client
+        tokens = max(1, spend * 1_000_000 // (per_client * PRICE[1]))
         rows, paid = [], []
         for j in range(per_client):
             node = m.nodes[(ci + j) % len(m.nodes)]
@@ -334,35 +335,46 @@ async def audit(m: Market, epoch: int) -> dict[str, float]:
     return {"public": round(public_s, 3), "party": round(party_s, 3)}
 
 
+async def steady(m: Market) -> None:
+    """A Vault in business, not a new one: every client charged once (so the operator has
+    fees on the Vault, which pay its epoch commits) and every node paid once; then each
+    client owes part of a charge (client i of n: i/n of the threshold) and each node part
+    of a claim, as they would at any moment of a running market."""
+    service = m.service()
+    await service.start()
+    threshold = service.config.charge_threshold
+    await traffic(m, len(m.clients), threshold + TON)
+    await advance(m, 3600)
+    await service.run_once(force_epoch=True)
+    await claims(m, force=True)
+    await traffic(m, len(m.clients), threshold, spread=True)
+    await advance(m, 3600)
+    await service.run_once(force_epoch=True)
+    await claims(m)
+
+
 async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
     """Default settings; each client spends 1 TON a day in hourly epochs."""
-    service = m.service()  # the defaults: an hour's epoch, 10 TON charge threshold
+    service = m.service()  # the defaults: an hour's epoch, 25 TON charge threshold
     await service.start()
     fees_before = sum(service.fees.values())
-    value_before, claim_before = m.value, m.claim_fees
-    day1 = None
-    for hour in range(days * 24):
+    value_before, claim_before, claim_txs_before = m.value, m.claim_fees, m.claim_txs
+    for _ in range(days * 24):
         await traffic(m, jobs_per_hour, spend_per_client=TON // 24)
         await advance(m, 3600)
         await service.run_once(force_epoch=True)  # the hour has passed: the epoch is due
         await claims(m)
-        if hour == 23:
-            day1 = (
-                sum(service.fees.values()) - fees_before + m.claim_fees - claim_before,
-                m.value - value_before,
-            )
     fees = sum(service.fees.values()) - fees_before + m.claim_fees - claim_before
     value = m.value - value_before
     return {
         "fee_ratio": round(fees / value, 6),
-        "fee_ratio_day1": round(day1[0] / day1[1], 6),
         "fees_ton": round(fees / TON, 4),
         "value_ton": round(value / TON, 4),
         "fees_by_kind_ton": {
             **{k: round(v / TON, 4) for k, v in service.fees.items()},
             "claim": round((m.claim_fees - claim_before) / TON, 4),
         },
-        "transactions": {**dict(service.transactions), "claim": m.claim_txs},
+        "transactions": {**dict(service.transactions), "claim": m.claim_txs - claim_txs_before},
         # external: paid out of the operator's fees on the Vault (once charges accrued some)
         "commit_paths": dict(service.commit_paths),
         "days": days,
@@ -458,8 +470,11 @@ async def run(args: argparse.Namespace) -> dict:
         await m_api.cleanup()
         await m.ledger.stop()
 
-        f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 40 * TON)
+        f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 80 * TON)
         f_api = await serve_ledger(f, Path(tmp) / "f")
+        new = await fee_day(f, 1, args.jobs_per_hour)  # a new Vault: no fees to commit with
+        out["fee_ratio_new_vault_day1"] = new["fee_ratio"]
+        await steady(f)
         out |= await fee_day(f, args.days, args.jobs_per_hour)
         gap_fees = await final_gap(f)
         out["seconds_to_claimable"] = {
