@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="length of an epoch (default 3600); a provider is paid at most this late",
     )  # fmt: skip
     settle.add_argument(
-        "--charge-threshold", default="25", metavar="TON",
-        help="charge an escrow once this much is committed and uncharged (default 25); "
+        "--charge-threshold", default="40", metavar="TON",
+        help="charge an escrow once this much is committed and uncharged (default 40); "
         "a closing escrow is charged at once",
     )  # fmt: skip
     settle.add_argument(

@@ -21,8 +21,9 @@ class SettlementConfig:
     "How money moves" gives the figures).
 
     ``charge_threshold``: an Escrow is charged once this much of what it owes is
-    committed and uncharged (a charge costs about 0.005 TON: 25 TON keeps charges at
-    0.05% of what they move); a closing Escrow is charged at once, whatever it owes.
+    committed and uncharged (a charge costs about 0.009 TON, its wallet's share in:
+    40 TON keeps charges at 0.02% of what they move); a closing Escrow is charged at
+    once, whatever it owes.
     ``epoch_s``: one commit per epoch with jobs in it; payout vouchers follow each
     commit, so a provider waits at least this long to be paid.
     The operator's key signs commits and payout vouchers; its wallet pays the fees.
@@ -32,7 +33,7 @@ class SettlementConfig:
     operator_key: Path
     passphrase: str | None = field(default=None, repr=False)
     epoch_s: float = 3600.0
-    charge_threshold: int = 25 * TON
+    charge_threshold: int = 40 * TON
     tick_s: float = 10.0
     escrow_poll_s: float = 300.0
     lease_s: float = 60.0

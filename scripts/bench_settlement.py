@@ -186,17 +186,26 @@ async def market(chain: DevnetClient, db: Path, clients: int, nodes: int, deposi
     return Market(chain, vault, operator, operator_key, client_list, node_list, ledger, engine)
 
 
-async def traffic(m: Market, jobs: int, spend_per_client: int, *, spread: bool = False) -> None:
+async def traffic(
+    m: Market,
+    jobs: int,
+    spend_per_client: int,
+    *,
+    spread: bool = False,
+    only: tuple[int, Node] | None = None,
+) -> None:
     """``jobs`` jobs spread over every client and node, each client spending about
-    ``spend_per_client`` (with ``spread``, client i of n spends i/n of it); one voucher
-    per client covers its jobs, as the SDK sends."""
+    ``spend_per_client`` (with ``spread``, client i of n spends i/n of it; with ``only``,
+    one client pays one node); one voucher per client covers its jobs, as the SDK sends."""
     per_client = max(1, jobs // len(m.clients))
     for ci, c in enumerate(m.clients):
+        if only is not None and ci != only[0]:
+            continue
         spend = spend_per_client * (ci + 1) // len(m.clients) if spread else spend_per_client
         tokens = max(1, spend * 1_000_000 // (per_client * PRICE[1]))
         rows, paid = [], []
         for j in range(per_client):
-            node = m.nodes[(ci + j) % len(m.nodes)]
+            node = only[1] if only is not None else m.nodes[(ci + j) % len(m.nodes)]
             job_id = os.urandom(32)
             receipt = Receipt(
                 global_id=DEVNET_GLOBAL_ID, escrow=c.escrow,
@@ -294,9 +303,9 @@ async def advance(m: Market, seconds: int) -> None:
 async def one_epoch_txs(m: Market, jobs: int) -> tuple[int, float]:
     """Transactions to settle one epoch of ``jobs`` jobs in which every client spends
     past the charge threshold and every node claims what it earned."""
-    service = m.service()  # the defaults: 25 TON charge threshold
+    service = m.service()  # the defaults: 40 TON charge threshold
     await service.start()
-    await traffic(m, jobs, spend_per_client=26 * TON)
+    await traffic(m, jobs, spend_per_client=41 * TON)
     before = sum(service.transactions.values())
     started = time.perf_counter()
     built = await m.ledger.call(
@@ -339,7 +348,8 @@ async def steady(m: Market) -> None:
     """A Vault in business, not a new one: every client charged once (so the operator has
     fees on the Vault, which pay its epoch commits) and every node paid once; then each
     client owes part of a charge (client i of n: i/n of the threshold) and each node part
-    of a claim, as they would at any moment of a running market."""
+    of a claim (node j of n: about (j + 1/2)/n of its claim threshold), as at any moment
+    of a running market."""
     service = m.service()
     await service.start()
     threshold = service.config.charge_threshold
@@ -348,6 +358,9 @@ async def steady(m: Market) -> None:
     await service.run_once(force_epoch=True)
     await claims(m, force=True)
     await traffic(m, len(m.clients), threshold, spread=True)
+    for j, node in enumerate(m.nodes):  # node j's share: one job from client j
+        owed = node.claimer.threshold * (2 * j + 1) // (2 * len(m.nodes))
+        await traffic(m, 1, owed * 10_000 // (10_000 - service.fee_bps), only=(j, node))
     await advance(m, 3600)
     await service.run_once(force_epoch=True)
     await claims(m)
@@ -355,7 +368,7 @@ async def steady(m: Market) -> None:
 
 async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
     """Default settings; each client spends 1 TON a day in hourly epochs."""
-    service = m.service()  # the defaults: an hour's epoch, 25 TON charge threshold
+    service = m.service()  # the defaults: an hour's epoch, 40 TON charge threshold
     await service.start()
     fees_before = sum(service.fees.values())
     value_before, claim_before, claim_txs_before = m.value, m.claim_fees, m.claim_txs
@@ -449,7 +462,7 @@ async def run(args: argparse.Namespace) -> dict:
         Clock.now = await chain.set_clock(int(time.time()))
         out: dict = {"clients": args.clients, "nodes": args.nodes}
 
-        m = await market(chain, Path(tmp) / "epochs.db", args.clients, args.nodes, 100 * TON)
+        m = await market(chain, Path(tmp) / "epochs.db", args.clients, args.nodes, 150 * TON)
         m_api = await serve_ledger(m, Path(tmp) / "m")
         await one_epoch_txs(m, args.small)  # the Vault accrues fees: the next commits go external
         small, _ = await one_epoch_txs(m, args.small)
@@ -470,7 +483,7 @@ async def run(args: argparse.Namespace) -> dict:
         await m_api.cleanup()
         await m.ledger.stop()
 
-        f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 80 * TON)
+        f = await market(chain, Path(tmp) / "fees.db", args.clients, args.nodes, 200 * TON)
         f_api = await serve_ledger(f, Path(tmp) / "f")
         new = await fee_day(f, 1, args.jobs_per_hour)  # a new Vault: no fees to commit with
         out["fee_ratio_new_vault_day1"] = new["fee_ratio"]
