@@ -43,7 +43,6 @@ from .provider import (
     register_provider,
 )
 from .registry import (
-    DeployError,
     allow_image,
     allow_model,
     change_owner,
@@ -65,7 +64,6 @@ from .vault import (
 __all__ = [
     "MAX_BATCH",
     "TON",
-    "DeployError",
     "ERROR_NAMES",
     "EXTERNAL_COMMIT_FEE",
     "OP_VALUE",

@@ -19,8 +19,6 @@ from .base import (
     new_query_id,
 )
 
-# --- Escrow ------------------------------------------------------------------------------
-
 
 async def escrow_open(
     owner: Sender,

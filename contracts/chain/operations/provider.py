@@ -35,8 +35,6 @@ from .base import (
     new_query_id,
 )
 
-# --- Provider ----------------------------------------------------------------------------
-
 
 async def register_provider(
     owner: Sender,

@@ -23,32 +23,17 @@ from ..transactions import Trace
 from .base import (
     OP_VALUE,
     TON,
+    OperationFailed,
     _key_int,
     _send,
+    failed_exit_codes,
     new_query_id,
 )
 from .vault import deploy_vault
 
-# --- Registry ----------------------------------------------------------------------------
-
-
-class DeployError(RuntimeError):
-    pass
-
 
 def _raw(a: Address) -> str:
     return a.to_str(is_user_friendly=False)
-
-
-def _check(trace: Trace, what: str) -> Trace:
-    failed = [t for t in trace.transactions if not t.success]
-    if failed:
-        t = failed[0]
-        raise DeployError(
-            f"{what}: transaction on {t.address.to_str()} failed "
-            f"(exit code {t.exit_code}, action {t.action_result_code})"
-        )
-    return trace
 
 
 async def deploy_registry(
@@ -67,7 +52,9 @@ async def deploy_registry(
     si = addresses.registry_state_init(owner.address, params)
     addr = addresses.address_of(si)
     trace = await owner.transfer(addr, value, None, state_init=si, bounce=False)
-    return addr, _check(trace, "registry deploy")
+    if failed_exit_codes(trace):
+        raise OperationFailed("registry deploy", trace)
+    return addr, trace
 
 
 async def deploy_all(

@@ -36,8 +36,6 @@ from .base import (
     new_query_id,
 )
 
-# --- Vault -------------------------------------------------------------------------------
-
 
 async def deploy_vault(
     operator: Sender,
