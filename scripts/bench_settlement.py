@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -131,6 +132,7 @@ class Market:
     claim_txs: int = 0
     jobs: list[tuple[str, int, int]] = field(default_factory=list)  # (id, client, amount)
     url: str = ""  # the matcher's public ledger API
+    claim_runs: Counter = field(default_factory=Counter)  # what the claim steps did
     receipts: dict = field(default_factory=dict)  # client 0's, as its receipt log keeps them
 
     def service(self, **settings) -> SettlementService:
@@ -269,6 +271,8 @@ async def claims(m: Market, *, force: bool = False) -> int:
     sent = 0
     for n in m.nodes:
         run = await n.claimer.run_once(force=force)
+        m.claim_runs.update(v.status for v in run.vaults)
+        m.claim_runs.update([run.status] if run.refused is None else ["refused"])
         for claim in run.vaults:
             if claim.trace is not None and claim.status == "claimed":
                 m.claim_fees += claim.trace.total_fees
@@ -358,6 +362,9 @@ async def steady(m: Market) -> None:
     await service.run_once(force_epoch=True)
     await claims(m, force=True)
     await traffic(m, len(m.clients), threshold, spread=True)
+    await advance(m, 3600)
+    await service.run_once(force_epoch=True)
+    await claims(m, force=True)  # the nodes start from nothing owed, then their shares:
     for j, node in enumerate(m.nodes):  # node j's share: one job from client j
         owed = node.claimer.threshold * (2 * j + 1) // (2 * len(m.nodes))
         await traffic(m, 1, owed * 10_000 // (10_000 - service.fee_bps), only=(j, node))
@@ -390,6 +397,7 @@ async def fee_day(m: Market, days: int, jobs_per_hour: int) -> dict:
         "transactions": {**dict(service.transactions), "claim": m.claim_txs - claim_txs_before},
         # external: paid out of the operator's fees on the Vault (once charges accrued some)
         "commit_paths": dict(service.commit_paths),
+        "claim_runs": dict(m.claim_runs),
         "days": days,
     }
 
