@@ -240,7 +240,6 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago escrow open|deposit|close|withdraw|status`."""
-    # escrow
     esc = subparsers.add_parser("escrow", help="a client's credits for a vault")
     es = esc.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = es.add_parser("open", help="deploy the escrow with a first deposit")

@@ -127,7 +127,6 @@ async def _vault_status(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago vault deploy|status|unstake|withdraw-stake`."""
-    # vault
     vau = subparsers.add_parser("vault", help="a marketplace operator's vault")
     vs = vau.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = vs.add_parser("deploy", help="deploy this wallet's vault through the Registry")

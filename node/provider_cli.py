@@ -433,7 +433,6 @@ def _node_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago provider register|status|top-up|rotate-key|unstake|withdraw|claim|earnings`."""
-    # provider
     prov = subparsers.add_parser("provider", help="a GPU node's stake and registration")
     ps = prov.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ps.add_parser("register", help="register a node with a stake")

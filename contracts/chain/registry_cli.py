@@ -306,7 +306,6 @@ async def _registry_status(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`imago registry deploy|params|allow-image|allow-model|status`: governance."""
-    # registry
     reg = subparsers.add_parser("registry", help="the Registry: governance, params, allowlists")
     rs = reg.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = rs.add_parser("deploy", help="deploy the Registry (--all: and a Vault: the whole set)")

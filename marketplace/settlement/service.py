@@ -82,8 +82,7 @@ class _Backoff:
 
     def failed(self, config: SettlementConfig) -> None:
         self.failures += 1
-        delay = min(config.retry_max_s, config.retry_min_s * 2 ** (self.failures - 1))
-        self.retry_at = time.monotonic() + delay
+        self.retry_at = time.monotonic() + _retry_delay(config, self.failures)
 
     def ready(self) -> bool:
         return time.monotonic() >= self.retry_at
@@ -441,23 +440,25 @@ def _charge_done(
     values: dict = {"submitted": cumulative, "tx_hash": tx_hash}
     if data.charged >= cumulative:
         values.update(failures=0, retry_at=0)
-    else:  # refused on-chain (closed and withdrawn, or short): not again at once
-        row = conn.execute(select(CHARGES.c.failures).where(CHARGES.c.escrow == escrow)).first()
-        failures = (row.failures if row else 0) + 1
-        delay = min(config.retry_max_s, config.retry_min_s * 2 ** (failures - 1))
-        values.update(failures=failures, retry_at=now_ms() + int(delay * 1000))
     conn.execute(update(CHARGES).where(CHARGES.c.escrow == escrow).values(values))
+    if data.charged < cumulative:  # refused on-chain (closed and withdrawn, or short)
+        _charge_failed(conn, escrow, config)
 
 
 def _charge_failed(conn: Connection, escrow: str, config: SettlementConfig) -> None:
+    """Count one more failure and wait before the next try, longer each time."""
     row = conn.execute(select(CHARGES.c.failures).where(CHARGES.c.escrow == escrow)).first()
     failures = (row.failures if row else 0) + 1
-    delay = min(config.retry_max_s, config.retry_min_s * 2 ** (failures - 1))
+    retry_at = now_ms() + int(_retry_delay(config, failures) * 1000)
     conn.execute(
         update(CHARGES)
         .where(CHARGES.c.escrow == escrow)
-        .values(failures=failures, retry_at=now_ms() + int(delay * 1000))
+        .values(failures=failures, retry_at=retry_at)
     )
+
+
+def _retry_delay(config: SettlementConfig, failures: int) -> float:
+    return min(config.retry_max_s, config.retry_min_s * 2 ** (failures - 1))
 
 
 def _tx_on(trace: Trace, account: str) -> str | None:
