@@ -35,7 +35,9 @@ async def server() -> AsyncIterator[tuple[str, int]]:
     await runner.cleanup()
 
 
-async def _exchange(addr: tuple[str, int], head: bytes, body_parts: tuple[bytes, ...] = (), gap: float = 0.0) -> bytes:
+async def _exchange(
+    addr: tuple[str, int], head: bytes, body_parts: tuple[bytes, ...] = (), gap: float = 0.0
+) -> bytes:
     reader, writer = await asyncio.open_connection(*addr)
     writer.write(head)
     for part in body_parts:
