@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from dataclasses import dataclass, fields
@@ -28,7 +29,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from protocol.errors import ApiError
 
-__all__ = ["LIMITS", "ServerLimits", "add_limit_arguments", "limits_from_args", "read_body"]
+__all__ = [
+    "LIMITS",
+    "ServerLimits",
+    "add_limit_arguments",
+    "limits_from_args",
+    "read_body",
+    "read_json",
+]
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,19 @@ async def read_body(request: web.Request) -> bytes:
     if len(body) > limits.max_body_bytes:  # client_max_size normally refuses it first
         raise _too_large(limits)
     return body
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, read by ``read_body``: 400 ``invalid_json`` when it is
+    not JSON or nests deeper than the parser recurses (a RecursionError otherwise)."""
+    body = await read_body(request)
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ApiError.bad_request(
+            f"the body is not valid JSON: {reason}", "invalid_json"
+        ) from None
 
 
 def _too_large(limits: ServerLimits) -> ApiError:

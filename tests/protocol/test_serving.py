@@ -10,13 +10,17 @@ import pytest
 from aiohttp import web
 
 from protocol.errors import error_middleware
-from protocol.serving import LIMITS, ServerLimits, read_body
+from protocol.serving import LIMITS, ServerLimits, read_body, read_json
 
-LIMITS_UNDER_TEST = ServerLimits(idle_timeout_s=1.0, body_timeout_s=0.5, max_body_bytes=1000)
+LIMITS_UNDER_TEST = ServerLimits(idle_timeout_s=1.0, body_timeout_s=0.5, max_body_bytes=300_000)
 
 
 async def _echo(request: web.Request) -> web.Response:
     return web.Response(body=await read_body(request))
+
+
+async def _json(request: web.Request) -> web.Response:
+    return web.json_response(await read_json(request))
 
 
 @pytest.fixture
@@ -26,6 +30,7 @@ async def server() -> AsyncIterator[tuple[str, int]]:
     )
     app[LIMITS] = LIMITS_UNDER_TEST
     app.router.add_post("/echo", _echo)
+    app.router.add_post("/json", _json)
     runner = web.AppRunner(app, access_log=None, **LIMITS_UNDER_TEST.runner_kwargs())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -71,8 +76,8 @@ async def test_a_slow_body_gets_408(server: tuple[str, int]) -> None:
 
 
 async def test_a_body_over_the_cap_gets_413(server: tuple[str, int]) -> None:
-    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
-    answer = await _exchange(server, head, (b"a" * 5000,))
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n"
+    answer = await _exchange(server, head, (b"a" * 400_000,))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
@@ -91,3 +96,12 @@ async def test_a_body_within_the_limits_is_read(server: tuple[str, int]) -> None
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
     answer = await _exchange(server, head, (b"hello",))
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello")
+
+
+async def test_json_nested_too_deeply_gets_400(server: tuple[str, int]) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    head = b"POST /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    answer = await _exchange(server, head, (body,))
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"invalid_json"' in answer.replace(b" ", b"")
